@@ -1,0 +1,1 @@
+"""Data: corpora in, packed token shards out, deterministic batches; chat/preference/prompt datasets."""
