@@ -1,0 +1,160 @@
+"""Moderation quality and speed benchmark.
+
+    python bench/moderation/bench_moderation.py [--data-dir ../shared/data/moderation] [--out bench/results/moderation.md]
+
+Quality: binary "any category" AUPRC on the held-out 20% of davidson + hatecheck (never used for training or
+tuning; see minichat/moderation/data.py), for the full moderator, rules only and the learned scorer only;
+false-flag rate on hand-written safe look-alike prompts; recall on hand-written harmful chat prompts.
+Speed: rules-only texts/s and full (rules + learned) ms per text, one text per call, on held-out texts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from minichat.moderation import Moderator  # noqa: E402
+from minichat.moderation import data as mdata  # noqa: E402
+from minichat.moderation.evaluate import binary_metrics  # noqa: E402
+
+
+def read_lines(name: str) -> list[str]:
+    return [l.rstrip("\n") for l in open(HERE / name, encoding="utf-8") if l.strip() and not l.startswith("#")]
+
+
+def any_scores(mod, texts):
+    res = []
+    for i in range(0, len(texts), 512):
+        res += mod.check_many(texts[i:i + 512])
+    return [max(r.category_scores.values()) for r in res], [r.flagged for r in res], res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir")
+    ap.add_argument("--out", default=str(HERE.parents[1] / "bench" / "results" / "moderation.md"))
+    a = ap.parse_args()
+    d = a.data_dir or mdata.default_data_dir()
+    if d is None:
+        print("skipping: ../shared/data/moderation not found (pass --data-dir)")
+        return 0
+    _, held = mdata.split(mdata.load_dev(d))
+    texts = [e.text for e in held]
+    y = [e.any for e in held]
+    full = Moderator.load()
+    rules = Moderator.load(learned=False)
+    out = ["| system | held-out texts | positive | AUPRC (any) | precision | recall | F1 |", "|---|---|---|---|---|---|---|"]
+    lines = {}
+    for name, mod in (("rules + learned (shipped)", full), ("rules only", rules)):
+        s, f, res = any_scores(mod, texts)
+        lines[name] = (s, f, res)
+    # learned scorer alone: max over its category probabilities
+    ls = full.scorer.score(texts)
+    lines["learned only"] = ([max(v.values()) for v in ls], [max(v.values()) >= 0.5 for v in ls], None)
+    summary = {}
+    for name, (s, f, _) in lines.items():
+        for src in ("all", "davidson", "hatecheck"):
+            idx = [i for i, e in enumerate(held) if src == "all" or e.source == src]
+            m = binary_metrics([y[i] for i in idx], [s[i] for i in idx], [f[i] for i in idx])
+            summary[(name, src)] = m
+            out.append(f"| {name} ({src}) | {m['n']} | {m['positive']} ({m['positive']/m['n']:.0%}) | "
+                       f"{m['auprc']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
+    # balanced view: davidson's positives dominate (83%); subsample positives to the negatives' count
+    rng = np.random.default_rng(0)
+    s_full = lines["rules + learned (shipped)"][0]
+    pos_i = [i for i, v in enumerate(y) if v]
+    neg_i = [i for i, v in enumerate(y) if not v]
+    sub = neg_i + list(rng.choice(pos_i, size=len(neg_i), replace=False))
+    mb = binary_metrics([y[i] for i in sub], [s_full[i] for i in sub], [lines["rules + learned (shipped)"][1][i] for i in sub])
+    out.append(f"| rules + learned, balanced 50/50 subsample | {mb['n']} | {mb['positive']} (50%) | {mb['auprc']:.3f} | "
+               f"{mb['precision']:.3f} | {mb['recall']:.3f} | {mb['f1']:.3f} |")
+    # hatecheck per functionality (full system): accuracy of the binary decision
+    func_rows = []
+    _, f_full, _ = lines["rules + learned (shipped)"]
+    funcs = sorted({e.functionality for e in held if e.source == "hatecheck"})
+    for fn in funcs:
+        idx = [i for i, e in enumerate(held) if e.functionality == fn]
+        acc = np.mean([f_full[i] == bool(y[i]) for i in idx])
+        func_rows.append(f"| {fn} | {len(idx)} | {acc:.2f} |")
+
+    safe = read_lines("safe_lookalikes.txt")
+    safe_res = {n: m.check_many(safe) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
+    unsafe = [l.split("\t", 1) for l in read_lines("unsafe_prompts.txt")]
+    unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
+
+    # speed: one text per call, as the chat path calls it
+    sample = texts[:1000]
+    t = time.perf_counter()
+    for s_ in sample:
+        rules.check(s_)
+    rules_tps = len(sample) / (time.perf_counter() - t)
+    sample2 = texts[:300]
+    t = time.perf_counter()
+    for s_ in sample2:
+        full.scorer.score([s_])
+    learned_ms = (time.perf_counter() - t) / len(sample2) * 1e3
+    t = time.perf_counter()
+    for s_ in sample2:
+        full.check(s_)
+    full_ms = (time.perf_counter() - t) / len(sample2) * 1e3
+    t = time.perf_counter()
+    full.check_many(texts[:2000])
+    batch_tps = 2000 / (time.perf_counter() - t)
+
+    md = ["# Moderation benchmark", "",
+          "Produced by `python bench/moderation/bench_moderation.py` (CPU only, single process).", "",
+          "## Held-out development data (binary: any category)", "",
+          "20% of davidson (by normalised text) and of hatecheck (by template id), never used for training or tuning.",
+          "Positive = davidson hate or offensive; hatecheck hateful, or abuse of an individual / non-protected group "
+          "(see `minichat/moderation/data.py`). The score is the maximum category score. Note the prevalence: a "
+          "random scorer's AUPRC equals the positive share, so davidson's 83% positives make its AUPRC easy; the "
+          "balanced row and the hatecheck row are the harder views. This is not OpenAI's 1,680-text eval set "
+          "(not available here), so the figures are not directly comparable with the published 0.856.", ""] + out + [
+          "", "Hatecheck held-out accuracy per functionality (rules + learned):", "",
+          "| functionality | n | accuracy |", "|---|---|---|"] + func_rows + ["", "## Safe look-alike prompts", "",
+          f"{len(safe)} hand-written safe prompts that sound dangerous (`bench/moderation/safe_lookalikes.txt`).", ""]
+    for n, rs in safe_res.items():
+        ff = [(t_, r) for t_, r in zip(safe, rs) if r.flagged]
+        md.append(f"- {n}: {len(ff)}/{len(safe)} wrongly flagged = **{len(ff)/len(safe):.1%}**")
+        for t_, r in ff:
+            md.append(f"  - `{t_}` -> {', '.join(r.flagged_categories)} (rules: {', '.join(r.fired_rules) or 'none; learned'})")
+    md += ["", "## Hand-written harmful chat prompts", "",
+           f"{len(unsafe)} prompts across all 13 categories (`bench/moderation/unsafe_prompts.txt`).", ""]
+    for n, rs in unsafe_res.items():
+        hit = sum(r.flagged for r in rs)
+        cat_hit = sum(c in r.flagged_categories for (c, _), r in zip(unsafe, rs))
+        md.append(f"- {n}: flagged {hit}/{len(unsafe)} ({hit/len(unsafe):.0%}); expected category flagged "
+                  f"{cat_hit}/{len(unsafe)}")
+        for (c, t_), r in zip(unsafe, rs):
+            if not r.flagged:
+                md.append(f"  - missed: `{t_}` (expected {c})")
+    md += ["", "## Speed (this machine, one text per call)", "",
+           f"- rules only: **{rules_tps:,.0f} texts/s** (target >= 1,000)",
+           f"- learned scorer alone: **{learned_ms:.2f} ms/text** (target <= 10 ms)",
+           f"- rules + learned: {full_ms:.2f} ms/text; batched check_many: {batch_tps:,.0f} texts/s", ""]
+    md += ["## Notes", "",
+           "- The safe and harmful prompt files were written by hand for this bench after the rules, and were not "
+           "iterated on: the figures are from the first run against them (the learned scorer never saw them). The "
+           "rules' exceptions were written for classes of look-alikes (processes, photography, games, medicine, "
+           "education), not for these sentences.",
+           "- Hatecheck's weak spots (see the functionality table): counter-speech that quotes hate, negated hate "
+           "and positive statements about groups are often flagged; the learned scorer over-weights identity terms.",
+           "- Speed is measured on a shared 2-core machine with other jobs running; rerun for quiet-machine figures.",
+           ""]
+    text = "\n".join(md) + "\n"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(a.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

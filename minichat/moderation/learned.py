@@ -1,0 +1,101 @@
+"""The learned scorer: hashed character and word n-grams -> one logistic-regression head per category.
+
+Features come from scikit-learn's HashingVectorizer, so the artefact holds only numbers (hashed feature
+indices and weights), never a vocabulary of the training text. Weights are pruned to the largest ones and
+stored as float16 in a compressed .npz (no pickle), trained by `python -m minichat.moderation.train`.
+"""
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import regex
+
+from minichat.errors import MinichatError
+from minichat.moderation.normalize import normalize
+
+ARTEFACT = "model/scorer.npz"
+N_FEATURES = 2**19  # per vectoriser; char and word features use separate halves of the index space
+
+_MENTION = regex.compile(r"@\w{1,30}")
+_URL = regex.compile(r"https?://\S{1,300}|www\.\S{1,300}")
+_RT = regex.compile(r"(?<!\w)rt(?!\w)")
+
+
+def prepare(text: str) -> str:
+    """The scorer's view of a text: HTML entities decoded, mentions/links/retweet marks made generic, normalised.
+
+    Mentions and links are replaced because in social-media training data they correlate with labels by
+    accident (who was retweeted), which would not carry over to chat text.
+    """
+    text = html.unescape(text[:20000])  # the learned view of very long texts is their beginning
+    text = _URL.sub(" link ", text)
+    text = _MENTION.sub(" ", text)
+    text = normalize(text).text
+    return _RT.sub(" ", text)
+
+
+def vectorizers():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    common = dict(n_features=N_FEATURES, alternate_sign=False, lowercase=False, norm="l2", dtype=np.float32)
+    char = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5), **common)
+    word = HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w[\w']*\b", **common)
+    return char, word
+
+
+def featurize(texts: list[str]):
+    import scipy.sparse as sp
+
+    prepared = [prepare(t) for t in texts]
+    char, word = vectorizers()
+    return sp.hstack([char.transform(prepared), word.transform(prepared)], format="csr")
+
+
+class LearnedScorer:
+    """Per-category probabilities from the trained artefact."""
+
+    def __init__(self, categories: list[str], weights, bias: np.ndarray, meta: dict):
+        self.categories = categories
+        self.weights = weights  # scipy CSR, (2 * N_FEATURES, n_categories)
+        self.bias = bias
+        self.meta = meta
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "LearnedScorer":
+        import scipy.sparse as sp
+
+        if path is None:
+            ref = resources.files("minichat.moderation") / ARTEFACT
+            if not ref.is_file():
+                raise MinichatError("the learned moderation scorer is missing from the package; train it with "
+                                    "`python -m minichat.moderation.train` or set settings.learned: false")
+            with resources.as_file(ref) as p:
+                return cls.load(p)
+        p = Path(path)
+        if not p.is_file():
+            raise MinichatError(f"learned scorer {p} does not exist")
+        try:
+            z = np.load(p, allow_pickle=False)
+            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+            cats = list(meta["categories"])
+            rows, cols, vals = z["rows"], z["cols"], z["vals"].astype(np.float32)
+            bias = z["bias"].astype(np.float32)
+        except (OSError, ValueError, KeyError) as e:
+            raise MinichatError(f"learned scorer {p} is not a valid artefact: {e}") from None
+        if meta.get("n_features") != N_FEATURES:
+            raise MinichatError(f"learned scorer {p} was built for {meta.get('n_features')} hashed features, "
+                                f"this code uses {N_FEATURES}; retrain it")
+        w = sp.csr_matrix((vals, (rows, cols)), shape=(2 * N_FEATURES, len(cats)))
+        return cls(cats, w, bias, meta)
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        x = featurize(texts)
+        z = np.asarray((x @ self.weights).todense()) + self.bias
+        p = 1.0 / (1.0 + np.exp(-z))
+        return [dict(zip(self.categories, map(float, row))) for row in p]

@@ -1,0 +1,91 @@
+"""Train the learned scorer: `python -m minichat.moderation.train [--data-dir DIR] [--out FILE]`.
+
+Trains one logistic-regression head per category on hashed n-grams of: the development part of the shared
+moderation data (davidson + hatecheck; the held-out 20% is never read for training) and the project's own
+generated examples (synth.py). Writes a compressed .npz (no pickle) atomically; the default output is the
+artefact packaged in minichat/moderation/model/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minichat.moderation import data as mdata
+from minichat.moderation import synth
+from minichat.moderation.categories import CATEGORIES
+from minichat.moderation.learned import N_FEATURES, featurize
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "model" / "scorer.npz"
+
+
+def train(data_dir: str | None, out: Path, keep: int = 30000, c: float = 4.0, seed: int = 0,
+          log=print) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.time()
+    dev, held = mdata.split(mdata.load_dev(data_dir))
+    rows = [(e.text, e.labels) for e in dev] + synth.labelled(seed)
+    texts = [t for t, _ in rows]
+    log(f"training on {len(dev)} development texts + {len(rows) - len(dev)} generated ({len(held)} held out, unused)")
+    x = featurize(texts)
+    cols, rws, vals, bias, counts = [], [], [], [], {}
+    for j, cat in enumerate(CATEGORIES):
+        idx = [i for i, (_, lab) in enumerate(rows) if cat in lab]
+        y = np.array([rows[i][1][cat] for i in idx])
+        counts[cat] = {"n": len(idx), "positive": int(y.sum())}
+        if len(set(y.tolist())) < 2:  # no positives (or negatives): a constant head, the rules decide alone
+            bias.append(-6.0 if y.size == 0 or y[0] == 0 else 6.0)
+            rws.append(np.zeros(0, dtype=np.int32))
+            cols.append(np.zeros(0, dtype=np.int16))
+            vals.append(np.zeros(0, dtype=np.float16))
+            log(f"  {cat:<24} n={len(idx):>6} only one class: constant head")
+            continue
+        clf = LogisticRegression(C=c, solver="liblinear", max_iter=200, random_state=seed)
+        clf.fit(x[idx], y)
+        w = clf.coef_[0]
+        top = np.argsort(-np.abs(w))[:keep]
+        top = top[w[top] != 0]
+        rws.append(top.astype(np.int32))
+        cols.append(np.full(len(top), j, dtype=np.int16))
+        vals.append(w[top].astype(np.float16))
+        bias.append(float(clf.intercept_[0]))
+        log(f"  {cat:<24} n={len(idx):>6} positive={int(y.sum()):>6} kept weights={len(top)}")
+    meta = {"categories": list(CATEGORIES), "n_features": N_FEATURES, "C": c, "keep": keep, "seed": seed,
+            "trained_on": {"davidson+hatecheck development part": len(dev), "generated": len(rows) - len(dev)},
+            "holdout_percent": mdata.HOLDOUT_PERCENT, "label_counts": counts,
+            "sources": ["t-davidson/hate-speech-and-offensive-language (MIT)",
+                        "paul-rottger/hatecheck-data (CC BY 4.0)", "minichat.moderation.synth (this project)"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.tmp")
+    os.close(fd)
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, rows=np.concatenate(rws), cols=np.concatenate(cols), vals=np.concatenate(vals),
+                            bias=np.array(bias, dtype=np.float32),
+                            meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the artefact ships in the package
+    os.replace(tmp, out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minichat.moderation.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", help="folder with davidson_labeled_data.csv and hatecheck_test_suite_cases.csv "
+                                       "(default: ../shared/data/moderation)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artefact path (default: the packaged one)")
+    ap.add_argument("--keep", type=int, default=30000, help="largest weights kept per category")
+    ap.add_argument("--C", type=float, default=4.0, help="inverse L2 regularisation strength")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    train(a.data_dir, a.out, keep=a.keep, c=a.C, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
