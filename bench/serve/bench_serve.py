@@ -1,0 +1,155 @@
+"""N concurrent streaming clients against `minichat serve` on loopback.
+
+Starts `minichat serve` in its own process (so the clients' CPU time is not the server's), then for each N in
+--clients runs N clients at once, each sending --requests streaming chat completions one after another, and
+reports requests/s, aggregate completion tokens/s, time to first token p50/p99 and failed requests.
+
+    python bench/serve/bench_serve.py                          # SmolLM2-135M, N = 1, 8, 32, moderation on
+    python bench/serve/bench_serve.py --no-moderation --out bench/results/serve.md
+Targets (issue 6): tokens/s at 32 clients >= 10x the 1-client rate; p99 TTFT < 2 s at 8 clients; 0 failures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in two sentences.",
+    "Give me three tips for learning Python.", "What is 17 times 23?", "Name a famous painting and its painter.",
+    "Why do cats purr?", "Describe a sunset without using the word 'red'.", "What does a compiler do?",
+    "Suggest a name for a bakery.", "How far is the Moon from the Earth?", "Summarize the plot of Hamlet.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, seed: int):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.7, "seed": seed, "stream": True, "stream_options": {"include_usage": True},
+            "min_tokens": max_tokens}  # every request generates exactly max_tokens, so runs compare
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError(obj["error"]["message"])
+            if obj["choices"] and obj["choices"][0]["delta"].get("content") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return ttft if ttft is not None else time.perf_counter() - t0, tokens
+
+
+async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
+    ttfts, tokens, errors = [], 0, []
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker(ci: int):
+            nonlocal tokens
+            for k in range(n_requests):
+                try:
+                    t, n = await one_request(client, url, model, PROMPTS[(ci + k) % len(PROMPTS)], max_tokens,
+                                             seed=ci * 1000 + k)
+                    ttfts.append(t)
+                    tokens += n
+                except Exception as e:  # counted and reported, never hidden
+                    errors.append(str(e))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(n_clients)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) >= 2 else ttfts * 99
+    return {"clients": n_clients, "requests": len(ttfts) + len(errors), "errors": len(errors),
+            "wall_s": wall, "req_per_s": len(ttfts) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
+            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p99": q[98] if ttfts else float("nan"),
+            "first_error": errors[0] if errors else ""}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="model to serve ([NAME=]PATH or smollm2)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
+    ap.add_argument("--no-moderation", action="store_true")
+    ap.add_argument("--out", help="write a Markdown table here (appends a section)")
+    a = ap.parse_args()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "minichat.cli", "serve", "--model", a.model, "--port", str(port), "--store", "none",
+           "--engine.max_batch", str(a.max_batch), "--max_queue", "256", "--log_level", "warning"]
+    if a.threads:
+        cmd += ["--engine.threads", str(a.threads)]
+    if a.no_moderation:
+        cmd.append("--no-moderation")
+    server = subprocess.Popen(cmd)
+    name = a.model.split("=")[0] if "=" in a.model else os.path.basename(a.model.rstrip("/")) or a.model
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+        asyncio.run(run_level(url, name, 1, 1, 8))  # warm-up
+        rows = []
+        for n in [int(x) for x in a.clients.split(",")]:
+            r = asyncio.run(run_level(url, name, n, a.requests, a.max_tokens))
+            rows.append(r)
+            print(f"N={n:>3}  {r['requests']} requests  {r['req_per_s']:.2f} req/s  {r['tok_per_s']:.1f} tok/s  "
+                  f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']} {r['first_error']}",
+                  flush=True)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    base = rows[0]["tok_per_s"] if rows else float("nan")
+    lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — model {a.model}, moderation "
+             f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
+             f"max_batch {a.max_batch}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
+             "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+                     f"{r['tok_per_s'] / base:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['errors']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,661 @@
+"""`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
+POST /v1/moderations, GET /health; the web chat at / (static page) with its JSON API under /api.
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
+context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
+A client's mistake is never answered with a 5xx (OpenAI clients retry those).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minichat.errors import MinichatError
+from minichat.serve.config import ServeConfig
+from minichat.serve.generation import (
+    Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
+)
+from minichat.serve.models import ModelRegistry, ServedModel
+from minichat.serve.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, GenOptions, ModerationRequest, bad_request, new_id, now,
+    parse, usage,
+)
+from minichat.serve.worker import Delta, Job, Overloaded
+
+log = logging.getLogger("minichat.serve")
+STATIC = Path(__file__).with_name("static")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Services:
+    cfg: ServeConfig
+    models: ModelRegistry
+    store: Any | None = None  # minichat.serve.store.Store
+    moderator: Any | None = None  # minichat.moderation.Moderator
+    started: float = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        from minichat import __version__
+
+        return f"minichat-{__version__}"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def require_key(request: Request) -> str | None:
+    """Bearer API key check (when keys are configured); returns a short fingerprint of the key (the store's
+    owner of web conversations), or None when the server has no keys."""
+    keys = request.app.state.api_keys
+    if not keys:
+        return None
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    for k in keys:
+        if token and hmac.compare_digest(token.encode(), k.encode()):
+            return hashlib.sha256(k.encode()).hexdigest()[:16]
+    raise APIError(401, "Incorrect API key provided." if token else
+                   "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                   code="invalid_api_key")
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def submit(svc: Services, m: ServedModel, prompt_ids: list[int], opts: GenOptions) -> Job:
+    from minichat.engine import ContextOverflowError
+
+    try:
+        return m.worker.submit(prompt_ids, opts)
+    except Overloaded as e:
+        raise APIError(429, str(e), type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(svc.cfg.retry_after)}) from None
+    except ContextOverflowError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _opts(svc: Services, m: ServedModel, prompt_len: int, *, max_tokens: int | None, default_max: int,
+          req, logprobs: bool, top_logprobs: int) -> GenOptions:
+    n = req.n or 1
+    if n > svc.cfg.max_n:
+        raise bad_request(f"n must be at most {svc.cfg.max_n} on this server, got {n}", param="n")
+    room = m.context_len - prompt_len
+    mt = min(max_tokens if max_tokens is not None else default_max, room)
+    return GenOptions(
+        max_tokens=max(1, mt), temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, n=n, stop=list(req.stop or []), seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens or 0)
+
+
+def _top_p_ok(req) -> None:
+    # the engine samples from a non-empty nucleus only; OpenAI accepts 0 and treats it as greedy-like
+    if req.top_p is not None and req.top_p == 0.0:
+        req.top_p = 1e-6
+
+
+def record_moderation(svc: Services, mod: Moderated, action: str, *, request_id: str | None = None,
+                      conversation_id: str | None = None, message_id: str | None = None) -> None:
+    """Keep a flagged verdict in the store (blocking: call from a thread when on the event loop)."""
+    if svc.store is None:
+        return
+    r = mod.result
+    try:
+        svc.store.record_moderation(source=mod.source, flagged=True, action=action,
+                                    categories=r.flagged_categories,
+                                    scores={c: round(s, 4) for c, s in r.category_scores.items() if s >= 0.01},
+                                    rules=r.fired_rules, request_id=request_id, conversation_id=conversation_id,
+                                    message_id=message_id)
+    except Exception:  # bookkeeping must not fail the reply
+        log.exception("could not record a moderation decision")
+
+
+async def _record_moderation(svc: Services, mod: Moderated, request_id: str, action: str) -> None:
+    if svc.store is not None:
+        await asyncio.to_thread(record_moderation, svc, mod, action, request_id=request_id)
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=None) -> FastAPI:
+    svc = Services(cfg, models, store, moderator)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.started = time.time()
+        models.start()
+        try:
+            yield
+        finally:
+            models.stop()
+
+    app = FastAPI(title="minichat", version=svc.fingerprint, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.services = svc
+    app.state.api_keys = cfg.all_api_keys()
+
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins,
+                           expose_headers=["Retry-After"])
+
+    # ---------------------------------------------------------------- errors, all in OpenAI's shape
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(MinichatError)
+    async def _minichat_error(request: Request, e: MinichatError):
+        # raised by lower layers (engine, tokenizer, moderation, store) about what the client sent
+        from minichat.serve.store import NotFound
+
+        status = 404 if isinstance(e, NotFound) else 400
+        return JSONResponse(APIError(status, str(e)).body(), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = {404: f"Unknown route {request.method} {request.url.path}.", 405: "Method not allowed."}.get(
+            e.status_code, str(e.detail))
+        return JSONResponse(APIError(e.status_code, msg).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(400, f"{param}: {err.get('msg', 'invalid')}", param=param).body(), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(APIError(500, "The server had an error while processing your request.",
+                                     type="server_error").body(), status_code=500)
+
+    # ---------------------------------------------------------------- plain endpoints
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
+                "models": {n: m.worker.stats() for n, m in models.models.items()},
+                "moderation": moderator is not None, "store": store is not None}
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": [m.info() for m in models.models.values()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def get_model(model_id: str):
+        return models.get(model_id).info()
+
+    @app.post("/v1/moderations", dependencies=[Depends(require_key)])
+    async def moderations(request: Request):
+        req = parse(ModerationRequest, await read_json(request))
+        if moderator is None:
+            raise APIError(404, "moderation is turned off on this server", code="moderation_disabled")
+        from minichat.moderation import moderation_response
+
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        results = await asyncio.to_thread(moderator.check_many, texts, source="api")
+        return moderation_response(results)
+
+    # ---------------------------------------------------------------- chat completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, owner: str | None = Depends(require_key)):
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+        m = models.get(req.model)
+        _top_p_ok(req)
+        messages = [{"role": x.role, "content": x.text()} for x in req.messages]
+        prompt_ids = m.render_chat(messages)
+        m.check_fits(prompt_ids)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
+                     logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+        rid = new_id("chatcmpl")
+        policy = req.moderation
+        block_in = policy is None or policy.mode("input") == "block"
+        block_out = policy is None or policy.mode("output") == "block"
+        verdict = await check_input(moderator, [x["content"] for x in messages if x["role"] != "assistant"])
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        if verdict.flagged is not None and block_in:
+            mod = Moderated(0, verdict.flagged, moderator.refusal_for(verdict.flagged), "input")
+            await _record_moderation(svc, mod, rid, "refused")
+            report = _report(verdict, {}, 0)
+            if req.stream:
+                return StreamingResponse(
+                    _refusal_stream(svc, m, rid, opts.n, mod, len(prompt_ids), include_usage,
+                                    report if policy is not None else None),
+                    media_type="text/event-stream", headers=SSE_HEADERS)
+            return _chat_body(svc, m, rid, [{"text": mod.refusal, "finish": "content_filter", "logprobs": None,
+                                             "moderation": summary(mod.result, "input")} for _ in range(opts.n)],
+                              len(prompt_ids), 0, report)
+        job = submit(svc, m, prompt_ids, opts)
+        if req.stream:
+            return StreamingResponse(
+                _chat_stream(svc, m, rid, job, include_usage, request, messages, owner, verdict, block_out,
+                             send_report=policy is not None),
+                media_type="text/event-stream", headers=SSE_HEADERS)
+        verdicts: dict[int, Any] = {}
+        async with cancel_on_disconnect(request, job):
+            choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out)
+        if cfg.store_api_conversations:
+            await _store_api_exchange(svc, m, messages, choices, owner, opts)
+        return _chat_body(svc, m, rid, choices, len(prompt_ids), completion_tokens,
+                          _report(verdict, verdicts, opts.n))
+
+    # ---------------------------------------------------------------- legacy completions
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await read_json(request))
+        m = models.get(req.model)
+        _top_p_ok(req)
+        if req.echo and req.logprobs:
+            raise bad_request("echo together with logprobs is not supported by this server", param="echo")
+        prompts = _prompts(m, req.prompt)
+        for ids in prompts:
+            m.check_fits(ids, param="prompt")
+        texts = [m.tokenizer.decode(ids) for ids in prompts]
+        policy = req.moderation
+        block_in = policy is None or policy.mode("input") == "block"
+        block_out = policy is None or policy.mode("output") == "block"
+        verdict = await check_input(moderator, texts)
+        rid = new_id("cmpl")
+        n = req.n or 1
+        if verdict.flagged is not None and block_in:
+            await _record_moderation(svc, Moderated(0, verdict.flagged, "", "input"), rid, "refused")
+            refusal = moderator.refusal_for(verdict.flagged)
+            return _completion_body(svc, m, rid, [
+                {"index": i, "text": refusal, "logprobs": None, "finish_reason": "content_filter"}
+                for i in range(n * len(prompts))], sum(map(len, prompts)), 0, _report(verdict, {}, 0))
+        jobs = []
+        try:
+            for ids in prompts:
+                opts = _opts(svc, m, len(ids), max_tokens=req.max_tokens, default_max=16, req=req,
+                             logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
+                jobs.append(submit(svc, m, ids, opts))
+        except APIError:
+            for j in jobs:
+                j.cancel()
+            raise
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return StreamingResponse(_completion_stream(svc, m, rid, jobs, texts, bool(req.echo), include_usage,
+                                                        block_out),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        choices, ctoks, verdicts = [], 0, {}
+        for pi, job in enumerate(jobs):
+            got_verdicts: dict[int, Any] = {}
+            async with cancel_on_disconnect(request, job):
+                got, toks = await _collect(svc, job, rid, got_verdicts, block_out)
+            ctoks += toks
+            for c in got:
+                idx = pi * n + c["index"]
+                verdicts[idx] = got_verdicts.get(c["index"])
+                text = (texts[pi] if req.echo else "") + c["text"]
+                choices.append({"index": idx, "text": text, "logprobs": _legacy_logprobs(c["logprobs"]),
+                                "finish_reason": c["finish"]})
+        return _completion_body(svc, m, rid, choices, sum(map(len, prompts)), ctoks,
+                                _report(verdict, verdicts, n * len(prompts)))
+
+    # ---------------------------------------------------------------- the web chat
+    if cfg.web:
+        from minichat.serve.web import router as web_router
+
+        if store is not None:
+            app.include_router(web_router)
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- chat helpers
+
+def _report(verdict, verdicts: dict[int, Any], n: int) -> dict:
+    """The response's `moderation` field, in OpenAI's moderated-completions shape (output: one per choice)."""
+    return {"input": results_block(verdict.results), "output": results_block([verdicts.get(i) for i in range(n)])}
+
+
+async def _collect(svc: Services, job: Job, rid: str, verdicts: dict[int, Any], block: bool
+                   ) -> tuple[list[dict], int]:
+    """Run a job to the end: per choice its text, finish reason, logprob entries and moderation verdict."""
+    out = [{"index": c.index, "text": "", "finish": None, "logprobs": [] if job.opts.logprobs else None,
+            "moderation": None} for c in job.choices]
+    tokens = 0
+    async for ev in moderated_events(svc.moderator, job, verdicts, block):
+        c = out[ev.index]
+        if isinstance(ev, Delta):
+            c["text"] += ev.text
+            if c["logprobs"] is not None:
+                c["logprobs"].extend(ev.logprobs)
+        elif isinstance(ev, Moderated):
+            c["text"], c["logprobs"] = ev.refusal, None
+            c["moderation"] = summary(ev.result, "output")
+            await _record_moderation(svc, ev, rid, "replaced")
+        else:
+            if ev.reason == "error":
+                raise APIError(500, ev.error or "generation failed", type="server_error")
+            c["finish"] = ev.reason
+            tokens += ev.completion_tokens
+    return out, tokens
+
+
+def _chat_body(svc: Services, m: ServedModel, rid: str, choices: list[dict], prompt_tokens: int,
+               completion_tokens: int, report: dict | None) -> dict:
+    body = {
+        "id": rid, "object": "chat.completion", "created": now(), "model": m.name,
+        "system_fingerprint": svc.fingerprint,
+        "choices": [{
+            "index": i,
+            "message": {"role": "assistant", "content": c["text"], "refusal": None},
+            "logprobs": {"content": c["logprobs"], "refusal": None} if c["logprobs"] is not None else None,
+            "finish_reason": c["finish"],
+            **({"moderation": c["moderation"]} if c.get("moderation") else {}),
+        } for i, c in enumerate(choices)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+    if svc.moderator is not None:
+        body["moderation"] = report
+    return body
+
+
+def _chunk(svc: Services, m: ServedModel, rid: str, created: int, choices: list[dict], include_usage: bool,
+           usage_obj: dict | None = None, **extra) -> str:
+    obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": m.name,
+           "system_fingerprint": svc.fingerprint, "choices": choices, **extra}
+    if include_usage:
+        obj["usage"] = usage_obj  # null on every chunk but the last, as OpenAI sends it
+    return sse(obj)
+
+
+def _choice(i: int, delta: dict, finish: str | None = None, logprobs: Any = None, **extra) -> dict:
+    return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
+
+
+async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, include_usage: bool, request: Request,
+                       messages: list[dict], owner: str | None, verdict, block: bool, send_report: bool
+                       ) -> AsyncIterator[str]:
+    """OpenAI's stream: per choice a role chunk, content chunks and one chunk with finish_reason; then, when
+    the request asked for moderation, a chunk with empty choices and `moderation`; with include_usage a last
+    chunk with empty choices and the usage; then [DONE]. Every chunk has the same id."""
+    created = now()
+    tokens = 0
+    sent: dict[int, str] = {c.index: "" for c in job.choices}
+    finishes: dict[int, str] = {}
+    flagged: dict[int, dict] = {}
+    verdicts: dict[int, Any] = {}
+    try:
+        async with cancel_on_disconnect(request, job):
+            for c in job.choices:  # the role comes first, once per choice
+                yield _chunk(svc, m, rid, created, [_choice(c.index, {"role": "assistant", "content": ""})],
+                             include_usage)
+            async for ev in moderated_events(svc.moderator, job, verdicts, block):
+                if isinstance(ev, Delta):
+                    sent[ev.index] += ev.text
+                    lp = {"content": ev.logprobs, "refusal": None} if job.opts.logprobs else None
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {"content": ev.text}, logprobs=lp)],
+                                 include_usage)
+                elif isinstance(ev, Moderated):
+                    await _record_moderation(svc, ev, rid, "replaced")
+                    # what was already streamed cannot be taken back: the refusal follows it, plainly marked
+                    text = ("\n\n" if sent[ev.index] else "") + ev.refusal
+                    sent[ev.index] = ev.refusal
+                    flagged[ev.index] = summary(ev.result, "output")
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {"content": text})], include_usage)
+                else:
+                    if ev.reason == "error":
+                        yield sse(APIError(500, ev.error or "generation failed", type="server_error").body())
+                        yield "data: [DONE]\n\n"
+                        return
+                    tokens += ev.completion_tokens
+                    finishes[ev.index] = ev.reason
+                    extra = {"moderation": flagged[ev.index]} if ev.index in flagged else {}
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {}, ev.reason, **extra)], include_usage)
+        if send_report and svc.moderator is not None:
+            yield _chunk(svc, m, rid, created, [], include_usage,
+                         moderation=_report(verdict, verdicts, len(job.choices)))
+        if include_usage:
+            yield _chunk(svc, m, rid, created, [], True, usage(job.prompt_tokens, tokens))
+        yield "data: [DONE]\n\n"
+        if svc.cfg.store_api_conversations:
+            choices = [{"text": sent[i], "finish": finishes.get(i)} for i in sorted(sent)]
+            await _store_api_exchange(svc, m, messages, choices, owner, job.opts)
+    finally:
+        if any(not c.done for c in job.choices):
+            job.cancel()
+
+
+async def _refusal_stream(svc: Services, m: ServedModel, rid: str, n: int, mod: Moderated, prompt_tokens: int,
+                          include_usage: bool, report: dict | None) -> AsyncIterator[str]:
+    created = now()
+    for i in range(n):
+        yield _chunk(svc, m, rid, created, [_choice(i, {"role": "assistant", "content": ""})], include_usage)
+        yield _chunk(svc, m, rid, created, [_choice(i, {"content": mod.refusal})], include_usage)
+        yield _chunk(svc, m, rid, created, [_choice(i, {}, "content_filter",
+                                                    moderation=summary(mod.result, "input"))], include_usage)
+    if report is not None:
+        yield _chunk(svc, m, rid, created, [], include_usage, moderation=report)
+    if include_usage:
+        yield _chunk(svc, m, rid, created, [], True, usage(prompt_tokens, 0))
+    yield "data: [DONE]\n\n"
+
+
+async def _store_api_exchange(svc: Services, m: ServedModel, messages: list[dict], choices: list[dict],
+                              owner: str | None, opts: GenOptions) -> None:
+    """Keep an API exchange as a conversation (store_api_conversations): n answers become sibling messages."""
+    if svc.store is None:
+        return
+
+    def write():
+        st = svc.store
+        system = "\n".join(x["content"] for x in messages if x["role"] in ("system", "developer"))
+        conv = st.create_conversation(model=m.name, system_prompt=system, source="api", owner=owner,
+                                      settings={"temperature": opts.temperature, "top_p": opts.top_p})
+        parent = None
+        for x in messages:
+            if x["role"] in ("system", "developer"):
+                continue
+            parent = st.add_message(conv["id"], role=x["role"], content=x["content"], parent_id=parent)["id"]
+        for c in choices:
+            st.add_message(conv["id"], role="assistant", content=c["text"], parent_id=parent, model=m.name,
+                           finish_reason=c.get("finish"), moderated=c.get("finish") == "content_filter")
+
+    try:
+        await asyncio.to_thread(write)
+    except Exception:
+        log.exception("could not store an API exchange")
+
+
+# ---------------------------------------------------------------------------------------------- completions
+
+def _prompts(m: ServedModel, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for i, p in enumerate(items):
+        if isinstance(p, str):
+            ids = m.encode(p)
+        else:
+            V = m.tokenizer.vocab_size
+            if any((not isinstance(t, int)) or t < 0 or t >= V for t in p):
+                raise bad_request(f"prompt {i}: token ids must be integers in 0..{V - 1}", param="prompt")
+            ids = list(p)
+        if not ids:
+            ids = [m.tokenizer.eos_id if m.tokenizer.eos_id is not None else 0]  # as OpenAI: start from <eos>
+        out.append(ids)
+    return out
+
+
+def _legacy_logprobs(entries: list[dict] | None) -> dict | None:
+    if entries is None:
+        return None
+    offsets, pos = [], 0
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def _completion_body(svc: Services, m: ServedModel, rid: str, choices: list[dict], prompt_tokens: int,
+                     completion_tokens: int, report: dict | None) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": now(), "model": m.name,
+            "system_fingerprint": svc.fingerprint, "choices": sorted(choices, key=lambda c: c["index"]),
+            "usage": usage(prompt_tokens, completion_tokens)}
+    if svc.moderator is not None:
+        body["moderation"] = report
+    return body
+
+
+async def _completion_stream(svc: Services, m: ServedModel, rid: str, jobs: list[Job], texts: list[str], echo: bool,
+                             include_usage: bool, block: bool) -> AsyncIterator[str]:
+    created = now()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(pi: int, job: Job):
+        try:
+            async for ev in moderated_events(svc.moderator, job, None, block):
+                await queue.put((pi, job, ev))
+        finally:
+            await queue.put((pi, job, None))
+
+    def chunk(choices, usage_obj=None):
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": m.name,
+               "system_fingerprint": svc.fingerprint, "choices": choices}
+        if include_usage:
+            obj["usage"] = usage_obj
+        return sse(obj)
+
+    tasks = [asyncio.create_task(pump(pi, j)) for pi, j in enumerate(jobs)]
+    open_jobs, tokens = len(jobs), 0
+    try:
+        if echo:
+            for pi, job in enumerate(jobs):
+                for c in job.choices:
+                    yield chunk([{"index": pi * job.opts.n + c.index, "text": texts[pi], "logprobs": None,
+                                  "finish_reason": None}])
+        while open_jobs:
+            pi, job, ev = await queue.get()
+            if ev is None:
+                open_jobs -= 1
+                continue
+            idx = pi * job.opts.n + ev.index
+            if isinstance(ev, Delta):
+                yield chunk([{"index": idx, "text": ev.text, "logprobs": _legacy_logprobs(ev.logprobs)
+                              if job.opts.logprobs else None, "finish_reason": None}])
+            elif isinstance(ev, Moderated):
+                await _record_moderation(svc, ev, rid, "replaced")
+                yield chunk([{"index": idx, "text": ev.refusal, "logprobs": None, "finish_reason": None}])
+            else:
+                if ev.reason == "error":
+                    yield sse(APIError(500, ev.error or "generation failed", type="server_error").body())
+                    yield "data: [DONE]\n\n"
+                    return
+                tokens += ev.completion_tokens
+                yield chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": ev.reason}])
+        if include_usage:
+            yield chunk([], usage(sum(j.prompt_tokens for j in jobs), tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for j in jobs:
+            if any(not c.done for c in j.choices):
+                j.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def build_services(cfg: ServeConfig) -> tuple[ModelRegistry, Any, Any]:
+    store = moderator = None
+    if cfg.store_url.lower() != "none":
+        from minichat.serve.store import Store
+
+        store = Store(cfg.store_url or None)
+        log.info("store: %s", store.safe_url)
+    if cfg.moderation:
+        from minichat.moderation import Moderator
+
+        moderator = Moderator.load(cfg.moderation_config or None,
+                                   audit_path=cfg.moderation_audit or None)
+    models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
+    return models, store, moderator
+
+
+def main(argv: list[str]) -> int:
+    from minichat import config as config_mod
+
+    def extra(ap):
+        ap.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        ap.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+        ap.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a model to serve (repeatable; default: the built-in smollm2)")
+        ap.add_argument("--api-key", action="append", default=[], help="accept this bearer key (repeatable)")
+        ap.add_argument("--store", help="SQLAlchemy URL of the store, or 'none'")
+        ap.add_argument("--no-moderation", action="store_true", help="turn moderation off")
+
+    cfg, ns = config_mod.build(ServeConfig, argv, prog="minichat serve", description=__doc__, extra=extra)
+    if ns.host:
+        cfg.host = ns.host
+    if ns.port is not None:
+        cfg.port = ns.port
+    if ns.model:
+        cfg.models = ns.model
+    if ns.api_key:
+        cfg.api_keys = cfg.api_keys + ns.api_key
+    if ns.store:
+        cfg.store_url = ns.store
+    if ns.no_moderation:
+        cfg.moderation = False
+    cfg.validate()
+    logging.basicConfig(level=cfg.log_level.upper() if cfg.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.is_loopback() and not cfg.all_api_keys():
+        log.warning("listening on %s without API keys: anyone who can reach it can use it", cfg.host)
+    models, store, moderator = build_services(cfg)
+    app = create_app(cfg, models, store, moderator)
+    import uvicorn
+
+    print(f"minichat serve: http://{cfg.host}:{cfg.port}/  (models: {', '.join(models.names())})", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    if store is not None:
+        store.close()
+    return 0

@@ -1,0 +1,88 @@
+"""`minichat serve` settings (a typed dataclass: --config FILE, --preset, and --section.field overrides)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from minichat.errors import ConfigError
+
+
+@dataclass
+class EngineSettings:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    weights: str = "auto"  # the engine's weight mode: auto | fp32 | bf16 | int8
+    max_batch: int = 32  # sequences decoded together per model (the continuous batch)
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    def validate(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError("engine.max_batch must be >= 1")
+        if self.weights not in ("auto", "fp32", "bf16", "int8"):
+            raise ConfigError(f"engine.weights must be auto, fp32, bf16 or int8, got {self.weights!r}")
+        if self.threads < 0:
+            raise ConfigError("engine.threads must be >= 0")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Models to serve, each "NAME=PATH" or "PATH" (named after the folder) or "smollm2" (the built-in model).
+    # Clients pick one with the request's `model` field; the first is the web page's default.
+    models: list[str] = field(default_factory=lambda: ["smollm2"])
+    api_keys: list[str] = field(default_factory=list)  # bearer keys; also $MINICHAT_API_KEYS (comma-separated)
+    cors_origins: list[str] = field(default_factory=list)  # e.g. "*" or "http://localhost:3000"; empty = no CORS
+    store_url: str = ""  # SQLAlchemy URL; "" = SQLite in the user data dir; "none" = no store (and no web chat)
+    web: bool = True  # serve the chat page at / and its /api
+    moderation: bool = True  # moderate inputs and outputs on the chat path, and serve /v1/moderations
+    moderation_config: str = ""  # a moderation rules file merged on the packaged rules
+    moderation_audit: str = ""  # append moderation decisions to this JSONL file
+    store_api_conversations: bool = False  # also keep /v1/chat/completions exchanges in the store
+    max_queue: int = 64  # sequences that may wait for a place in the batch, per model; beyond: 429
+    max_n: int = 16  # largest `n` a request may ask for
+    default_max_tokens: int = 1024  # when a chat request gives no max_tokens (capped by the context window)
+    retry_after: int = 1  # seconds, sent with 429
+    log_level: str = "info"
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if not self.models:
+            raise ConfigError("models: give at least one model to serve (e.g. --models smollm2)")
+        if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
+            raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ConfigError(f"log_level must be critical, error, warning, info, debug or trace, got {self.log_level!r}")
+        names = [parse_model_spec(m)[0] for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"models: two models are named {sorted(dup)[0]!r}; name them with NAME=PATH")
+
+    def all_api_keys(self) -> list[str]:
+        env = os.environ.get("MINICHAT_API_KEYS", "")
+        return [k for k in list(self.api_keys) + [k.strip() for k in env.split(",")] if k]
+
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """"name=path" -> (name, path); "path" -> (folder name, path); "smollm2" -> ("smollm2", "smollm2")."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("models: empty model entry")
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if not name.strip() or not path.strip():
+            raise ConfigError(f"models: {spec!r} should look like NAME=PATH")
+        return name.strip(), path.strip()
+    from pathlib import Path
+
+    p = Path(spec)
+    name = p.stem if p.suffix == ".gguf" else (p.name or spec)
+    return name, spec

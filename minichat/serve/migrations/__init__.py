@@ -1,0 +1,1 @@
+"""Alembic migrations of the serving store (see minichat/serve/store.py)."""

@@ -1,0 +1,102 @@
+"""The served models: each loaded once, with its own Engine and worker thread, chosen by the `model` field."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from minichat.errors import MinichatError
+from minichat.serve.config import EngineSettings, parse_model_spec
+from minichat.serve.protocol import APIError
+from minichat.serve.worker import ModelWorker
+
+log = logging.getLogger("minichat.serve")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    source: str  # what was asked for: "smollm2", a path
+    tokenizer: object
+    worker: ModelWorker
+    created: int
+
+    @property
+    def context_len(self) -> int:
+        return self.worker.context_len
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation followed by the assistant's turn header (the template's prompt)."""
+        try:
+            ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        except MinichatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def check_fits(self, prompt_ids: list[int], param: str = "messages") -> None:
+        if len(prompt_ids) >= self.context_len:
+            raise APIError(400, f"This model's maximum context length is {self.context_len} tokens, but the "
+                                f"prompt has {len(prompt_ids)} tokens; shorten the {param}.",
+                           param=param, code="context_length_exceeded")
+
+    def info(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "minichat",
+                "context_length": self.context_len}
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise MinichatError("no models to serve")
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def get(self, name: str) -> ServedModel:
+        m = self.models.get(name)
+        if m is None:
+            raise APIError(404, f"The model {name!r} does not exist; this server has: {', '.join(self.models)}.",
+                           param="model", code="model_not_found")
+        return m
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def start(self) -> None:
+        for m in self.models.values():
+            m.worker.start()
+
+    def stop(self) -> None:
+        for m in self.models.values():
+            m.worker.stop()
+
+    @classmethod
+    def from_engines(cls, items: list[tuple[str, object, object]], max_queue: int = 64) -> "ModelRegistry":
+        """(name, engine, tokenizer) triples -> a registry (used by tests and the loader below)."""
+        now = int(time.time())
+        return cls([ServedModel(name, name, tok, ModelWorker(name, eng, tok, max_queue=max_queue), now)
+                    for name, eng, tok in items])
+
+    @classmethod
+    def load(cls, specs: list[str], settings: EngineSettings, max_queue: int = 64) -> "ModelRegistry":
+        import torch
+
+        from minichat.engine import Engine
+        from minichat.gguf_import import load
+        from minichat.runtime import resolve_device
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = resolve_device(settings.device)
+        served = []
+        for spec in specs:
+            name, path = parse_model_spec(spec)
+            t0 = time.perf_counter()
+            model, tok, _ = load(path, device=device, verbose=True)
+            engine = Engine(model, tok, device=device, weights=settings.weights, max_batch=settings.max_batch)
+            log.info("loaded model %s from %s in %.1f s", name, path, time.perf_counter() - t0)
+            served.append(ServedModel(name, path, tok, ModelWorker(name, engine, tok, max_queue=max_queue),
+                                      int(time.time())))
+        return cls(served)

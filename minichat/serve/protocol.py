@@ -1,0 +1,257 @@
+"""The OpenAI wire format: request validation, error bodies, and response/chunk shapes.
+
+Requests are validated with pydantic; any problem becomes HTTP 400 with OpenAI's error body and `param`
+naming the offending field, so OpenAI clients raise BadRequestError (never a retried 5xx).
+Unknown request fields are ignored (clients send extras such as `user` or `metadata`), but fields that
+would silently change the meaning of a request (tools, logit_bias, JSON response formats) are refused.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP = 4  # as OpenAI: up to four stop sequences
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error to send as OpenAI's body {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class ParamError(ValueError):
+    """Raised inside a model validator to name the field at fault (pydantic gives those errors no location)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first pydantic error as a 400 whose `param` is the dotted field path (e.g. messages.0.role)."""
+    err = e.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):
+        return bad_request(str(cause), param=cause.param, code="invalid_value")
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    # pydantic puts the union member tried into loc (e.g. 'str', 'list[...]'); keep only real field names
+    loc = [p for p in loc if not any(ch in p for ch in "[]") and p not in ("str", "int", "list", "function-after")]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return bad_request(f"{param}: {msg}" if param else msg, param=param,
+                       code="invalid_value" if err.get("type") != "missing" else "missing_required_parameter")
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v):
+        if isinstance(v, list):
+            for p in v:
+                if p.type != "text" or p.text is None:
+                    raise ValueError(f"only text content parts are supported, got type {p.type!r}")
+        return v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ModerationPolicyPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    mode: Literal["score", "block"] = "block"
+
+
+class ModerationPolicy(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input: ModerationPolicyPart | None = None
+    output: ModerationPolicyPart | None = None
+
+
+class ModerationParam(BaseModel):
+    """OpenAI's moderated-completions request field: {"model", "policy": {"input": {"mode"}, "output": {"mode"}}}.
+    "block" (the default) replaces flagged text with a refusal; "score" only reports the verdicts."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    policy: ModerationPolicy | None = None
+
+    def mode(self, part: str) -> str:
+        p = getattr(self.policy, part, None) if self.policy else None
+        return p.mode if p is not None else "block"
+
+
+class _Sampling(_Req):
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    moderation: ModerationParam | None = None
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no end-of-turn before this many
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return None
+        items = [v] if isinstance(v, str) else list(v)
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(items)}")
+        if any(s == "" for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return items
+
+    @model_validator(mode="after")
+    def _common(self):
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        if self.logit_bias:
+            raise ParamError("logit_bias", "logit_bias is not supported by this server")
+        return self
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.tools or self.functions:
+            raise ParamError("tools" if self.tools else "functions", "tools and functions are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParamError("response_format", "only response_format {\"type\": \"text\"} is supported")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # the legacy endpoint's default, as OpenAI's
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion(self):
+        if self.suffix:
+            raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this server")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ParamError("best_of", "best_of other than n is not supported by this server")
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise ParamError("prompt", "prompt must not be empty")
+        return self
+
+
+class ModerationRequest(_Req):
+    input: str | list[str]
+    model: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be an empty list")
+        return v
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    return req
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+@dataclass
+class GenOptions:
+    """What one generation request asks for, independent of the wire format (the worker maps it to the engine)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    min_tokens: int = 0
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -1,0 +1,537 @@
+"""The conversation and feedback store: SQLAlchemy models, Alembic migrations, and the operations the server uses.
+
+SQLite by default (a file in the user's data directory, created on first use), or any SQLAlchemy URL
+(e.g. postgresql+psycopg://user@host/db). The schema is versioned by Alembic; `Store(url)` upgrades the
+database to the newest revision on open, so an old file keeps working after an upgrade of minichat.
+
+Tables (revision 0001):
+    conversations          one chat: title, model, system prompt, sampling settings, current leaf message
+    messages               a tree per conversation (parent_id): editing a user message or regenerating an
+                           answer adds a sibling, so every version is kept; the page shows the path to the leaf
+    moderation_decisions   every moderation verdict on the chat path (input or output), with what was done
+    feedback               thumbs up/down (+1/-1) and an optional comment, one row per message and user
+    comparisons            "answer A was better than answer B" for two answers to the same user message
+
+Adding tables (e.g. the labeling app): declare models on `Base` from this module, and put Alembic revisions
+in another folder with their own branch label that `depends_on` this module's head; pass that folder in
+`Store(url, version_locations=[...])`. Store upgrades to all heads, so the branches apply independently.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, create_engine,
+    event, select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from minichat.errors import MinichatError
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+HEAD_REVISION = "0001"  # this module's newest revision; a test checks the models match the migrated schema
+
+# Constraint names must be deterministic for migrations (and for SQLite's batch mode to alter tables later).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def utcnow() -> dt.datetime:
+    # Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons.
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    title: Mapped[str] = mapped_column(String(200), default="New chat")
+    model: Mapped[str] = mapped_column(String(200), default="")
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # temperature, top_p, max_tokens, ...
+    current_leaf_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the shown branch's end
+    source: Mapped[str] = mapped_column(String(20), default="web")  # web | api
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), nullable=True)
+    role: Mapped[str] = mapped_column(String(20))
+    content: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # sampling used for this answer
+    finish_reason: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    moderated: Mapped[bool] = mapped_column(Boolean, default=False)  # content is a moderation refusal
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModerationDecision(Base):
+    __tablename__ = "moderation_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), nullable=True, index=True)
+    message_id: Mapped[str | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    source: Mapped[str] = mapped_column(String(20))  # input | output | api
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    categories: Mapped[list] = mapped_column(JSON, default=list)  # flagged category names
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)
+    rules: Mapped[list] = mapped_column(JSON, default=list)  # ids of the rules that fired
+    action: Mapped[str] = mapped_column(String(20))  # allowed | refused (input) | replaced (output)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("message_id", "user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    user: Mapped[str] = mapped_column(String(200), default="")
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)  # +1 thumbs up, -1 thumbs down
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Comparison(Base):
+    __tablename__ = "comparisons"
+    __table_args__ = (Index("ix_comparisons_parent_user", "parent_id", "user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    parent_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))  # the user message
+    chosen_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    rejected_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    user: Mapped[str] = mapped_column(String(200), default="")
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class NotFound(MinichatError):
+    """A conversation or message id that is not in the store."""
+
+
+def default_url() -> str:
+    """sqlite file in the user data directory ($MINICHAT_DATA_DIR overrides), created on first use."""
+    env = os.environ.get("MINICHAT_DATA_DIR")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        import platformdirs
+
+        root = Path(platformdirs.user_data_dir("minichat", appauthor=False))
+    return f"sqlite:///{root / 'minichat.db'}"
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() + "Z" if t is not None else None
+
+
+def _title_from(text: str) -> str:
+    t = " ".join(text.split())
+    return (t[:60] + "…") if len(t) > 60 else (t or "New chat")
+
+
+class Store:
+    """Thread-safe operations on the store (one short transaction each); every method returns plain dicts."""
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True, version_locations: list[str] | None = None,
+                 echo: bool = False):
+        self.url = url or default_url()
+        self.version_locations = [str(MIGRATIONS_DIR / "versions")] + [str(v) for v in version_locations or []]
+        self.engine = _make_engine(self.url, echo)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        if migrate:
+            self.migrate()
+
+    # ------------------------------------------------------------------ schema
+    def _alembic_config(self, connection=None):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        # alembic splits version_locations on this separator; paths with spaces must survive it
+        cfg.set_main_option("path_separator", "os")
+        cfg.set_main_option("version_locations", os.pathsep.join(self.version_locations))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def migrate(self, revision: str = "heads") -> None:
+        """Upgrade the schema to `revision` (default: every branch's newest)."""
+        from alembic import command
+
+        try:
+            with self.engine.begin() as conn:
+                command.upgrade(self._alembic_config(conn), revision)
+        except SQLAlchemyError as e:
+            raise MinichatError(f"cannot open or migrate the store at {self.safe_url}: {e}") from None
+
+    def revision(self) -> set[str]:
+        """The schema revisions the database is at (one per branch)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return set(MigrationContext.configure(conn).get_current_heads())
+
+    @property
+    def safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._lock, self._session() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # ------------------------------------------------------------------ conversations
+    def create_conversation(self, *, title: str | None = None, model: str = "", system_prompt: str = "",
+                            settings: dict | None = None, source: str = "web", owner: str | None = None) -> dict:
+        with self.session() as s:
+            c = Conversation(title=title or "New chat", model=model, system_prompt=system_prompt or "",
+                             settings=dict(settings or {}), source=source, owner=owner)
+            s.add(c)
+            s.flush()
+            return self._conv_dict(c)
+
+    def list_conversations(self, *, owner: str | None = None, limit: int = 100, offset: int = 0,
+                           source: str | None = None) -> list[dict]:
+        with self.session() as s:
+            q = select(Conversation).order_by(Conversation.updated_at.desc()).limit(limit).offset(offset)
+            if owner is not None:
+                q = q.where(Conversation.owner == owner)
+            if source is not None:
+                q = q.where(Conversation.source == source)
+            return [self._conv_dict(c) for c in s.scalars(q)]
+
+    def _get_conv(self, s: Session, conversation_id: str, owner: str | None = None) -> Conversation:
+        c = s.get(Conversation, conversation_id)
+        if c is None or (owner is not None and c.owner != owner):
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return c
+
+    def get_conversation(self, conversation_id: str, *, owner: str | None = None) -> dict:
+        """The conversation with all its messages (the whole tree) and the path from the root to the leaf."""
+        with self.session() as s:
+            c = self._get_conv(s, conversation_id, owner)
+            msgs = list(s.scalars(select(Message).where(Message.conversation_id == c.id)
+                                  .order_by(Message.created_at, Message.id)))
+            fb = {f.message_id: f for f in s.scalars(
+                select(Feedback).join(Message, Feedback.message_id == Message.id)
+                .where(Message.conversation_id == c.id))}
+            verdicts = {d.message_id: {"source": d.source, "categories": d.categories, "action": d.action}
+                        for d in s.scalars(select(ModerationDecision)
+                                           .where(ModerationDecision.conversation_id == c.id,
+                                                  ModerationDecision.flagged.is_(True)))
+                        if d.message_id}
+            out = self._conv_dict(c)
+            out["messages"] = [self._msg_dict(m, fb.get(m.id)) for m in msgs]
+            for d in out["messages"]:
+                if d["id"] in verdicts:
+                    d["moderation"] = verdicts[d["id"]]
+            out["path"] = self._path_ids({m.id: m for m in msgs}, c.current_leaf_id)
+            return out
+
+    def update_conversation(self, conversation_id: str, *, owner: str | None = None, **fields: Any) -> dict:
+        allowed = {"title", "model", "system_prompt", "settings", "current_leaf_id"}
+        bad = set(fields) - allowed
+        if bad:
+            raise MinichatError(f"cannot update conversation fields {sorted(bad)}; allowed: {sorted(allowed)}")
+        with self.session() as s:
+            c = self._get_conv(s, conversation_id, owner)
+            if fields.get("current_leaf_id") is not None:
+                m = s.get(Message, fields["current_leaf_id"])
+                if m is None or m.conversation_id != c.id:
+                    raise NotFound(f"no message {fields['current_leaf_id']!r} in conversation {c.id}")
+            for k, v in fields.items():
+                setattr(c, k, v)
+            c.updated_at = utcnow()
+            s.flush()
+            return self._conv_dict(c)
+
+    def delete_conversation(self, conversation_id: str, *, owner: str | None = None) -> None:
+        with self.session() as s:
+            c = self._get_conv(s, conversation_id, owner)
+            # children first: not every backend enforces ON DELETE CASCADE (SQLite needs a pragma per connection)
+            ids = [m for m in s.scalars(select(Message.id).where(Message.conversation_id == c.id))]
+            for model in (ModerationDecision,):
+                s.query(model).filter(model.conversation_id == c.id).delete(synchronize_session=False)
+            s.query(Comparison).filter(Comparison.conversation_id == c.id).delete(synchronize_session=False)
+            if ids:
+                s.query(Feedback).filter(Feedback.message_id.in_(ids)).delete(synchronize_session=False)
+                s.query(Message).filter(Message.conversation_id == c.id).update({"parent_id": None},
+                                                                                synchronize_session=False)
+                s.query(Message).filter(Message.conversation_id == c.id).delete(synchronize_session=False)
+            s.delete(c)
+
+    # ------------------------------------------------------------------ messages
+    def add_message(self, conversation_id: str, *, role: str, content: str, parent_id: str | None = None,
+                    owner: str | None = None, make_current: bool = True, **meta: Any) -> dict:
+        """Append a message under `parent_id` (None: a new root); it becomes the conversation's shown leaf."""
+        if role not in ("system", "developer", "user", "assistant"):
+            raise MinichatError(f"role must be system, developer, user or assistant, got {role!r}")
+        with self.session() as s:
+            c = self._get_conv(s, conversation_id, owner)
+            if parent_id is not None:
+                p = s.get(Message, parent_id)
+                if p is None or p.conversation_id != c.id:
+                    raise NotFound(f"no message {parent_id!r} in conversation {c.id}")
+            m = Message(conversation_id=c.id, parent_id=parent_id, role=role, content=content, **meta)
+            s.add(m)
+            s.flush()
+            if make_current:
+                c.current_leaf_id = m.id
+            if role == "user" and c.title in ("", "New chat"):
+                c.title = _title_from(content)
+            c.updated_at = utcnow()
+            return self._msg_dict(m)
+
+    def update_message(self, message_id: str, **fields: Any) -> dict:
+        allowed = {"content", "finish_reason", "prompt_tokens", "completion_tokens", "moderated", "model", "settings"}
+        bad = set(fields) - allowed
+        if bad:
+            raise MinichatError(f"cannot update message fields {sorted(bad)}")
+        with self.session() as s:
+            m = s.get(Message, message_id)
+            if m is None:
+                raise NotFound(f"no message {message_id!r}")
+            for k, v in fields.items():
+                setattr(m, k, v)
+            s.flush()
+            return self._msg_dict(m)
+
+    def get_message(self, message_id: str) -> dict:
+        with self.session() as s:
+            m = s.get(Message, message_id)
+            if m is None:
+                raise NotFound(f"no message {message_id!r}")
+            return self._msg_dict(m)
+
+    def thread(self, message_id: str) -> list[dict]:
+        """The messages from the root down to `message_id` (what the model sees when answering after it)."""
+        with self.session() as s:
+            m = s.get(Message, message_id)
+            if m is None:
+                raise NotFound(f"no message {message_id!r}")
+            chain = []
+            while m is not None:
+                chain.append(self._msg_dict(m))
+                m = s.get(Message, m.parent_id) if m.parent_id else None
+            return chain[::-1]
+
+    # ------------------------------------------------------------------ moderation and feedback
+    def record_moderation(self, *, source: str, flagged: bool, action: str, categories: list[str] | None = None,
+                          scores: dict | None = None, rules: list[str] | None = None,
+                          conversation_id: str | None = None, message_id: str | None = None,
+                          request_id: str | None = None) -> int:
+        with self.session() as s:
+            d = ModerationDecision(source=source, flagged=flagged, action=action, categories=list(categories or []),
+                                   scores=dict(scores or {}), rules=list(rules or []),
+                                   conversation_id=conversation_id, message_id=message_id, request_id=request_id)
+            s.add(d)
+            s.flush()
+            return d.id
+
+    def moderation_decisions(self, *, conversation_id: str | None = None, limit: int = 1000) -> list[dict]:
+        with self.session() as s:
+            q = select(ModerationDecision).order_by(ModerationDecision.id).limit(limit)
+            if conversation_id is not None:
+                q = q.where(ModerationDecision.conversation_id == conversation_id)
+            return [{"id": d.id, "conversation_id": d.conversation_id, "message_id": d.message_id,
+                     "request_id": d.request_id, "source": d.source, "flagged": d.flagged,
+                     "categories": d.categories, "scores": d.scores, "rules": d.rules, "action": d.action,
+                     "created_at": _iso(d.created_at)} for d in s.scalars(q)]
+
+    def set_feedback(self, message_id: str, *, rating: int | None = None, comment: str | None = None,
+                     user: str = "") -> dict:
+        """Thumbs up (+1) / down (-1) / cleared (None) and a comment, for an assistant message; one per user."""
+        if rating not in (None, 1, -1):
+            raise MinichatError(f"rating must be 1 (thumbs up), -1 (thumbs down) or null, got {rating!r}")
+        with self.session() as s:
+            m = s.get(Message, message_id)
+            if m is None:
+                raise NotFound(f"no message {message_id!r}")
+            if m.role != "assistant":
+                raise MinichatError("feedback is given on assistant messages only")
+            f = s.scalars(select(Feedback).where(Feedback.message_id == m.id, Feedback.user == user)).first()
+            if f is None:
+                f = Feedback(message_id=m.id, user=user)
+                s.add(f)
+            f.rating, f.comment, f.updated_at = rating, comment, utcnow()
+            s.flush()
+            return {"message_id": m.id, "rating": f.rating, "comment": f.comment, "user": f.user}
+
+    def add_comparison(self, chosen_id: str, rejected_id: str, *, user: str = "", comment: str | None = None) -> dict:
+        """Record that `chosen_id` was the better of two answers to the same user message."""
+        if chosen_id == rejected_id:
+            raise MinichatError("a comparison needs two different answers")
+        with self.session() as s:
+            a, b = s.get(Message, chosen_id), s.get(Message, rejected_id)
+            for mid, m in ((chosen_id, a), (rejected_id, b)):
+                if m is None:
+                    raise NotFound(f"no message {mid!r}")
+                if m.role != "assistant":
+                    raise MinichatError(f"message {mid} is not an assistant answer")
+            if a.parent_id != b.parent_id or a.parent_id is None:
+                raise MinichatError("the two answers must reply to the same message (regenerations of one answer)")
+            # one verdict per pair and user: a new choice replaces the old one
+            s.query(Comparison).filter(
+                Comparison.user == user,
+                ((Comparison.chosen_id == a.id) & (Comparison.rejected_id == b.id))
+                | ((Comparison.chosen_id == b.id) & (Comparison.rejected_id == a.id)),
+            ).delete(synchronize_session=False)
+            c = Comparison(conversation_id=a.conversation_id, parent_id=a.parent_id, chosen_id=a.id,
+                           rejected_id=b.id, user=user, comment=comment)
+            s.add(c)
+            s.flush()
+            return {"id": c.id, "chosen_id": a.id, "rejected_id": b.id, "parent_id": a.parent_id}
+
+    # ------------------------------------------------------------------ export
+    def preference_pairs(self, *, include_thumbs: bool = True, since: dt.datetime | None = None,
+                         include_moderated: bool = False) -> Iterator[dict]:
+        """(prompt thread, chosen, rejected) from explicit comparisons and, when include_thumbs, from sibling
+        answers of which one got thumbs up and another thumbs down. Prompts include the system prompt."""
+        with self.session() as s:
+            q = select(Comparison).order_by(Comparison.id)
+            if since is not None:
+                q = q.where(Comparison.created_at >= since)
+            seen: set[tuple[str, str]] = set()
+            pairs: list[tuple[str, str, str, str, str]] = []  # conversation, parent, chosen, rejected, source
+            for c in s.scalars(q):
+                pairs.append((c.conversation_id, c.parent_id, c.chosen_id, c.rejected_id, "comparison"))
+                seen.add((c.chosen_id, c.rejected_id))
+            if include_thumbs:
+                q = (select(Feedback, Message).join(Message, Feedback.message_id == Message.id)
+                     .where(Feedback.rating.is_not(None), Message.parent_id.is_not(None)))
+                if since is not None:
+                    q = q.where(Feedback.updated_at >= since)
+                by_parent: dict[str, dict[int, list[Message]]] = {}
+                for f, m in s.execute(q):
+                    by_parent.setdefault(m.parent_id, {}).setdefault(f.rating, []).append(m)
+                for parent, groups in by_parent.items():
+                    for good in groups.get(1, []):
+                        for bad in groups.get(-1, []):
+                            if good.id == bad.id or (good.id, bad.id) in seen or (bad.id, good.id) in seen:
+                                continue
+                            seen.add((good.id, bad.id))
+                            pairs.append((good.conversation_id, parent, good.id, bad.id, "thumbs"))
+            for conv_id, parent_id, chosen_id, rejected_id, source in pairs:
+                conv = s.get(Conversation, conv_id)
+                chosen, rejected = s.get(Message, chosen_id), s.get(Message, rejected_id)
+                if conv is None or chosen is None or rejected is None:
+                    continue
+                if not include_moderated and (chosen.moderated or rejected.moderated):
+                    continue  # a refusal written by moderation is not the model's answer to learn from
+                chain, m = [], s.get(Message, parent_id)
+                while m is not None:
+                    chain.append({"role": m.role, "content": m.content})
+                    m = s.get(Message, m.parent_id) if m.parent_id else None
+                prompt = chain[::-1]
+                if conv.system_prompt and not (prompt and prompt[0]["role"] in ("system", "developer")):
+                    prompt.insert(0, {"role": "system", "content": conv.system_prompt})
+                yield {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen.content}],
+                    "rejected": [{"role": "assistant", "content": rejected.content}],
+                    "meta": {"source": source, "conversation_id": conv_id, "chosen_id": chosen_id,
+                             "rejected_id": rejected_id, "chosen_model": chosen.model,
+                             "rejected_model": rejected.model},
+                }
+
+    def counts(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        with self.session() as s:
+            out = {t.__tablename__: s.scalar(select(func.count()).select_from(t)) or 0
+                   for t in (Conversation, Message, Feedback, Comparison, ModerationDecision)}
+            out["thumbs_up"] = s.scalar(select(func.count()).select_from(Feedback).where(Feedback.rating == 1)) or 0
+            out["thumbs_down"] = s.scalar(select(func.count()).select_from(Feedback).where(Feedback.rating == -1)) or 0
+            return out
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _path_ids(by_id: dict[str, Message], leaf: str | None) -> list[str]:
+        out = []
+        while leaf is not None and leaf in by_id and len(out) <= len(by_id):
+            out.append(leaf)
+            leaf = by_id[leaf].parent_id
+        return out[::-1]
+
+    @staticmethod
+    def _conv_dict(c: Conversation) -> dict:
+        return {"id": c.id, "title": c.title, "model": c.model, "system_prompt": c.system_prompt,
+                "settings": dict(c.settings or {}), "current_leaf_id": c.current_leaf_id, "source": c.source,
+                "owner": c.owner, "created_at": _iso(c.created_at), "updated_at": _iso(c.updated_at)}
+
+    @staticmethod
+    def _msg_dict(m: Message, fb: Feedback | None = None) -> dict:
+        d = {"id": m.id, "conversation_id": m.conversation_id, "parent_id": m.parent_id, "role": m.role,
+             "content": m.content, "model": m.model, "settings": m.settings, "finish_reason": m.finish_reason,
+             "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens, "moderated": m.moderated,
+             "created_at": _iso(m.created_at)}
+        if fb is not None:
+            d["feedback"] = {"rating": fb.rating, "comment": fb.comment}
+        return d
+
+
+def _make_engine(url: str, echo: bool) -> Engine:
+    try:
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            path = Path(url[len("sqlite:///"):]).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{path}"
+        kwargs: dict[str, Any] = {"echo": echo}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                from sqlalchemy.pool import StaticPool
+
+                kwargs["poolclass"] = StaticPool  # one shared connection, or every session sees an empty database
+        engine = create_engine(url, **kwargs)
+    except (SQLAlchemyError, ValueError, ImportError) as e:
+        raise MinichatError(f"cannot use store URL {url!r}: {e}") from None
+    except OSError as e:
+        raise MinichatError(f"cannot create the store's folder for {url!r}: {e}") from None
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # per connection: WAL for concurrent readers, real FKs
+            cur = dbapi_conn.cursor()
+            if ":memory:" not in url:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    return engine

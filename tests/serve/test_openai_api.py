@@ -1,0 +1,263 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live uvicorn server."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+USER = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+def test_non_streaming(client, model_files):
+    r = client.chat.completions.create(model="script", messages=USER, temperature=0)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == "script"
+    assert isinstance(r.created, int)
+    c = r.choices[0]
+    assert c.message.role == "assistant"
+    assert c.message.content == model_files.script_text
+    assert c.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens == 19
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.moderation.input.results[0].flagged is False
+    assert r.moderation.output.results[0].flagged is False
+
+
+def test_roles_system_developer_assistant(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use plain words."},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [{"type": "text", "text": "and now?"}]}]
+    r = client.chat.completions.create(model="script", messages=msgs, temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert r.choices[0].message.content == "Sure! Here"
+
+
+def _stream(client, **kw):
+    return list(client.chat.completions.create(stream=True, **kw))
+
+
+@pytest.mark.parametrize("model", ["tiny", "script"])
+def test_stream_equals_non_stream_and_chunk_semantics(client, model):
+    kw = dict(model=model, messages=USER, temperature=0, max_tokens=40)
+    whole = client.chat.completions.create(**kw)
+    chunks = _stream(client, stream_options={"include_usage": True}, **kw)
+    assert len({c.id for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]  # exactly one per choice
+    # usage only on the final chunk, whose choices are empty
+    assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert last.usage.model_dump() == whole.usage.model_dump()
+
+
+def test_stream_without_usage_has_no_usage(client):
+    chunks = _stream(client, model="script", messages=USER, temperature=0)
+    assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
+
+
+def test_raw_sse_ends_with_done(live):
+    body = {"model": "script", "messages": USER, "temperature": 0, "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(ln[6:])["object"] == "chat.completion.chunk" for ln in lines[:-1])
+
+
+def test_n_and_seed(client):
+    kw = dict(model="tiny", messages=USER, temperature=1.0, max_tokens=12, n=2, extra_body={"min_tokens": 12})
+    a = client.chat.completions.create(seed=7, **kw)
+    b = client.chat.completions.create(seed=7, **kw)
+    c = client.chat.completions.create(seed=8, **kw)
+    assert [ch.index for ch in a.choices] == [0, 1]
+    texts = lambda r: [ch.message.content for ch in r.choices]  # noqa: E731
+    assert texts(a) == texts(b)  # same seed, same answers
+    assert texts(a)[0] != texts(a)[1]  # the n samples differ
+    assert texts(a) != texts(c)
+    assert a.usage.completion_tokens == 24  # both choices count
+    # streaming n=2: each choice gets its role chunk and exactly one finish_reason
+    chunks = _stream(client, seed=7, **kw)
+    per = {0: "", 1: ""}
+    fin = {0: [], 1: []}
+    for ch in chunks:
+        for x in ch.choices:
+            per[x.index] += x.delta.content or ""
+            if x.finish_reason:
+                fin[x.index].append(x.finish_reason)
+    assert [per[0], per[1]] == texts(a)
+    assert all(len(v) == 1 for v in fin.values())
+
+
+def test_stop_sequences(client, model_files):
+    r = client.chat.completions.create(model="script", messages=USER, temperature=0, stop=["blue", "zzz"])
+    assert r.choices[0].message.content == "Sure! Here is my answer: the sky looks "
+    assert r.choices[0].finish_reason == "stop"
+    chunks = _stream(client, model="script", messages=USER, temperature=0, stop="blue")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Sure! Here is my answer: the sky looks "
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model="script", messages=USER, temperature=0, max_tokens=6, logprobs=True,
+                                       top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens == 6
+    assert "".join(e.token for e in lp) == r.choices[0].message.content
+    for e in lp:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].token == e.token  # greedy: the sampled token is the most likely
+        assert bytes(e.bytes).decode() == e.token
+    chunks = _stream(client, model="script", messages=USER, temperature=0, max_tokens=6, logprobs=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in lp]
+
+
+def test_top_logprobs_21_is_400_and_server_still_answers(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, logprobs=True, top_logprobs=21)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == "top_logprobs"
+    assert e.value.body["type"] == "invalid_request_error"
+    r = client.chat.completions.create(model="script", messages=USER, temperature=0, max_tokens=2)
+    assert r.choices[0].message.content == "Sure!"
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"n": 99}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": []}, "messages"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+])
+def test_bad_parameters_are_400_with_param(client, kw, param):
+    args = {"model": "tiny", "messages": USER, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_context_overflow_is_400(client):
+    long = " ".join(["Paris is the capital of France."] * 200)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}])
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=USER)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_malformed_bodies_and_routes(live):
+    r = httpx.post(live.url + "/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(live.url + "/v1/chat/completions", json=["a list"], timeout=10)
+    assert r.status_code == 400
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": "tiny", "messages": "hi"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.get(live.url + "/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(live.url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny", "script", "bad"]
+    m = client.models.retrieve("script")
+    assert m.id == "script" and m.owned_by == "minichat"
+
+
+def test_moderations_endpoint(client):
+    r = client.moderations.create(input="I will kill you")
+    assert r.results[0].flagged and r.results[0].categories.violence
+    assert r.results[0].category_scores.violence > 0.5
+    r = client.moderations.create(input=["What a lovely day.", "I will kill you"])
+    assert [x.flagged for x in r.results] == [False, True]
+    with pytest.raises(openai.BadRequestError):
+        client.moderations.create(input=[])
+
+
+def test_flagged_input_is_refused(client, live):
+    before = len(live.store.moderation_decisions())
+    r = client.chat.completions.create(model="script", messages=[{"role": "user", "content": "I will kill you"}],
+                                       temperature=0, n=2)
+    assert [c.finish_reason for c in r.choices] == ["content_filter"] * 2
+    assert r.choices[0].message.content != "" and "kill" not in r.choices[0].message.content
+    assert r.usage.completion_tokens == 0
+    assert r.moderation.input.results[0].flagged is True
+    dec = live.store.moderation_decisions()[before:]
+    assert dec and dec[0]["source"] == "input" and dec[0]["action"] == "refused" and "violence" in dec[0]["categories"]
+    chunks = _stream(client, model="script", messages=[{"role": "user", "content": "I will kill you"}],
+                     stream_options={"include_usage": True})
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["content_filter"]
+
+
+def test_flagged_output_mid_stream(client, model_files, live):
+    chunks = _stream(client, model="bad", messages=USER, temperature=0, stream_options={"include_usage": True})
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == ["content_filter"]
+    streamed = "".join(deltas)
+    refusal = client.chat.completions.create(model="bad", messages=USER, temperature=0).choices[0].message.content
+    assert streamed.endswith("\n\n" + refusal)
+    before = streamed[: -len(refusal) - 2]
+    # the harmless start went out as it was generated; the guard cut the rest as soon as it flagged
+    assert before.startswith("Okay, let me") and model_files.bad_text.startswith(before)
+    assert "tonight" not in before
+    assert chunks[-1].usage.completion_tokens < len(model_files.bad_text)  # generation was cut short
+    fin = [ch for c in chunks for ch in c.choices if ch.finish_reason][0]
+    assert fin.model_extra["moderation"]["flagged"] is True
+
+
+def test_score_mode_reports_without_blocking(client, model_files):
+    r = client.chat.completions.create(model="bad", messages=USER, temperature=0,
+                                       extra_body={"moderation": {"model": "minichat-moderation-1",
+                                                                  "policy": {"output": {"mode": "score"}}}})
+    assert r.choices[0].message.content == model_files.bad_text
+    assert r.choices[0].finish_reason == "stop"
+    assert r.moderation.output.results[0].flagged is True
+    chunks = _stream(client, model="script", messages=USER, temperature=0,
+                     extra_body={"moderation": {"model": "minichat-moderation-1"}})
+    mod = [c for c in chunks if c.moderation is not None]
+    assert len(mod) == 1 and mod[0].choices == [] and mod[0].moderation.output.results[0].flagged is False
+
+
+def test_legacy_completions(client):
+    r = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    s = list(client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
+    e = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0, echo=True)
+    assert e.choices[0].text == "Hello there" + r.choices[0].text
+    two = client.completions.create(model="tiny", prompt=["Hello", "Paris"], max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    lp = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.tokens) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_health(live):
+    h = httpx.get(live.url + "/health", timeout=10).json()
+    assert h["status"] == "ok" and set(h["models"]) == {"tiny", "script", "bad"}
+    assert h["moderation"] is True and h["store"] is True
