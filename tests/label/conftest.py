@@ -1,0 +1,92 @@
+"""Fixtures for the labeling tests: a store, accounts, a project, a tiny model saved by the test, and live
+uvicorn servers on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+COLORS = ["red", "blue", "green", "black", "white", "yellow"]
+QUALITY = ["good good", "fine", "meh", "bad bad"]  # best to worst: what the simulated labelers rank by
+CORPUS = [f"tell me about {c}. {c} is {q}." for c in COLORS for q in QUALITY] + [
+    "Write a haiku about the sea.", "Waves fold on the sand.", "Hello there, how are you? I am fine, thank you."]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny untrained BPE chat model saved as an ordinary checkpoint folder (samples answers, starts the RM)."""
+    from minichat.checkpoint import save_checkpoint
+    from minichat.model import ModelConfig, Transformer
+    from minichat.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(CORPUS * 20, 300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128))
+    path = tmp_path_factory.mktemp("label_lm") / "tiny"
+    save_checkpoint(path, model, tok)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path):
+    from minichat.serve.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def lab(store):
+    from minichat.label.service import Labeling
+
+    return Labeling(store)
+
+
+def login(lab, name: str, role: str = "labeler", held_out: bool = False) -> dict:
+    """A new account, logged in: the user dict the service and the web layer pass around."""
+    _, secret = lab.add_user(name, role=role, held_out=held_out)
+    token, _ = lab.login(name, secret)
+    return lab.authenticate(token)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread (as tests/serve does)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
