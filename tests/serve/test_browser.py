@@ -138,7 +138,11 @@ def test_stop_button_keeps_partial_reply(page, live):
             break
         time.sleep(0.05)
     assert m["finish_reason"] == "stopped" and len(m["content"]) > 0
-    assert page.inner_text(".msg.assistant .bubble").strip() in m["content"]
+    # compare letters and digits only: the browser collapses whitespace runs and Markdown eats punctuation
+    def bare(t):
+        return "".join(ch for ch in t if ch.isalnum())
+
+    assert bare(page.inner_text(".msg.assistant .bubble")) in bare(m["content"])
 
 
 def test_markdown_is_rendered_and_html_escaped(page):
