@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reward": ("minichat.train.reward:main", "train a reward model on rankings"),
     "ppo": ("minichat.train.ppo:main", "PPO-ptx against a reward model"),
     "dpo": ("minichat.train.dpo:main", "direct preference optimisation"),
+    "bestofn": ("minichat.bestofn:main", "sample N answers, keep the reward model's favourite"),
     "chat": ("minichat.chat:main", "terminal chat (built-in SmolLM2 by default)"),
     "serve": ("minichat.serve.app:main", "OpenAI-compatible API and web chat"),
     "feedback": ("minichat.serve.feedback:main", "export user feedback as comparisons"),

@@ -1,0 +1,108 @@
+"""RLHF stages with the built-in SmolLM2-135M: SFT tokens/s, one PPO iteration (16 prompts x 64 new tokens),
+and a reward model on real human preferences (Anthropic HH harmless, ../shared) with held-out accuracy.
+
+    python bench/rlhf/bench_smollm2.py [--only sft|ppo|rm] [--rm-train 400] [--rm-val 200] [--rm-steps 40]
+
+Affordable on a 2-core CPU by design: the reward model trains only its last 2 blocks and the head (the rest
+of the trunk is frozen), on a subset of the data, with prompts cut from the left to 192 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "preferences" / "hh_harmless_dev.jsonl.gz"
+
+
+def bench_sft(work: Path, steps: int) -> dict:
+    from minichat.data.chat import load_comparisons
+    from minichat.train import sft
+
+    rows = []
+    for c in load_comparisons(HH, limit=300):  # the chosen HH answers as demonstrations
+        rows.append({"messages": c.prompt + [{"role": "assistant", "content": c.answers[0]}]})
+    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = sft.SFTConfig(init_from="smollm2")
+    cfg.data.train, cfg.data.val_fraction, cfg.data.pack, cfg.data.max_len = str(work / "sft.jsonl"), 0.0, True, 256
+    t = cfg.train
+    t.out_dir, t.max_steps, t.batch_size, t.warmup_steps = str(work / "sft"), steps, 4, 0
+    t.eval_every, t.save_every, t.progress, t.log_every, t.resume, t.peak_tflops = 0, 0, False, 1000, "never", 1.0
+    res = sft.run(cfg)
+    return {"sft_tokens_per_s": steps * 4 * 256 / res["train_time_s"], "steps": steps, "batch": 4, "seq_len": 256}
+
+
+def bench_ppo(work: Path, iterations: int) -> dict:
+    from minichat.checkpoint import save_checkpoint
+    from minichat.data.chat import load_comparisons
+    from minichat.gguf_import import load
+    from minichat.heads import scalar_from_lm
+    from minichat.train import ppo
+
+    # an (untrained-head) reward model on the SmolLM2 trunk: the cost is what is measured here
+    lm, tok, _ = load("smollm2", verbose=False)
+    save_checkpoint(work / "rm_smol", scalar_from_lm(lm), tok, extra_config={"kind": "reward"})
+    prompts = [{"prompt": c.prompt} for c in load_comparisons(HH, limit=64) if len(c.prompt) == 1]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    cfg = ppo.PPOConfig(policy_from="smollm2", reward_from=str(work / "rm_smol"), prompts=str(work / "prompts.jsonl"),
+                        out_dir=str(work / "ppo"), save_every=0, progress=False, resume="never")
+    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_len = iterations, 16, 64, 128
+    ppo.run(cfg)
+    rows = [json.loads(l) for l in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return {"ppo_iterations": rows}
+
+
+def bench_rm(work: Path, n_train: int, n_val: int, steps: int) -> dict:
+    from minichat.data.chat import read_jsonl
+    from minichat.train import reward
+
+    rows = [obj for _, obj in read_jsonl(HH)]
+    import random
+
+    random.Random(0).shuffle(rows)
+    (work / "hh_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    (work / "hh_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-n_val:]))
+    cfg = reward.preset_smollm2_hh()
+    cfg.data.train, cfg.data.val, cfg.data.max_len = str(work / "hh_train.jsonl"), str(work / "hh_val.jsonl"), 192
+    t = cfg.train
+    t.out_dir, t.max_steps, t.batch_size, t.eval_every, t.save_every, t.progress = str(work / "rm"), steps, 8, 0, 0, False
+    t.resume, t.warmup_steps, t.lr, t.min_lr, t.peak_tflops = "never", 5, 3e-4, 3e-5, 1.0
+    t0 = time.perf_counter()
+    res = reward.run(cfg)
+    return {"rm_val_accuracy": res.get("val_accuracy"), "rm_val_pairs": res.get("val_pairs"), "rm_train": n_train,
+            "rm_steps": steps, "rm_batch": 8, "rm_wall_s": time.perf_counter() - t0, "warnings": res.get("warnings")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["all", "sft", "ppo", "rm"], default="all")
+    ap.add_argument("--sft-steps", type=int, default=4)
+    ap.add_argument("--ppo-iterations", type=int, default=2)
+    ap.add_argument("--rm-train", type=int, default=400)
+    ap.add_argument("--rm-val", type=int, default=200)
+    ap.add_argument("--rm-steps", type=int, default=40)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    if not HH.is_file():
+        raise SystemExit(f"skipped: {HH} is not here (the benchmark reads ../shared)")
+    work = Path(a.out or tempfile.mkdtemp(prefix="rlhf_smol_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
+    if a.only in ("all", "sft"):
+        res.update(bench_sft(work, a.sft_steps))
+    if a.only in ("all", "ppo"):
+        res.update(bench_ppo(work, a.ppo_iterations))
+    if a.only in ("all", "rm"):
+        res.update(bench_rm(work, a.rm_train, a.rm_val, a.rm_steps))
+    res["load_avg_end"] = os.getloadavg()
+    print(json.dumps(res, indent=2))
+    (work / f"results_{a.only}.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Pieces the fine-tuning stages (sft, reward, ppo, dpo) share: loading the starting model and data splits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minichat.errors import MinichatError
+
+
+def load_lm(path: str, device: torch.device):
+    """(Transformer in train mode, tokenizer, config) from a checkpoint, a run folder, a .gguf or "smollm2"."""
+    from minichat.gguf_import import load
+
+    if not path:
+        raise MinichatError("set --init_from: a checkpoint or run folder (e.g. runs/sft), a .gguf file, or smollm2")
+    model, tok, cfg = load(path, device=device, verbose=False)
+    if tok.im_start_id is None or tok.im_end_id is None:
+        raise MinichatError(f"{path}: its tokenizer has no chat tokens (<|im_start|>, <|im_end|>); "
+                            "pretrain with a BPE tokenizer (it adds them) or start from smollm2")
+    model.train()
+    return model, tok, cfg
+
+
+def context_len(model_max: int, wanted: int) -> int:
+    return min(model_max, wanted) if wanted > 0 else model_max
+
+
+def require_file(path: str, what: str) -> Path:
+    if not path:
+        raise MinichatError(f"set {what}")
+    p = Path(path)
+    if not p.is_file():
+        raise MinichatError(f"{what}: {p} does not exist")
+    return p
+
+
+def freeze_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy's parameters need no gradients (and no optimizer state): reference and reward models."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def collate_answers(seqs: list[tuple[list[int], list[int]]], pad_id: int):
+    """(prompt, answer) id lists -> right-padded (x, y, answer mask) for scoring answers under an LM:
+    x = ids[:-1], y = ids[1:], mask 1 where y is an answer token."""
+    L = max(len(p) + len(a) for p, a in seqs) - 1
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    m = torch.zeros((len(seqs), L))
+    for i, (p, a) in enumerate(seqs):
+        ids = p + a
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        m[i, len(p) - 1:n] = 1.0
+    return x, y, m
+
+
+def sequence_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t mask_t log π(y_t | x_≤t) per row: (B,)."""
+    from minichat.losses import token_logprobs
+
+    return (token_logprobs(model(x), y) * mask).sum(1)

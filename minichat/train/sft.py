@@ -1,0 +1,127 @@
+"""`minichat sft`: supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+    conversations (JSONL) -> chat template -> (ids, assistant mask) -> padded or packed rows
+    -> loss = −mean log p(assistant token | everything before it) -> shared loop -> held-out loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minichat import config as C
+from minichat import runtime
+from minichat.errors import ConfigError
+from minichat.losses import masked_lm_loss
+from minichat.train.loop import TrainConfig, Trainer
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = ""  # JSONL: messages, prompt/response or Alpaca rows
+    val: str = ""  # held-out conversations; empty: hold out val_fraction of train
+    val_fraction: float = 0.05
+    pack: bool = False  # concatenate conversations into full rows instead of padding each one
+    max_len: int = 512  # tokens per row (capped by the model's context)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction must be in [0, 0.5)")
+        if self.max_len <= 1:
+            raise ConfigError("data.max_len must be > 1")
+
+
+@dataclass
+class SFTConfig:
+    init_from: str = "smollm2"  # the pretrained model: checkpoint, run folder, .gguf or smollm2
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        out_dir="runs/sft", max_steps=200, batch_size=8, lr=3e-5, min_lr=3e-6, warmup_steps=10, weight_decay=0.0,
+        eval_every=50, eval_batches=10, save_every=100, log_every=10))
+    runtime: runtime.RuntimeConfig = field(default_factory=runtime.RuntimeConfig)
+
+
+def preset_tiny() -> SFTConfig:
+    """Seconds, on a tiny model: tests and the built-in world."""
+    cfg = SFTConfig()
+    cfg.train = TrainConfig(out_dir="runs/sft-tiny", max_steps=20, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=2,
+                            weight_decay=0.0, eval_every=10, eval_batches=2, save_every=10, log_every=5)
+    cfg.data.max_len = 128
+    return cfg
+
+
+PRESETS = {"default": SFTConfig, "tiny": preset_tiny}
+
+
+def prepare(cfg: SFTConfig, tok, max_len: int):
+    from minichat.data.chat import DataReport, Sequences, encode_sft, load_sft, split_holdout
+    from minichat.train.common import require_file
+
+    report = DataReport("sft")
+    convs = load_sft(require_file(cfg.data.train, "--data.train (SFT conversations, JSONL)"), report)
+    if cfg.data.val:
+        train_c, val_c = convs, load_sft(cfg.data.val, report)
+    elif cfg.data.val_fraction > 0 and len(convs) > 1:
+        train_c, val_c = split_holdout(convs, cfg.data.val_fraction, cfg.runtime.seed)
+    else:
+        train_c, val_c = convs, []
+    train = Sequences(encode_sft(train_c, tok, max_len, report), max_len, tok.pad_id, cfg.data.pack, cfg.runtime.seed)
+    val = Sequences(encode_sft(val_c, tok, max_len, report), max_len, tok.pad_id, False) if val_c else None
+    return train, val, report
+
+
+def run(cfg: SFTConfig) -> dict:
+    device, dtype, dist = runtime.setup(cfg.runtime)
+    try:
+        from minichat.train.common import context_len, load_lm
+
+        model, tok, _ = load_lm(cfg.init_from, device)
+        max_len = context_len(model.cfg.max_seq_len, cfg.data.max_len)
+        train, val, report = prepare(cfg, tok, max_len)
+        B = cfg.train.batch_size
+
+        def batch_fn(step: int, part: int, n_parts: int):
+            return [t.to(device) for t in train.batch(step, B, part, n_parts)]
+
+        def loss_fn(m, batch):
+            x, y, mask = batch
+            return masked_lm_loss(m(x), y, mask), {"trained_tokens": float(mask.sum())}
+
+        def eval_fn(m) -> dict:
+            tot, n = 0.0, 0.0
+            for i, (x, y, mask) in enumerate(val.all_batches(B)):
+                if i >= cfg.train.eval_batches:
+                    break
+                x, y, mask = x.to(device), y.to(device), mask.to(device)
+                tot += float(masked_lm_loss(m(x), y, mask, reduction="sum"))
+                n += float(mask.sum())
+            return {"val_loss": tot / max(n, 1.0)}
+
+        avg_len = train.num_tokens() / max(1, len(train))
+        trainer = Trainer(
+            cfg.train, cfg.runtime, model, tok, device=device, dtype=dtype, dist=dist,
+            batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn if val is not None else None,
+            tokens_per_step=int(B * avg_len) // dist.world, flops_per_token=model.flops_per_token(int(avg_len)),
+            checkpoint_config={"kind": "lm", "stage": "sft", "sft": C.to_dict(cfg)}, stage="sft",
+        )
+        if dist.is_main:
+            print(f"[sft] {model.num_params():,} parameters from {cfg.init_from}; {len(train):,} train rows "
+                  f"({'packed' if cfg.data.pack else 'padded'}, {avg_len:.0f} tokens on average), "
+                  f"{len(val) if val else 0:,} held out; device {device}, processes {dist.world}")
+            print(report.summary())
+        result = trainer.fit()
+        if dist.is_main:
+            print(f"[sft] done: step {result.get('step')}, val_loss {result.get('val_loss', float('nan')):.4f}; "
+                  f"checkpoint {Path(cfg.train.out_dir) / 'final'}")
+        result["warnings"] = dict(report.counts)
+        return result
+    finally:
+        runtime.shutdown_distributed()
+
+
+def main(argv: list[str]) -> int:
+    cfg, _ = C.build(SFTConfig, argv, PRESETS, prog="minichat sft",
+                     description="Supervised fine-tuning on demonstrations (assistant tokens only).")
+    run(cfg)
+    return 0

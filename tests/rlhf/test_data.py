@@ -1,0 +1,135 @@
+"""Chat and preference datasets: formats, the SFT loss mask, and bad input."""
+import gzip
+import json
+
+import pytest
+
+from minichat.data import chat as D
+from minichat.errors import MinichatError
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from minichat.data.world import builtin_corpus
+    from minichat.tokenizer import BPETokenizer
+
+    return BPETokenizer.train(list(builtin_corpus(seed=0, n_docs=100)), 300)
+
+
+def test_sft_formats(tmp_path, jsonl):
+    p = jsonl(tmp_path / "s.jsonl", [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]},
+        {"prompt": "2+2?", "response": "4"},
+        {"instruction": "Add", "input": "2 and 2", "output": "4"},
+        {"prompt": "empty", "response": "  "},
+    ])
+    rep = D.DataReport("sft")
+    convs = D.load_sft(p, rep)
+    assert len(convs) == 3 and rep.counts["empty_answers"] == 1
+    assert convs[1] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert convs[2][0]["content"] == "Add\n\n2 and 2"
+    assert f"{p}:4" in rep.summary()
+
+
+def test_sft_mask_trains_exactly_the_assistant_tokens(tok):
+    conv = [{"role": "user", "content": "what is red"}, {"role": "assistant", "content": "a colour"},
+            {"role": "user", "content": "and blue"}, {"role": "assistant", "content": "also one"}]
+    ex = D.encode_sft([conv], tok, 200)[0]
+    x, y, m = D.collate_sft([ex], tok.pad_id)
+    trained = [int(t) for t, keep in zip(y[0], m[0]) if keep]
+    # exactly both answers, each with its closing <|im_end|>, and nothing of the user turns or role headers
+    assert tok.decode(trained) == "a colour<|im_end|>also one<|im_end|>"
+    ids, mask = tok.render_chat(conv, add_generation_prompt=False)
+    assert [i for i, k in zip(ids, mask) if k] == trained
+
+
+def test_sft_truncation_is_counted(tok):
+    conv = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "yes"}]
+    rep = D.DataReport()
+    assert D.encode_sft([conv], tok, 20, rep) == []  # the answer fell outside the context: nothing to train
+    assert rep.counts["conversations_truncated_to_context"] == 1
+    assert rep.counts["conversations_with_nothing_to_train_after_truncation"] == 1
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
+    with pytest.raises(MinichatError, match=r"bad\.jsonl:3: malformed JSON"):
+        D.load_sft(p)
+    p.write_text('{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n')
+    with pytest.raises(MinichatError, match=r"bad\.jsonl:2: expected a JSON object"):
+        D.load_sft(p)
+    p.write_text('{"question": "a"}\n')
+    with pytest.raises(MinichatError, match=r"bad\.jsonl:1: expected 'messages'"):
+        D.load_sft(p)
+    p.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(MinichatError, match=r"bad\.jsonl:1: message 0"):
+        D.load_sft(p)
+
+
+def test_preference_formats_and_rejections(tmp_path):
+    rows = [
+        {"prompt": "p1", "answers": ["a", "b", "c", "d"], "ranks": [0, 1, 1, 2]},  # ties
+        {"prompt": "p2", "answers": ["only one"]},  # < 2 answers
+        {"prompt": "p3", "answers": ["a", "", "b"]},  # empty answer dropped, 2 remain
+        {"prompt": "p4", "answers": ["a", "b"], "ranks": [1, 1]},  # all tied
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure, here",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": "bad"},
+        {"chosen": "\n\nHuman: x\n\nAssistant:", "rejected": "\n\nHuman: x\n\nAssistant: y"},  # empty chosen
+    ]
+    p = tmp_path / "prefs.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    rep = D.DataReport()
+    comps = D.load_comparisons(p, rep)
+    assert [c.prompt[-1]["content"] for c in comps] == ["p1", "p3", "joke?", "q"]
+    assert comps[0].ranks == [0, 1, 1, 2] and comps[1].answers == ["a", "b"]
+    hh = comps[2]
+    assert [m["role"] for m in hh.prompt] == ["user", "assistant", "user"] and hh.answers == ["sure, here", "no"]
+    assert comps[3].answers == ["good", "bad"]
+    assert rep.counts["rankings_with_fewer_than_two_answers_skipped"] == 2  # p2, and the HH row with an empty answer
+    assert rep.counts["empty_answers_dropped"] == 2
+    assert rep.counts["rankings_with_all_answers_tied_skipped"] == 1
+
+
+def test_hh_rows_must_share_the_prompt(tmp_path, jsonl):
+    p = jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}])
+    with pytest.raises(MinichatError, match="hh.jsonl:1: 'chosen' and 'rejected' must share"):
+        D.load_comparisons(p)
+
+
+def test_encoded_comparisons_split_prompt_and_answers(tok):
+    c = D.Comparison([{"role": "user", "content": "name a colour"}], ["red it is", "blue"], [0, 1])
+    e = D.encode_comparisons([c], tok, 100)[0]
+    for ans, text in zip(e.answers, c.answers):
+        full, _ = tok.render_chat(c.prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        assert e.prompt + ans == full[:len(e.prompt) + len(ans)]
+        assert ans[-1] == tok.im_end_id and tok.decode(ans[:-1]) == text
+
+
+def test_too_long_prompt_is_truncated_from_the_left(tok):
+    c = D.Comparison([{"role": "user", "content": "blah " * 80}], ["yes", "no"], [0, 1])
+    rep = D.DataReport()
+    e = D.encode_comparisons([c], tok, 30, rep)[0]
+    assert max(len(e.prompt) + len(a) for a in e.answers) == 30
+    assert rep.counts["prompts_truncated_from_the_left"] == 1
+    assert e.answers[0][-1] == tok.im_end_id  # the answer survives whole
+
+
+def test_prompt_files(tmp_path, jsonl):
+    t = tmp_path / "p.txt"
+    t.write_text("first\n\nsecond\n")
+    assert [m[0]["content"] for m in D.load_prompts(t)] == ["first", "second"]
+    j = jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"},
+                                                                           {"role": "assistant", "content": "drop"}]}])
+    assert D.load_prompts(j) == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+
+
+def test_epoch_sampler_is_a_partition_of_the_global_batch():
+    s = D.EpochSampler(10, seed=3)
+    full = s.indices(4, 6)
+    assert s.indices(4, 6, 0, 2) + s.indices(4, 6, 1, 2) == full
+    assert sorted(s.indices(0, 5) + s.indices(1, 5)) == list(range(10))  # one epoch covers every example once

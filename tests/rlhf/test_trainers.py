@@ -1,0 +1,258 @@
+"""SFT, reward, DPO, PPO and best-of-N end to end on a tiny model (seconds each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minichat.errors import MinichatError
+
+
+def _quiet(cfg_train):
+    cfg_train.progress = False
+    return cfg_train
+
+
+def test_sft_lowers_held_out_loss_and_resumes(tiny_lm, sft_file, tmp_path):
+    from minichat.train import sft
+
+    cfg = sft.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.val_fraction = str(tiny_lm), str(sft_file), 0.2
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.eval_every = str(tmp_path / "sft"), 2, 0
+    _quiet(cfg.train)
+    first = sft.run(cfg)
+    cfg.train.max_steps = 40  # resumes at step 2 from the checkpoint the first run left
+    res = sft.run(cfg)
+    assert res["step"] == 40
+    assert res["val_loss"] < first["val_loss"] - 0.5
+    rows = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 2 and rows[-1]["stage"] == "sft"
+    from minichat.checkpoint import load_model
+
+    load_model(tmp_path / "sft")  # an ordinary LM checkpoint
+
+
+def test_sft_packing(tiny_lm, sft_file, tmp_path):
+    from minichat.train import sft
+
+    cfg = sft.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.pack = str(tiny_lm), str(sft_file), True
+    cfg.train.out_dir, cfg.train.max_steps = str(tmp_path / "sftp"), 5
+    _quiet(cfg.train)
+    assert sft.run(cfg)["step"] == 5
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_lm, tmp_path_factory):
+    """A reward model trained once for the tests below."""
+    import random
+
+    from minichat.train import reward
+
+    from rlhf_util import COLORS, write_jsonl
+
+    d = tmp_path_factory.mktemp("rm")
+    rng = random.Random(1)
+    rows = []
+    for i in range(90):
+        c = rng.choice(COLORS)
+        if i % 2:
+            rows.append({"prompt": f"tell me about {c}", "answers": [f"{c} is good good", f"{c} is fine", f"{c} is bad bad"]})
+        else:
+            rows.append({"chosen": f"\n\nHuman: is {c} nice?\n\nAssistant: good, {c} good",
+                         "rejected": f"\n\nHuman: is {c} nice?\n\nAssistant: bad, {c} bad"})
+    prefs = write_jsonl(d / "prefs.jsonl", rows)
+    cfg = reward.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.val_fraction = str(tiny_lm), str(prefs), 0.2
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.lr = str(d / "run"), 40, 3e-3
+    _quiet(cfg.train)
+    return reward.run(cfg), d, prefs, cfg
+
+
+def test_reward_model_learns_and_is_normalised(reward_run):
+    from minichat.data.chat import encode_answer_turn
+    from minichat.heads import load_scalar_model, score_sequences
+
+    res, d, _, cfg = reward_run
+    assert res["val_accuracy"] >= 0.9 and res["val_pairs"] > 20
+    rm, tok, conf = load_scalar_model(d / "run")
+    assert conf["kind"] == "reward" and conf["val_accuracy"] == pytest.approx(res["val_accuracy"])
+    # the reference demonstrations (each prompt's best answer) now score 0 on average
+    from minichat.data.chat import load_comparisons, split_holdout
+
+    train_c, _ = split_holdout(load_comparisons(cfg.data.train), cfg.data.val_fraction, cfg.runtime.seed)
+    seqs = [sum(encode_answer_turn(tok, c.prompt, c.answers[0]), []) for c in train_c]
+    assert abs(float(score_sequences(rm, seqs, tok.pad_id).mean())) < 1e-3
+    # a good answer outscores a bad one on a prompt never seen
+    good, bad = ([sum(encode_answer_turn(tok, [{"role": "user", "content": "tell me about cats"}], a), [])]
+                 for a in ("cats is good good", "cats is bad bad"))
+    assert score_sequences(rm, good, tok.pad_id) > score_sequences(rm, bad, tok.pad_id)
+
+
+def test_shared_prompt_scores_equal_full_sequences(tiny_lm):
+    from minichat.data.chat import EncodedComparison, collate_rankings
+    from minichat.heads import load_scalar_model
+
+    rm, tok, _ = load_scalar_model(tiny_lm)
+    rows = [EncodedComparison([5, 6, 7, 8, 9], [[10, 11], [12, 13, 14, 15], [16]], [0, 1, 1]),
+            EncodedComparison([7, 8], [[20, 21, 22], [23]], [1, 0])]
+    a, b = collate_rankings(rows, tok.pad_id, True), collate_rankings(rows, tok.pad_id, False)
+    with torch.no_grad():
+        ra = rm(a["ids"], key_mask=a["key_mask"], answers=a["answers"], answer_lens=a["answer_lens"], owner=a["owner"])
+        rb = rm(b["ids"], key_mask=b["key_mask"])
+    torch.testing.assert_close(ra, rb, atol=1e-5, rtol=1e-5)
+    assert a["pair_w"].tolist() == [0, 0, 4] and a["pair_l"].tolist() == [1, 2, 3] and a["pair_group"].tolist() == [0, 0, 1]
+    assert a["n_tokens"] < b["n_tokens"]
+
+
+def test_reward_hinge_option(tiny_lm, reward_run, tmp_path):
+    from minichat.train import reward
+
+    _, _, prefs, _ = reward_run
+    cfg = reward.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.loss, cfg.share_prompt = str(tiny_lm), str(prefs), "hinge", False
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.lr = str(tmp_path / "h"), 30, 3e-3
+    _quiet(cfg.train)
+    assert reward.run(cfg)["val_accuracy"] >= 0.8
+
+
+def test_nan_stops_with_last_good_checkpoint(tiny_lm, reward_run, tmp_path):
+    from minichat.checkpoint import CheckpointManager, load_weights
+    from minichat.heads import ScalarModel
+    from minichat.train import reward
+
+    _, _, prefs, _ = reward_run
+    cfg = reward.preset_tiny()
+    cfg.init_from, cfg.data.train = str(tiny_lm), str(prefs)
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.save_every = str(tmp_path / "nan"), 30, 1
+    cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.grad_clip = 1e38, 0.0, 0, 0.0
+    _quiet(cfg.train)
+    with pytest.raises(MinichatError, match=r"loss became .* The last good checkpoint is .*step_"):
+        reward.run(cfg)
+    good = CheckpointManager(tmp_path / "nan").latest()
+    from minichat.checkpoint import read_config
+
+    from minichat.checkpoint import model_config_from_dict
+
+    load_weights(ScalarModel(model_config_from_dict(read_config(good)["model"])), good)  # complete and loadable
+
+
+def test_dpo_learns_preferences(tiny_lm, reward_run, tmp_path):
+    from minichat.train import dpo
+
+    _, _, prefs, _ = reward_run
+    cfg = dpo.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.val_fraction = str(tiny_lm), str(prefs), 0.2
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.lr = str(tmp_path / "dpo"), 30, 3e-3
+    _quiet(cfg.train)
+    res = dpo.run(cfg)
+    assert res["val_reward_acc"] >= 0.9 and res["val_loss"] < 0.69
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    from rlhf_util import COLORS
+
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(f"tell me about {c}" for c in COLORS) + "\n" + "very long prompt " * 40 + "\n")
+    return p
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ppo_runs_logs_and_resumes(tiny_lm, reward_run, prompts_file, tmp_path, shared):
+    from minichat.checkpoint import load_model
+    from minichat.train import ppo
+
+    _, d, _, _ = reward_run
+    cfg = ppo.preset_tiny()
+    cfg.policy_from, cfg.reward_from, cfg.prompts = str(tiny_lm), str(d / "run"), str(prompts_file)
+    cfg.out_dir, cfg.progress = str(tmp_path / "ppo"), False
+    cfg.ppo.value_on_reward_trunk, cfg.ppo.ema, cfg.ppo.adaptive_kl = shared, 0.5, True
+    cfg.ppo.ptx_coef, cfg.ppo.ptx_data, cfg.ppo.ptx_seq_len = 2.0, "builtin", 32
+    cfg.ppo.iterations = 2
+    first = ppo.run(cfg)
+    assert first["iteration"] == 2 and first["warnings"]["prompts_truncated_from_the_left"] == 1
+    cfg.ppo.iterations = 3
+    res = ppo.run(cfg)  # resumes from iteration 2
+    rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "answer_len",
+                "rollout_tokens_per_s", "train_tokens_per_s", "ptx_loss", "kl_coef"):
+        assert key in res and res[key] == res[key], key  # present and not NaN
+    assert rows[0]["kl_coef"] != rows[-1]["kl_coef"]  # the adaptive controller moved β
+    assert res["ptx_loss"] > 0 and res["approx_kl"] >= 0
+    load_model(tmp_path / "ppo")  # the final policy (the EMA) is an ordinary LM checkpoint
+
+
+def test_ppo_iteration_improves_reward_of_a_trivial_task(tiny_lm, reward_run, prompts_file, tmp_path):
+    """A few PPO iterations with a large learning rate must raise the reward-model score."""
+    from minichat.train import ppo
+
+    _, d, _, _ = reward_run
+    cfg = ppo.preset_tiny()
+    cfg.policy_from, cfg.reward_from, cfg.prompts = str(tiny_lm), str(d / "run"), str(prompts_file)
+    cfg.out_dir, cfg.progress, cfg.save_every = str(tmp_path / "ppo2"), False, 0
+    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.minibatch, cfg.ppo.epochs = 12, 16, 8, 2
+    cfg.ppo.lr, cfg.ppo.max_new_tokens, cfg.ppo.kl_coef, cfg.ppo.unfinished_penalty = 3e-3, 8, 0.0, 0.0
+    ppo.run(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "ppo2" / "metrics.jsonl").read_text().splitlines()]
+    early = sum(r["reward"] for r in rows[:3]) / 3
+    late = sum(r["reward"] for r in rows[-3:]) / 3
+    assert late > early
+
+
+def test_best_of_n_picks_the_highest_reward(tiny_lm, reward_run):
+    from minichat.bestofn import best_of_n
+    from minichat.gguf_import import load
+    from minichat.heads import load_scalar_model
+
+    _, d, _, _ = reward_run
+    policy, tok, _ = load(str(tiny_lm))
+    rm, _, _ = load_scalar_model(d / "run")
+    convs = [[{"role": "user", "content": "tell me about red"}], [{"role": "user", "content": "hi"}]]
+    out = best_of_n(policy, rm, tok, convs, n=4, max_new_tokens=8, seed=1)
+    assert len(out) == 2
+    for ch in out:
+        assert len(ch.scores) == 4 and ch.score == max(ch.scores) and ch.text in ch.candidates
+    again = best_of_n(policy, rm, tok, convs, n=4, max_new_tokens=8, seed=1)
+    assert [c.scores for c in again] == [c.scores for c in out]  # seeded
+
+
+def test_reward_under_torchrun_ddp(tiny_lm, reward_run, tmp_path):
+    """Two processes (gloo) train the same global batches as one."""
+    _, _, prefs, _ = reward_run
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "minichat.cli", "reward", "--preset", "tiny", "--init_from", str(tiny_lm),
+           "--data.train", str(prefs), "--train.out_dir", str(out), "--train.max_steps", "6", "--train.progress", "false",
+           "--runtime.threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "processes 2" in r.stdout and (out / "final" / "model.safetensors").is_file()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_lm, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answers": ["x", "y"]}\n{"prompt": oops}\n')
+    r = subprocess.run([sys.executable, "-m", "minichat.cli", "reward", "--init_from", str(tiny_lm), "--data.train",
+                        str(bad), "--train.out_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"{bad}:2: malformed JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ppo_old_logprobs_match_the_training_forward(tiny_lm, reward_run, prompts_file, tmp_path):
+    """The first update of an iteration sees ratio π/π_old = 1: the engine's log-probabilities of the sampled
+    tokens equal the trainer's forward pass (else the clipped objective would be biased)."""
+    from minichat.train import ppo
+
+    _, d, _, _ = reward_run
+    cfg = ppo.preset_tiny()
+    cfg.policy_from, cfg.reward_from, cfg.prompts = str(tiny_lm), str(d / "run"), str(prompts_file)
+    cfg.out_dir, cfg.progress, cfg.save_every = str(tmp_path / "ppo3"), False, 0
+    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.minibatch, cfg.ppo.epochs = 1, 8, 8, 1
+    res = ppo.run(cfg)
+    assert res["approx_kl"] < 1e-6 and res["clipfrac"] == 0.0
