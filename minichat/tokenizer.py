@@ -6,7 +6,7 @@ pipeline, the trainers and the engine never care which one a checkpoint uses.
 Chat template (ChatML, as SmolLM2 uses):
     <|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
 render_chat returns the token ids and a mask that is True exactly on the assistant's content tokens and its
-closing <|im_end|> (what SFT trains), found through character offsets so it is exact for any tokenizer.
+closing <|im_end|> (what SFT trains). Message content is always encoded as plain text.
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ class BaseTokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str: ...
     def token_to_id(self, token: str) -> int | None: ...
-    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
 
     @property
     def vocab_size(self) -> int: ...
@@ -82,13 +81,11 @@ class BaseTokenizer:
         """Tokens that end an assistant turn."""
         return [i for i in (self.im_end_id, self.eos_id) if i is not None]
 
-    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[tuple[int, int]]]:
-        """The ChatML text, plus character spans of assistant content (+ its <|im_end|>) for the loss mask."""
+    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as ChatML text (for display and logs); validates roles and contents."""
         if self.im_start_id is None or self.im_end_id is None:
             raise MinichatError("this tokenizer has no chat tokens (<|im_start|>, <|im_end|>); train one with specials")
         parts: list[str] = []
-        spans: list[tuple[int, int]] = []
-        pos = 0
         msgs = list(messages)
         if self.meta.default_system and (not msgs or msgs[0].get("role") not in ("system", "developer")):
             msgs.insert(0, {"role": "system", "content": self.meta.default_system})
@@ -99,21 +96,41 @@ class BaseTokenizer:
             if not isinstance(content, str):
                 raise MinichatError(f"message {i}: content must be a string")
             role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
-            head = f"{IM_START}{role}\n"
-            body = f"{content}{IM_END}"
-            parts += [head, body, "\n"]
-            if role == "assistant":
-                spans.append((pos + len(head), pos + len(head) + len(body)))
-            pos += len(head) + len(body) + 1
+            parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n")
-        return "".join(parts), spans
+        return "".join(parts)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
-        """Token ids of the conversation and, per token, whether it is an assistant token to train on."""
-        text, spans = self.render_chat_text(messages, add_generation_prompt)
-        ids, offsets = self._encode_with_offsets(text)
-        mask = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in offsets]
+        """Token ids of the conversation and, per token, whether it is an assistant token to train on.
+
+        Built piece by piece so that message content is always plain text: a user who types "<|im_end|>"
+        gets those characters, never the control token (the byte-level pre-tokenizer splits at these
+        boundaries anyway, so the ids equal tokenizing the rendered text)."""
+        self.render_chat_text(messages, add_generation_prompt)  # validates roles and contents
+        start, end = self.im_start_id, self.im_end_id
+        newline = self.encode("\n")
+        msgs = list(messages)
+        if self.meta.default_system and (not msgs or msgs[0].get("role") not in ("system", "developer")):
+            msgs.insert(0, {"role": "system", "content": self.meta.default_system})
+        ids: list[int] = []
+        mask: list[bool] = []
+
+        def add(piece: list[int], train: bool) -> None:
+            ids.extend(piece)
+            mask.extend([train] * len(piece))
+
+        for m in msgs:
+            role = "system" if m["role"] == "developer" else m["role"]
+            is_assistant = role == "assistant"
+            add([start], False)
+            add(self.encode(role + "\n"), False)
+            add(self.encode(m["content"]), is_assistant)
+            add([end], is_assistant)
+            add(newline, False)
+        if add_generation_prompt:
+            add([start], False)
+            add(self.encode("assistant\n"), False)
         return ids, mask
 
 
@@ -177,10 +194,6 @@ class BPETokenizer(BaseTokenizer):
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def _encode_with_offsets(self, text: str):
-        enc = self.tok.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
-
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -241,19 +254,6 @@ class CharTokenizer(BaseTokenizer):
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         n = len(self.chars)
         return "".join(self.itos[i] for i in ids if not (skip_special and i >= n))
-
-    def _encode_with_offsets(self, text: str):
-        ids, offsets, pos = [], [], 0
-        for piece in _split_keep(text, set(self.meta.specials)):
-            if piece in self.meta.specials:
-                ids.append(self.stoi[piece])
-                offsets.append((pos, pos + len(piece)))
-            else:
-                for j, c in enumerate(piece):
-                    ids.append(self.encode(c)[0])
-                    offsets.append((pos + j, pos + j + 1))
-            pos += len(piece)
-        return ids, offsets
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

@@ -1,0 +1,276 @@
+"""SmolLM2-135M on this machine: minichat's engine side by side with Hugging Face transformers `generate`
+on the same weights (the GGUF dequantized to fp32), in one run.
+
+    python bench/engine/bench_engine.py                      # everything (several minutes on 2 cores)
+    python bench/engine/bench_engine.py --quick              # fewer tokens, no transformers batch 32
+    python bench/engine/bench_engine.py --no-hf              # only minichat (transformers not installed)
+
+Measures: load time (ours from the converted cache, in a fresh process; transformers from the GGUF),
+decode tokens/s at batch 1 (greedy, `--new` tokens, end-of-turn ignored), aggregate tokens/s at batch 8 and
+32, time to first token for a 512-token prompt, greedy agreement of the fast weight modes with fp32 and
+their perplexity on a fixed text, and whether fp32 greedy output is token-identical to transformers.
+Writes a markdown table to stdout (and --out FILE).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
+    "Give me three tips for learning to cook.", "What is 12 times 7?", "Name a famous painter and one painting.",
+    "Why is the sky blue?", "Write a short poem about autumn leaves.", "How do I make a cup of tea?",
+    "What are the planets of the solar system?", "Tell me a fun fact about octopuses.",
+    "Summarize the story of Cinderella in two sentences.", "What does a compiler do?",
+    "Suggest a name for a friendly robot.", "How many days are in a leap year?", "What is gravity?",
+]
+
+FIXED_TEXT = (
+    "The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of salt and wind. "
+    "Every evening the keeper climbed the spiral stairs, one hundred and twelve steps, to light the lamp that "
+    "warned ships away from the rocks below. Nobody in the village remembered a time before the light; "
+    "children learned to count by its slow flashes, and fishermen set their clocks by the moment it first "
+    "turned on. When the harbour authority announced that an automatic beacon would replace the keeper, the "
+    "village held a meeting in the school hall. Some argued that machines were cheaper and never slept. Others "
+    "said that a person who watched the sea could see what a sensor could not: a small boat without lights, a "
+    "swimmer caught by the tide, a storm arriving faster than the forecast had promised. In the end the "
+    "council decided to keep both. The beacon would turn itself on at dusk, and the keeper would still climb "
+    "the stairs each night, not to light the lamp, but to look."
+)
+
+
+def chat_ids(tok, q):
+    return tok.render_chat([{"role": "user", "content": q}])[0]
+
+
+def prompts_for(tok, n):
+    return [chat_ids(tok, QUESTIONS[i % len(QUESTIONS)] + (" Please answer in detail." if i >= len(QUESTIONS) else ""))
+            for i in range(n)]
+
+
+def long_prompt(tok, n=512):
+    ids = tok.encode((FIXED_TEXT + " ") * 8)[: n - 8]
+    return chat_ids(tok, tok.decode(ids))[:n]
+
+
+# --------------------------------------------------------------------------------------------- ours
+
+def ours_generate(eng, prompts, new):
+    from minichat.engine import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=new, stop_token_ids=[])
+    t = time.perf_counter()
+    outs = eng.generate(prompts, sp)
+    dt = time.perf_counter() - t
+    return outs, sum(len(o.token_ids) for o in outs) / dt
+
+
+def ours_decode_rate(eng, prompt, new):
+    """Batch 1: (total tok/s including prefill, decode-only tok/s)."""
+    from minichat.engine import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=new, stop_token_ids=[])
+    t0 = time.perf_counter()
+    n, t1 = 0, None
+    for _ in eng.stream(prompt, sp):
+        n += 1
+        if t1 is None:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    return n / (t2 - t0), (n - 1) / (t2 - t1)
+
+
+def ours_ttft(eng, prompt):
+    from minichat.engine import SamplingParams
+
+    best = 1e9
+    for _ in range(3):
+        t = time.perf_counter()
+        eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def ours_load_time(threads):
+    code = ("import time,torch;torch.set_num_threads(%d);from minichat.gguf_import import load;"
+            "load('smollm2',verbose=False);t=time.perf_counter();load('smollm2',verbose=False);"
+            "print(time.perf_counter()-t)" % threads)
+    code_cold = ("import time,torch;torch.set_num_threads(%d);t=time.perf_counter();"
+                 "from minichat.gguf_import import load;load('smollm2',verbose=False);print(time.perf_counter()-t)" % threads)
+    warm = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    first = float(subprocess.run([sys.executable, "-c", code_cold], capture_output=True, text=True, check=True).stdout)
+    return first, warm
+
+
+def perplexity(eng, ids):
+    lp = eng.score(ids)
+    return float(torch.tensor(lp).neg().mean().exp())
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+def hf_load():
+    from transformers import AutoModelForCausalLM
+
+    from minichat import gguf_import
+
+    d = str(gguf_import.builtin_gguf_path().parent)
+    t = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf_import.BUILTIN_FILE, dtype=torch.float32).eval()
+    return m, time.perf_counter() - t
+
+
+@torch.no_grad()
+def hf_generate(m, prompts, new, pad_id, force_length=True):
+    """force_length: no early end (min_new_tokens), for timing; off for the identity check, since
+    min_new_tokens forbids <|im_end|>, which changes greedy choices (our engine just keeps going)."""
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    t = time.perf_counter()
+    extra = dict(min_new_tokens=new) if force_length else dict(eos_token_id=None)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad_id, **extra)
+    dt = time.perf_counter() - t
+    gen = out[:, L:]
+    return [row.tolist() for row in gen], gen.numel() / dt, dt
+
+
+def hf_ttft(m, prompt):
+    best = 1e9
+    for _ in range(3):
+        _, _, dt = hf_generate(m, [prompt], 1, 2)
+        best = min(best, dt)
+    return best
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128, help="new tokens per sequence")
+    ap.add_argument("--modes", default="fp32,auto,fast", help="engine weight modes to time")
+    ap.add_argument("--quality-modes", default="bf16,int8,int4,auto,w8a8,fast:0",
+                    help="MODE or MODE:SMALL_ROWS (fast:0 = fast's big-batch W8A8 kernels at batch 1)")
+    ap.add_argument("--hf-batches", default="1,8,32")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.quick:
+        a.new, a.hf_batches = 32, "1,8"
+    torch.set_num_threads(a.threads)
+    from minichat.engine import Engine
+    from minichat.gguf_import import load
+
+    lines = []
+
+    def out(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    load_first, load_warm = ours_load_time(a.threads)
+    model, tok, _ = load("smollm2", verbose=False)
+    out(f"# Engine benchmark: SmolLM2-135M-Instruct, {a.threads} threads, {a.new} new tokens, greedy")
+    out()
+    out(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average at start {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    out()
+    hf = None
+    if not a.no_hf:
+        try:
+            hf, hf_load_s = hf_load()
+        except ImportError as e:
+            out(f"(transformers not available: {e})")
+    rows = []
+    rows.append(("load (ours: cached checkpoint; first load in a fresh process incl. imports / repeat load)",
+                 f"{load_first:.2f} s / {load_warm:.2f} s", f"{hf_load_s:.1f} s (GGUF)" if hf else "-"))
+    p1 = prompts_for(tok, 1)[0]
+    engines = {m: Engine(model, tok, weights=m, max_batch=64) for m in a.modes.split(",")}
+    for e in engines.values():  # warm up allocations and kernels
+        ours_decode_rate(e, p1, 4)
+    hf_b1 = None
+    res = {}
+    if hf:
+        hf_generate(hf, [p1], 4, 2)
+        toks, hf_b1, _ = hf_generate(hf, [p1], a.new, 2)
+        res["hf_b1_tokens"] = toks[0]
+    for m, e in engines.items():
+        tot, dec = ours_decode_rate(e, p1, a.new)
+        res[f"b1_{m}"] = (tot, dec)
+    for m, e in engines.items():
+        tot, dec = res[f"b1_{m}"]
+        speed = f" ({tot / hf_b1:.1f}x)" if hf_b1 else ""
+        rows.append((f"batch 1 tok/s, weights={m} (decode only: {dec:.1f})", f"{tot:.1f}{speed}",
+                     f"{hf_b1:.1f}" if hf_b1 else "-"))
+    # 1 vs 2 threads at batch 1
+    for th in sorted({1, a.threads}):
+        torch.set_num_threads(th)
+        for m, e in engines.items():
+            tot, dec = ours_decode_rate(e, p1, a.new)
+            out(f"threads={th} weights={m}: batch 1 {tot:.1f} tok/s (decode only {dec:.1f})")
+    torch.set_num_threads(a.threads)
+    out()
+    hf_batches = [int(b) for b in a.hf_batches.split(",") if b]
+    for B in (8, 32):
+        ps = prompts_for(tok, B)
+        for m, e in engines.items():
+            _, rate = ours_generate(e, ps, a.new)
+            res[f"b{B}_{m}"] = rate
+        hf_rate = None
+        if hf and B in hf_batches:
+            _, hf_rate, _ = hf_generate(hf, ps, a.new, 2)
+        for m in engines:
+            rate = res[f"b{B}_{m}"]
+            rel = f" ({rate / hf_b1:.1f}x transformers' batch-1 rate)" if hf_b1 else ""
+            rows.append((f"batch {B} aggregate tok/s, weights={m}", f"{rate:.1f}{rel}",
+                         f"{hf_rate:.1f}" if hf_rate else "-"))
+    lp = long_prompt(tok)
+    for m, e in engines.items():
+        rows.append((f"time to first token, {len(lp)}-token prompt, weights={m}", f"{ours_ttft(e, lp) * 1000:.0f} ms",
+                     f"{hf_ttft(hf, lp) * 1000:.0f} ms" if hf else "-"))
+    out("| measure | minichat | transformers |")
+    out("|---|---|---|")
+    for r in rows:
+        out(f"| {r[0]} | {r[1]} | {r[2]} |")
+    out()
+
+    # fp32 identity with transformers, agreement and perplexity of the fast modes
+    qp = prompts_for(tok, 8)
+    n_q = min(a.new, 64)
+    ref_eng = engines.get("fp32") or Engine(model, tok, weights="fp32")
+    ref = [o.token_ids for o in (ref_eng.generate([p], __import__("minichat.engine", fromlist=["x"]).SamplingParams(
+        temperature=0, max_tokens=n_q, stop_token_ids=[]))[0] for p in qp)]
+    if hf:
+        same = sum(hf_generate(hf, [p], n_q, 2, force_length=False)[0][0] == r for p, r in zip(qp, ref))
+        out(f"fp32 greedy vs transformers greedy, batch 1, {len(qp)} prompts x {n_q} tokens: {same}/{len(qp)} identical")
+    fixed = tok.encode(FIXED_TEXT)
+    out()
+    out(f"| weights | greedy outputs identical to fp32 ({len(qp)} prompts x {n_q} tokens) | mean identical prefix | "
+        f"perplexity on a fixed {len(fixed)}-token text (decode path) |")
+    out("|---|---|---|---|")
+    out(f"| fp32 | - | - | {perplexity(ref_eng, fixed):.3f} |")
+    from minichat.engine import SamplingParams
+
+    for spec in a.quality_modes.split(","):
+        m, _, rows = spec.partition(":")
+        e = Engine(model, tok, weights=m, small_rows=int(rows)) if rows else (engines.get(m) or Engine(model, tok, weights=m))
+        m = spec
+        got = [e.generate([p], SamplingParams(temperature=0, max_tokens=n_q, stop_token_ids=[]))[0].token_ids for p in qp]
+        same = sum(g == r for g, r in zip(got, ref))
+        prefix = sum(next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), len(r)) for g, r in zip(got, ref)) / len(qp)
+        out(f"| {m} | {same}/{len(qp)} | {prefix:.1f} / {n_q} | {perplexity(e, fixed):.3f} |")
+    out()
+    out(f"load average at end {os.getloadavg()[0]:.1f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,884 @@
+"""The inference engine: token ids in, token ids out.
+
+    engine = Engine(model, tokenizer)                      # or Engine.from_pretrained("smollm2")
+    outs = engine.generate([ids_a, ids_b], SamplingParams(temperature=0.7, max_tokens=64), n=4)
+    for ev in engine.stream(ids, params): ...              # one TokenEvent per new token
+    req = engine.submit(ids, params); engine.step(); engine.cancel(req)   # what a server drives
+
+How it works. Every running sequence owns a *slot* (a row) of one preallocated KV cache
+(n_layer, slots, n_kv_head, capacity, head_dim); a sequence's keys sit at columns [0, its length).
+A new request is prefilled on its own straight into a free slot (an identical prompt submitted n times is
+prefilled once and its keys copied), and joins the running batch at the next decode step: continuous
+batching. A decode step feeds one token per running row; rows of different lengths attend through a
+(B, 1, 1, S) mask and take their rotary positions from their own lengths. A finished row is replaced by the
+last running row, so the running rows are always slots [0, B) and every step works on plain views.
+
+The engine runs its own forward pass over the model's weights, repacked for inference: Q/K/V and gate/up
+projections fused into one matmul each, and per matrix two kernels: one for matmuls of at most `small_rows`
+rows (decoding at small batch reads every weight once per token, so fewer bytes per weight win: int4/int8
+weight-only) and one for bigger matmuls (prefill, big batches: arithmetic-bound: fp32, or W8A8 int8 in
+weights="fast"). weights="fp32" computes what `Transformer.forward` computes (tests prove it); the faster
+modes trade a little accuracy (bench/results/engine.md; docs/parts/engine.md has the table of modes).
+
+Log-probabilities are those of the model itself (log-softmax of the raw logits, before temperature,
+penalties, top-k/top-p), i.e. log π(token | context), which is what ranking and PPO need.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minichat.errors import MinichatError
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+WEIGHT_MODES = ("auto", "fast", "fp32", "bf16", "int8", "int4", "w8a8")
+
+
+class ContextOverflowError(MinichatError):
+    """The prompt leaves no room in the model's context window for even one new token."""
+
+
+# ------------------------------------------------------------------------------------------ public types
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. temperature 0 means greedy (argmax)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # drop tokens with probability < min_p · p(top token); 0: off
+    seed: int | None = None  # per-request RNG; sample j of n uses seed + j
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence·[token already generated]
+    frequency_penalty: float = 0.0  # OpenAI: logit -= frequency·count(token in the output)
+    repetition_penalty: float = 1.0  # CTRL/HF: logits of prompt and output tokens divided (>0) or multiplied (<0)
+    stop_token_ids: list[int] | None = None  # None: the engine's end-of-turn tokens; [] never stops on a token
+    stop_sequences: list[list[int]] = field(default_factory=list)  # token-id sequences that end the output
+    min_tokens: int = 0  # stop tokens are forbidden before this many tokens
+    logprobs: bool = False  # report log π(token) of each sampled token
+    top_logprobs: int = 0  # and the k most likely alternatives at each step
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise MinichatError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise MinichatError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MinichatError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise MinichatError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise MinichatError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise MinichatError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (-2.0 <= v <= 2.0):
+                raise MinichatError(f"{name} must be in [-2, 2], got {v}")
+        if self.top_logprobs < 0 or self.top_logprobs > 20:
+            raise MinichatError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.min_tokens < 0:
+            raise MinichatError("min_tokens must be >= 0")
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise MinichatError("stop_sequences must not contain an empty sequence")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def _penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one request, as returned by step() and stream()."""
+
+    request: "Request"
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+
+
+@dataclass
+class Completion:
+    """A finished sequence. token_ids include the stop token or stop sequence that ended it (if any);
+    `content_ids` leaves them out (what a chat shows)."""
+
+    prompt_index: int
+    index: int  # which of the n samples of its prompt
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    stop_reason: int | list[int] | None = None  # the stop token id or stop sequence that matched
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    @property
+    def content_ids(self) -> list[int]:
+        if isinstance(self.stop_reason, int):
+            return self.token_ids[:-1]
+        if isinstance(self.stop_reason, list):
+            return self.token_ids[: len(self.token_ids) - len(self.stop_reason)]
+        return list(self.token_ids)
+
+
+class Request:
+    """A handle on one submitted sequence; its fields fill in as step() runs."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: list[int], seed: int | None,
+                 prompt_index: int = 0, index: int = 0):
+        self.id = next(Request._ids)
+        self.prompt = prompt
+        self.params = params
+        self.stop_ids = set(stop_ids)
+        self.prompt_index, self.index = prompt_index, index
+        self.output: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if params.top_logprobs else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | list[int] | None = None
+        self.generator: torch.Generator | None = None
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+        self.row: int | None = None  # slot while running
+        self._cancel = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:  # tokens in the KV cache once running: prompt + output fed back
+        return len(self.prompt) + len(self.output)
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt_index, self.index, list(self.output), self.finish_reason or "",
+                          len(self.prompt), self.stop_reason,
+                          list(self.logprobs) if self.logprobs is not None else None,
+                          list(self.top_logprobs) if self.top_logprobs is not None else None)
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, prompt={len(self.prompt)} tokens, output={len(self.output)}, finish={self.finish_reason})"
+
+
+# ------------------------------------------------------------------------------------------ packed weights
+
+GROUP = 32  # int4 group size along the input dimension (llama.cpp's Q4_1 block size)
+
+
+def _int4_groups(w: torch.Tensor):
+    """Asymmetric 4-bit groups of 32 along each row: w ≈ (q - 8)·scale + zero, q in 0..15 (torch's
+    int4 layout). Returns (q int32 (N, K), scales_and_zeros bf16 (K/32, N, 2), relative error)."""
+    N, K = w.shape
+    g = w.view(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round((g - lo) / d).clamp(0, 15)
+    sz = torch.cat([d, lo + 8 * d], -1).to(torch.bfloat16)  # (N, K/32, 2)
+    back = (q - 8) * sz[..., :1].float() + sz[..., 1:].float()
+    err = ((back - g).abs().amax() / g.abs().amax().clamp(min=1e-12)).item()
+    return q.view(N, K).to(torch.int32), sz.transpose(0, 1).contiguous(), err
+
+
+class _F32:
+    kind = "fp32"
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        return F.linear(x, self.w)
+
+
+class _BF16:
+    kind = "bf16"
+
+    def __init__(self, w):
+        self.w = w.to(torch.bfloat16)
+
+    def __call__(self, x):
+        return F.linear(x.to(torch.bfloat16), self.w).float()
+
+
+class _Int8WeightOnly:
+    """int8 weights with one scale per output row; activations in bf16 (the kernel's requirement)."""
+
+    kind = "int8"
+
+    def __init__(self, w):
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+
+    def __call__(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
+
+
+class _Int4WeightOnly:
+    """4-bit weights in groups of 32 with a scale and a zero each (exactly Q4_1's shape of quantization)."""
+
+    kind = "int4"
+
+    def __init__(self, w):
+        q, self.sz, _ = _int4_groups(w)
+        self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    def __call__(self, x):
+        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.q, GROUP, self.sz).float()
+
+
+class _W8A8:
+    """int8 weights (per row) times int8 activations (per row, asymmetric, computed on the fly), with int32
+    accumulation (torch._int_mm: VNNI on this CPU): ~3x fp32's speed on big batches, at some accuracy.
+    x ≈ s·q + m per row, so x·Wᵀ ≈ s·(q·Wqᵀ)·w_scale + m·rowsum(W)."""
+
+    kind = "w8a8"
+
+    def __init__(self, w):
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.qt = q.t()  # (K, N)
+        self.scale = scale[None, :]
+        self.rowsum = (q.float() * scale[:, None]).sum(1)[None, :]  # of the dequantized weights
+
+    def __call__(self, x):
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        m = (hi + lo) * 0.5
+        s = ((hi - lo) * (0.5 / 127.0)).clamp(min=1e-12)  # (M, 1)
+        xq = torch.round((x - m) / s).to(torch.int8)
+        y = torch._int_mm(xq, self.qt).float().mul_(s * self.scale)
+        return y.addcmul_(m, self.rowsum)
+
+
+_KERNELS = {"fp32": _F32, "bf16": _BF16, "int8": _Int8WeightOnly, "int4": _Int4WeightOnly, "w8a8": _W8A8}
+
+
+class _Linear:
+    """y = x Wᵀ with the weight stored for inference in two forms: `small` for matmuls of at most
+    `small_rows` rows (decoding at small batch: bound by reading the weights, so fewer bytes per weight
+    win) and `big` for larger ones (prefill, big batches: bound by arithmetic)."""
+
+    def __init__(self, w: torch.Tensor, small: str, big: str, device: torch.device, small_rows: int,
+                 prefill: str | None = None):
+        w = w.detach().to(device=device, dtype=torch.float32).contiguous()
+        if small == "int4" and w.shape[1] % GROUP:
+            small = "int8"  # int4 groups need whole groups of 32 inputs
+        self.big = _KERNELS[big](w)
+        self.small = self.big if small == big else _KERNELS[small](w)
+        # an optional kernel for whole prompts (weights="fast" keeps prompt processing in fp32)
+        self.pre = None if prefill in (None, big) else _KERNELS[prefill](w)
+        self.small_rows = small_rows
+        self.kind = self.small.kind
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.small if x.shape[0] <= self.small_rows else self.big)(x)
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None and x.shape[0] > self.small_rows:
+            return self.pre(x)
+        return self(x)
+
+
+def _auto_small(w: torch.Tensor) -> str:
+    """int4 when the matrix already is 4-bit group-quantized (SmolLM2's Q4_1 weights: lossless up to bf16
+    scales), else int8."""
+    if w.shape[1] % GROUP:
+        return "int8"
+    return "int4" if _int4_groups(w.detach().float())[2] < 1e-2 else "int8"
+
+
+class _Layer:
+    def __init__(self, blk, small, big, device, small_rows, prefill=None):
+        a, m = blk.attn, blk.mlp
+
+        def lin(w):
+            return _Linear(w, _auto_small(w) if small == "auto" else small, big, device, small_rows, prefill)
+
+        self.attn_norm = blk.attn_norm.weight.detach().float().to(device)
+        self.mlp_norm = blk.mlp_norm.weight.detach().float().to(device)
+        self.qkv = lin(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+        self.wo = lin(a.wo.weight)
+        self.gate_up = lin(torch.cat([m.w_gate.weight, m.w_up.weight]))
+        self.down = lin(m.w_down.weight)
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+class Engine:
+    """Batched, streaming generation over a minichat Transformer. See the module docstring."""
+
+    def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None, weights: str = "auto",
+                 max_batch: int = 64, stop_token_ids: Sequence[int] | None = None, small_rows: int = 16):
+        if weights not in WEIGHT_MODES:
+            raise MinichatError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+        if max_batch < 1:
+            raise MinichatError("max_batch must be >= 1")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if weights == "auto" and self.device.type != "cpu":
+            weights = "bf16"
+        if weights == "fast" and self.device.type != "cpu":
+            weights = "bf16"
+        if weights in ("int8", "int4", "w8a8") and self.device.type != "cpu":
+            raise MinichatError(f"{weights} weights are implemented for the CPU only; use weights='bf16' or 'fp32'")
+        self.weights = weights
+        self.model, self.tokenizer = model, tokenizer
+        self.cfg = cfg = model.cfg
+        self.max_seq_len = cfg.max_seq_len
+        self.max_batch = max_batch
+        if stop_token_ids is None:
+            stop_token_ids = tokenizer.stop_ids if tokenizer is not None else []
+        self.stop_token_ids = [int(t) for t in stop_token_ids]
+        self._pack(model, small_rows)
+        self._lock = threading.Lock()  # guards the waiting queue (submit/cancel may come from other threads)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # row i of the batch is _running[i]
+        self._k = self._v = None  # KV cache (n_layer, slots, n_kv, capacity, hd)
+        self._counts: torch.Tensor | None = None  # (slots, V) output-token counts, for penalties
+        self._seen: torch.Tensor | None = None  # (slots, V) prompt+output membership, for repetition penalty
+        self._rng = torch.Generator().manual_seed(torch.seed() % 2**63)
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (f"{getattr(self, 'name', 'model')}: {n:.0f}M parameters, context {self.max_seq_len}, "
+                f"weights {self.weights}, {self.device.type}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2", device: str = "cpu", **kwargs) -> "Engine":
+        from minichat.gguf_import import load
+
+        model, tok, _ = load(name_or_path, device=device)
+        return cls(model, tok, **kwargs)
+
+    def _pack(self, model, small_rows: int) -> None:
+        c, dev, mode = self.cfg, self.device, self.weights
+        self.embed = model.embed.weight.detach().float().to(dev)
+        # (kernel for matmuls of <= small_rows rows, kernel for bigger ones); "auto" picks int4 or int8 per matrix
+        small, big = {
+            "fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int4": ("int4", "fp32"), "w8a8": ("w8a8", "w8a8"),
+            "auto": ("auto", "fp32"), "fast": ("auto", "w8a8"),
+            "bf16": ("bf16", "bf16" if dev.type != "cpu" else "fp32"),  # no AMX here: fp32 wins big matmuls
+        }[mode]
+        prefill = "fp32" if mode == "fast" else None
+        self.layers = [_Layer(b, small, big, dev, small_rows, prefill) for b in model.layers]
+        self.norm = model.norm.weight.detach().float().to(dev)
+        # the head's rows are the (Q8_0) embeddings: int8 per row, never 4 bits
+        head_small = "int8" if small in ("auto", "int4") else small
+        self.head = _Linear(model.lm_head.weight, head_small, big, dev, small_rows, prefill)
+        cos, sin = model.rope_cos.float().to(dev), model.rope_sin.float().to(dev)  # (max_len, hd/2)
+        # rotate-half RoPE as x·cos + roll(x, hd/2)·sin_signed: pairs (x_i, x_{i+hd/2}) rotate together
+        self.rope_cos = torch.cat([cos, cos], -1)
+        self.rope_sin = torch.cat([-sin, sin], -1)
+        self.H, self.Hkv, self.hd = c.n_head, c.kv_heads, c.head_dim
+        self._qk_scale = torch.ones(self.H + self.Hkv, 1, device=dev)
+        self._qk_scale[: self.H] = 1.0 / math.sqrt(self.hd)
+        self.eps = c.norm_eps
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (T, heads, hd) with cos/sin (T, 1, hd) of the positions -> rotated."""
+        return torch.addcmul(x * cos, torch.roll(x, self.hd // 2, dims=-1), sin)
+
+    def _prefill(self, ids: list[int], row: int) -> torch.Tensor:
+        """Run a whole prompt for the sequence in `row`; fills its cache columns [0, P); returns (V,) logits."""
+        P, H, Hkv, hd = len(ids), self.H, self.Hkv, self.hd
+        x = self.embed[torch.tensor(ids, device=self.device)]  # (P, D)
+        cos, sin = self.rope_cos[:P, None], self.rope_sin[:P, None]  # (P, 1, hd)
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.eps)
+            qkv = L.qkv.prefill(h)  # (P, (H + 2·Hkv)·hd)
+            qk = self._rope(qkv[:, : (H + Hkv) * hd].view(P, H + Hkv, hd), cos, sin)
+            q = qk[:, :H].transpose(0, 1)  # (H, P, hd)
+            k = qk[:, H:].transpose(0, 1)  # (Hkv, P, hd)
+            v = qkv[:, (H + Hkv) * hd:].view(P, Hkv, hd).transpose(0, 1)
+            self._k[li, row, :, :P] = k
+            self._v[li, row, :, :P] = v
+            y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=Hkv != H)
+            x = x + L.wo.prefill(y[0].transpose(0, 1).reshape(P, H * hd))
+            h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, self.eps)
+            gu = L.gate_up.prefill(h)
+            f = gu.shape[-1] // 2
+            x = x + L.down.prefill(F.silu(gu[:, :f]) * gu[:, f:])
+        h = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps)
+        return self.head.prefill(h)[0]
+
+    def _decode(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """One token per running row (rows 0..B-1, row b has lengths[b] cached positions) -> (B, V) logits.
+        Written for few Python-level ops per layer: at batch 1 their overhead is a good part of a step."""
+        B, H, Hkv, hd = len(lengths), self.H, self.Hkv, self.hd
+        nqk = (H + Hkv) * hd
+        uniform = min(lengths) == max(lengths)
+        S = max(lengths) + 1
+        if uniform:
+            pos = torch.full((B,), lengths[0], device=self.device, dtype=torch.long)
+            bias = None
+            col = lengths[0]
+        else:
+            pos = torch.tensor(lengths, device=self.device)
+            keep = torch.arange(S, device=self.device)[None] <= pos[:, None]
+            bias = torch.zeros(B, 1, 1, S, device=self.device).masked_fill_(~keep[:, None, None], float("-inf"))
+            rows = torch.arange(B, device=self.device)
+        # rotary tables for this step, with 1/√hd folded into the query heads
+        cos = self.rope_cos[pos][:, None] * self._qk_scale  # (B, H + Hkv, hd)
+        sin = self.rope_sin[pos][:, None] * self._qk_scale
+        x = self.embed[tokens]  # (B, D)
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.eps)
+            qkv = L.qkv(h)
+            qk = qkv[:, :nqk].view(B, H + Hkv, hd)
+            # rotate-half RoPE: swap the halves of each head (flip), then x·cos + swapped·(-sin, sin)
+            qk = torch.addcmul(qk * cos, qk.view(B, H + Hkv, 2, hd // 2).flip(-2).view(B, H + Hkv, hd), sin)
+            v = qkv[:, nqk:].view(B, Hkv, hd)
+            kc, vc = self._k[li], self._v[li]
+            if uniform:
+                kc[:B, :, col] = qk[:, H:]
+                vc[:B, :, col] = v
+            else:
+                kc[rows, :, pos] = qk[:, H:]
+                vc[rows, :, pos] = v
+            # grouped-query attention for one query per row: query head h reads key/value head h // (H/Hkv)
+            att = torch.matmul(qk[:, :H].view(B, Hkv, H // Hkv, hd), kc[:B, :, :S].transpose(-1, -2))
+            if bias is not None:
+                att = att + bias
+            y = torch.matmul(torch.softmax(att, dim=-1), vc[:B, :, :S])  # (B, Hkv, H/Hkv, hd)
+            x = x + L.wo(y.reshape(B, H * hd))
+            h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, self.eps)
+            gu = L.gate_up(h)
+            f = gu.shape[-1] // 2
+            x = x + L.down(F.silu(gu[:, :f]) * gu[:, f:])
+        return self.head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
+
+    # ---------------------------------------------------------------------------------------- cache
+
+    def _ensure_cache(self, slots: int, columns: int) -> None:
+        """Grow the KV cache (copying what is there) to at least `slots` rows and `columns` positions."""
+        c = self.cfg
+        cur_s = 0 if self._k is None else self._k.shape[1]
+        cur_c = 0 if self._k is None else self._k.shape[3]
+        if slots <= cur_s and columns <= cur_c:
+            return
+        new_s = min(self.max_batch, max(slots, cur_s, 2 * cur_s if slots > cur_s else 0))
+        new_c = min(self.max_seq_len, max(columns, cur_c, int(1.5 * cur_c) if columns > cur_c else 0))
+        new_c = min(self.max_seq_len, ((new_c + 63) // 64) * 64)
+        shape = (c.n_layer, new_s, c.kv_heads, new_c, c.head_dim)
+        k = torch.zeros(shape, device=self.device)
+        v = torch.zeros(shape, device=self.device)
+        if self._k is not None:
+            B = len(self._running)
+            used = max([r.length for r in self._running], default=0)
+            k[:, :B, :, :used] = self._k[:, :B, :, :used]
+            v[:, :B, :, :used] = self._v[:, :B, :, :used]
+        self._k, self._v = k, v
+        if self._counts is not None:
+            self._counts = _grow_rows(self._counts, new_s)
+            self._seen = _grow_rows(self._seen, new_s)
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        self._k[:, dst, :, :length] = self._k[:, src, :, :length]
+        self._v[:, dst, :, :length] = self._v[:, src, :, :length]
+        if self._counts is not None:
+            self._counts[dst] = self._counts[src]
+            self._seen[dst] = self._seen[src]
+
+    # ---------------------------------------------------------------------------------------- requests
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise MinichatError("the prompt is empty: give at least one token")
+        V = self.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise MinichatError(f"prompt token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+        if len(ids) >= self.max_seq_len:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens but the model's context window is {self.max_seq_len}; "
+                "it must leave room for at least one new token (shorten the prompt or the conversation)"
+            )
+        return ids
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+               seed: int | None = None, prompt_index: int = 0, index: int = 0) -> Request:
+        """Queue one sequence; it starts at the next step(). seed overrides params.seed."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.check_prompt(prompt_ids)
+        stop = self.stop_token_ids if params.stop_token_ids is None else [int(t) for t in params.stop_token_ids]
+        req = Request(ids, params, stop, params.seed if seed is None else seed, prompt_index, index)
+        with self._lock:
+            self._waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request; it finishes with reason "cancelled" at the next step() (at once if still waiting)."""
+        with self._lock:
+            if req in self._waiting:
+                self._waiting.remove(req)
+                req.finish_reason = FINISH_CANCELLED
+                return
+        req._cancel = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---------------------------------------------------------------------------------------- stepping
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Advance every running request by one token and start waiting ones (up to max_batch running).
+        Returns one event per request that got a token (or was cancelled). Call from one thread at a time."""
+        events: list[TokenEvent] = []
+        # cancelled rows leave first, so their slots can be reused now
+        for req in [r for r in self._running if r._cancel]:
+            self._finish(req, FINISH_CANCELLED)
+            events.append(TokenEvent(req, -1, finished=True, finish_reason=FINISH_CANCELLED))
+        old = list(self._running)
+        if old:
+            lengths = [r.length - 1 for r in old]  # the last output token is not in the cache yet
+            tokens = torch.tensor([r.output[-1] for r in old], device=self.device)
+            logits = self._decode(tokens, lengths)
+            events += self._sample_and_advance(old, logits)
+        new = self._admit()
+        if new:
+            logits = torch.stack([self._prefill_group(g) for g in new])  # one row per distinct prompt
+            reqs = [r for g in new for r in g]
+            rows = torch.tensor([i for i, g in enumerate(new) for _ in g], device=self.device)
+            events += self._sample_and_advance(reqs, logits[rows])
+        return events
+
+    def _admit(self) -> list[list[Request]]:
+        """Move waiting requests into free slots; group identical prompts so each is prefilled once."""
+        with self._lock:
+            take = []
+            while self._waiting and len(self._running) + len(take) < self.max_batch:
+                r = self._waiting.popleft()
+                if r._cancel:
+                    r.finish_reason = FINISH_CANCELLED
+                    continue
+                take.append(r)
+        if not take:
+            return []
+        need_cols = max(min(self.max_seq_len, r.length + r.params.max_tokens) for r in take + self._running)
+        self._ensure_cache(len(self._running) + len(take), need_cols)
+        if any(r.params._penalised for r in take) and self._counts is None:
+            n = self._k.shape[1]
+            self._counts = torch.zeros(n, self.cfg.vocab_size, device=self.device)
+            self._seen = torch.zeros(n, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        groups: dict[tuple[int, ...], list[Request]] = {}
+        for r in take:
+            r.row = len(self._running)
+            self._running.append(r)
+            if self._counts is not None:
+                self._counts[r.row].zero_()
+                self._seen[r.row].zero_()
+                self._seen[r.row, torch.tensor(r.prompt, device=self.device)] = True
+            groups.setdefault(tuple(r.prompt), []).append(r)
+        return list(groups.values())
+
+    def _prefill_group(self, group: list[Request]) -> torch.Tensor:
+        first = group[0]
+        logits = self._prefill(first.prompt, first.row)
+        P = len(first.prompt)
+        for r in group[1:]:  # n samples of one prompt share its prefill
+            self._k[:, r.row, :, :P] = self._k[:, first.row, :, :P]
+            self._v[:, r.row, :, :P] = self._v[:, first.row, :, :P]
+        return logits
+
+    def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        row = req.row
+        last = len(self._running) - 1
+        if row is not None:
+            if row != last:  # keep running rows contiguous: the last row takes the free slot
+                moved = self._running[last]
+                self._move_row(last, row, moved.length)
+                moved.row = row
+                self._running[row] = moved
+            self._running.pop()
+        req.row = None
+
+    def _sample_and_advance(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
+        tokens, lp, top = self._sample(reqs, [r.row for r in reqs], logits.float())
+        events, done = [], []
+        for i, r in enumerate(reqs):
+            t = tokens[i]
+            r.output.append(t)
+            ev = TokenEvent(r, t)
+            if r.logprobs is not None:
+                r.logprobs.append(lp[i])
+                ev.logprob = lp[i]
+            if r.top_logprobs is not None:
+                r.top_logprobs.append(top[i])
+                ev.top_logprobs = top[i]
+            if self._counts is not None:
+                self._counts[r.row, t] += 1
+                self._seen[r.row, t] = True
+            reason, stop_reason = self._check_stop(r, t)
+            if reason is not None:
+                ev.finished, ev.finish_reason = True, reason
+                done.append((r, reason, stop_reason))
+            events.append(ev)
+        # finish after the loop: finishing moves rows, and the loop above used the pre-move rows
+        for r, reason, stop_reason in done:
+            self._finish(r, reason, stop_reason)
+        return events
+
+    def _check_stop(self, r: Request, t: int):
+        if t in r.stop_ids:
+            return FINISH_STOP, t
+        for seq in r.params.stop_sequences:
+            if len(r.output) >= len(seq) and r.output[-len(seq):] == list(seq):
+                return FINISH_STOP, list(seq)
+        if len(r.output) >= r.params.max_tokens or r.length >= self.max_seq_len:
+            return FINISH_LENGTH, None
+        return None, None
+
+    def _sample(self, reqs: list[Request], rows: list[int], logits: torch.Tensor):
+        """Pick one token per row. Returns (tokens, logprobs or None, top alternatives or None)."""
+        B, V = logits.shape
+        want_lp = any(r.logprobs is not None for r in reqs)
+        k_top = max((r.params.top_logprobs for r in reqs), default=0)
+        lp_list = top_list = None
+        if want_lp or k_top:
+            logp = torch.log_softmax(logits, dim=-1)
+        # forbid stop tokens before min_tokens
+        for i, r in enumerate(reqs):
+            if r.params.min_tokens and len(r.output) < r.params.min_tokens and r.stop_ids:
+                logits[i, list(r.stop_ids)] = float("-inf")
+        if any(r.params._penalised for r in reqs):
+            logits = self._penalise(reqs, rows, logits)
+        greedy = [r.params.greedy for r in reqs]
+        if all(greedy):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._draw(reqs, logits, greedy)
+        tokens = chosen.tolist()
+        if want_lp:
+            lp_list = logp.gather(1, chosen[:, None])[:, 0].tolist()
+        if k_top:
+            vals, idx = logp.topk(k_top, dim=-1)
+            vals, idx = vals.tolist(), idx.tolist()
+            top_list = [list(zip(idx[i][: r.params.top_logprobs], vals[i][: r.params.top_logprobs])) for i, r in enumerate(reqs)]
+        return tokens, lp_list, top_list
+
+    def _penalise(self, reqs, rows, logits):
+        dev = self.device
+        idx = torch.tensor(rows, device=dev)
+        counts, seen = self._counts[idx], self._seen[idx]
+        pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
+        freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
+        rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)[:, None]
+        logits = logits - pres * (counts > 0) - freq * counts
+        repd = torch.where(logits > 0, logits / rep, logits * rep)
+        return torch.where(seen, repd, logits)
+
+    def _draw(self, reqs: list[Request], logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
+        dev = self.device
+        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=dev)[:, None]
+        x = logits / temps
+        top_k = [r.params.top_k for r in reqs]
+        if any(top_k):
+            kmax = min(max(top_k), x.shape[-1])
+            kth = x.topk(kmax, dim=-1).values  # (B, kmax) descending
+            ks = torch.tensor([min(k, kmax) if k else kmax for k in top_k], device=dev)
+            thresh = kth.gather(1, (ks - 1)[:, None])
+            thresh = torch.where(torch.tensor(top_k, device=dev)[:, None] > 0, thresh, torch.full_like(thresh, -math.inf))
+            x = x.masked_fill(x < thresh, -math.inf)
+        probs = torch.softmax(x, dim=-1)
+        min_p = [r.params.min_p for r in reqs]
+        if any(min_p):
+            mp = torch.tensor(min_p, device=dev)[:, None]
+            probs = probs.masked_fill(probs < mp * probs.amax(-1, keepdim=True), 0.0)
+        top_p = [r.params.top_p for r in reqs]
+        if any(p < 1.0 for p in top_p):
+            sp, si = probs.sort(dim=-1, descending=True)
+            before = sp.cumsum(-1) - sp  # mass of strictly more likely tokens
+            tp = torch.tensor(top_p, device=dev)[:, None]
+            drop = (before >= tp * sp.sum(-1, keepdim=True)) & (tp < 1.0)
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, si, sp)
+        out = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        plain = [i for i, r in enumerate(reqs) if r.generator is None and not greedy[i]]
+        if plain:
+            out[plain] = torch.multinomial(probs[plain].cpu(), 1, generator=self._rng)[:, 0].to(dev)
+        for i, r in enumerate(reqs):
+            if greedy[i]:
+                out[i] = logits[i].argmax()
+            elif r.generator is not None:
+                out[i] = torch.multinomial(probs[i].cpu(), 1, generator=r.generator)[0]
+        return out
+
+    # ---------------------------------------------------------------------------------------- convenience
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, n: int = 1,
+                 on_event=None) -> list[Completion]:
+        """n completions per prompt, returned prompt by prompt (prompt 0's n samples, then prompt 1's, ...).
+        Drives step() itself; do not run it while another thread drives step() on this engine."""
+        params = params or SamplingParams()
+        if n < 1:
+            raise MinichatError("n must be >= 1")
+        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int):
+            raise MinichatError("generate() takes a list of prompts (lists of token ids); wrap a single prompt in a list")
+        for p in prompts:
+            self.check_prompt(p)
+        reqs = []
+        try:
+            for pi, p in enumerate(prompts):
+                for j in range(n):
+                    seed = None if params.seed is None else params.seed + j
+                    reqs.append(self.submit(p, params, seed=seed, prompt_index=pi, index=j))
+            while any(not r.finished for r in reqs):
+                evs = self.step()
+                if on_event is not None:
+                    for ev in evs:
+                        on_event(ev)
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.cancel(r)
+            if any(not r.finished for r in reqs):
+                self.step()  # let the cancellations free their slots
+        return [r.completion() for r in reqs]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Yield a TokenEvent per new token of one prompt; closing the iterator early cancels it."""
+        req = self.submit(prompt_ids, params)
+        try:
+            while not req.finished:
+                for ev in self.step():
+                    if ev.request is req and ev.token_id >= 0:
+                        yield ev
+        finally:
+            if not req.finished:
+                self.cancel(req)
+                self.step()
+
+    @torch.inference_mode()
+    def score(self, ids: Sequence[int]) -> list[float]:
+        """log π(ids[t] | ids[:t]) for t ≥ 1, fed one token at a time through the decoding path, i.e. with
+        exactly the numerics sampling uses (for perplexity of the fast weight modes, or PPO's old log-probs)."""
+        ids = self.check_prompt(ids)
+        if self._running:
+            raise MinichatError("score() needs an idle engine")
+        self._ensure_cache(1, len(ids))
+        out = []
+        logits = self._prefill(ids[:1], 0)[None]
+        for t in range(1, len(ids)):
+            out.append(torch.log_softmax(logits[0].float(), -1)[ids[t]].item())
+            if t < len(ids) - 1:
+                logits = self._decode(torch.tensor([ids[t]], device=self.device), [t])
+        return out
+
+    @torch.inference_mode()
+    def logits(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits (V,) after a prompt, through the engine's own forward (used by tests/benchmarks)."""
+        ids = self.check_prompt(prompt_ids)
+        if self._running:
+            raise MinichatError("logits() needs an idle engine")
+        self._ensure_cache(1, len(ids))
+        return self._prefill(ids, 0).float().clone()
+
+
+def _grow_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[0] >= n:
+        return t
+    out = torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------ text helpers
+
+class Detokenizer:
+    """Turns a stream of token ids into text safely: never emits half a UTF-8 character, and holds back
+    text that might be the start of a stop string, so a stop string never reaches the user.
+
+        d = Detokenizer(tokenizer, stop=["\\nUser:"])
+        for ev in engine.stream(...):
+            print(d.push(ev.token_id), end="")
+            if d.stopped: break          # then cancel the request
+        print(d.flush())
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = (), skip_special: bool = True):
+        self.tok = tokenizer
+        self.stops = [s for s in stop if s]
+        self.skip_special = skip_special
+        self.ids: list[int] = []
+        self.text = ""  # all decoded text so far (cut at a stop string once found)
+        self._emitted = 0  # characters of self.text already returned
+        self._prefix = 0  # ids[_prefix:_read] decode to text we already have; re-decoding from there is safe
+        self._read = 0
+        self.stopped = False
+        self.stop_string: str | None = None
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the new text that is safe to show now."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        before = self.tok.decode(self.ids[self._prefix:self._read], skip_special=self.skip_special)
+        now = self.tok.decode(self.ids[self._prefix:], skip_special=self.skip_special)
+        if now.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.text += now[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._release()
+
+    def _release(self) -> str:
+        if self.stops:
+            start = max(0, self._emitted - max(len(s) for s in self.stops))
+            hits = [(self.text.find(s, start), s) for s in self.stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                self.text = self.text[:i]
+                self.stopped, self.stop_string = True, s
+                return self._take(len(self.text))
+            # hold back a tail that is a prefix of some stop string
+            hold = 0
+            for s in self.stops:
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        hold = max(hold, n)
+                        break
+            return self._take(len(self.text) - hold)
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self._emitted)
+        out = self.text[self._emitted:upto]
+        self._emitted = upto
+        return out
+
+    def flush(self) -> str:
+        """At the end of generation: whatever text was held back."""
+        if not self.stopped and self._read < len(self.ids):  # a dangling incomplete character
+            self.text += self.tok.decode(self.ids[self._prefix:], skip_special=self.skip_special)[
+                len(self.tok.decode(self.ids[self._prefix:self._read], skip_special=self.skip_special)):]
+            self._read = len(self.ids)
+        return self._take(len(self.text))

@@ -1,0 +1,382 @@
+"""The engine against a plain reference: Transformer.forward over the whole sequence, one token at a time."""
+import math
+import threading
+
+import pytest
+import torch
+
+from minichat.engine import (
+    Completion, ContextOverflowError, Detokenizer, Engine, SamplingParams,
+)
+from minichat.errors import MinichatError
+
+from engine_util import make_tiny
+
+
+@torch.no_grad()
+def ref_logits(model, ids):
+    return model(torch.tensor([ids]))[0, -1].float()
+
+
+@torch.no_grad()
+def ref_greedy(model, ids, n, stop=(), penalties=None):
+    """Greedy decoding without a KV cache; `penalties` = (presence, frequency, repetition) applied by hand."""
+    ids, out = list(ids), []
+    for _ in range(n):
+        z = ref_logits(model, ids)
+        if penalties:
+            pres, freq, rep = penalties
+            for t in set(out):
+                z[t] -= pres + freq * out.count(t)
+            for t in set(ids):
+                z[t] = z[t] / rep if z[t] > 0 else z[t] * rep
+        t = int(z.argmax())
+        out.append(t)
+        ids.append(t)
+        if t in stop:
+            break
+    return out
+
+
+def prompts(tok):
+    return [tok.encode("Hello there!"), tok.encode("The capital of France is"),
+            tok.encode("def add(a, b):\n    return"), tok.encode("A cat")]
+
+
+def test_fp32_logits_equal_model_forward(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32")
+    for p in prompts(tok):
+        torch.testing.assert_close(eng.logits(p), ref_logits(model, p), atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_greedy_batch_matches_reference(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    ps = prompts(tok)  # different lengths: the batch decodes through the per-row mask and positions
+    outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=20))
+    assert [o.prompt_index for o in outs] == [0, 1, 2, 3]
+    for p, o in zip(ps, outs):
+        assert o.token_ids == ref_greedy(model, p, 20)
+        assert o.finish_reason == "length" and o.prompt_tokens == len(p)
+    assert not eng.has_unfinished()
+
+
+def test_tied_embeddings_and_plain_attention():
+    model, tok = make_tiny(tie=True, seed=3, n_kv_head=None)
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    p = tok.encode("The capital of Japan")
+    assert eng.generate([p], SamplingParams(temperature=0, max_tokens=12))[0].token_ids == ref_greedy(model, p, 12)
+
+
+def four_bit_copy(model):
+    """The model with every block matrix rounded to 4-bit groups (as SmolLM2's Q4_1 weights are)."""
+    import copy
+
+    from minichat.engine import GROUP, _int4_groups
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("layers.") and p.dim() == 2:
+                q, sz, _ = _int4_groups(p.float())
+                sz = sz.transpose(0, 1).float()  # (N, K/32, 2)
+                w = (q.view(p.shape[0], -1, GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
+                p.copy_(w.view_as(p))
+    return m
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "auto", "bf16", "w8a8", "fast"])
+def test_fast_weights_stay_close(tiny, weights):
+    """The decoding path (score) of the fast modes stays close to fp32; int4 is exact up to bf16 rounding
+    on weights that already are 4-bit groups, and auto picks it there."""
+    model, tok = tiny
+    if weights in ("int4", "auto", "fast"):
+        model = four_bit_copy(model)
+    ids = tok.encode("The capital of France is Paris. A cat sat on the mat; the dog sat on the log.")
+    ref = Engine(model, tok, weights="fp32").score(ids)
+    eng = Engine(model, tok, weights=weights)
+    if weights in ("auto", "fast"):
+        assert eng.layers[0].qkv.kind == "int4" and eng.head.kind == "int8" and eng.head.big.kind == ("fp32" if weights == "auto" else "w8a8")
+    got = eng.score(ids)
+    tol = 0.15 if weights in ("int8", "w8a8", "fast") else 0.08  # log-prob units; int8 has one scale per row
+    assert max(abs(a - b) for a, b in zip(got, ref)) < tol
+    assert eng.logits(ids[:2]).shape == (model.cfg.vocab_size,)
+
+
+def test_auto_uses_int8_for_unquantized_weights(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="auto")
+    assert eng.layers[0].qkv.kind == "int8" and eng.layers[0].qkv.big.kind == "fp32"
+    fast = Engine(model, tok, weights="fast")
+    assert fast.layers[0].qkv.kind == "int8" and fast.layers[0].qkv.big.kind == "w8a8"
+
+
+def test_joining_mid_flight_does_not_change_results(tiny):
+    """Continuous batching: a request that joins a running batch gets what it would get alone."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    ps = prompts(tok)
+    g = SamplingParams(temperature=0, max_tokens=15)
+    a = eng.submit(ps[0], g)
+    for _ in range(4):
+        eng.step()
+    b = eng.submit(ps[1], SamplingParams(temperature=0, max_tokens=6))
+    c = eng.submit(ps[2], g)
+    seen = []
+    while eng.has_unfinished():
+        seen.append(eng.num_running)
+        eng.step()
+    assert max(seen) == 3  # they really ran together
+    for req, p in ((a, ps[0]), (b, ps[1]), (c, ps[2])):
+        assert req.output == ref_greedy(model, p, req.params.max_tokens)
+
+
+def test_cancel_frees_the_slot_and_others_continue(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    ps = prompts(tok)
+    g = SamplingParams(temperature=0, max_tokens=12)
+    a, b, c = (eng.submit(p, g) for p in ps[:3])
+    eng.step()
+    eng.step()
+    eng.cancel(a)  # row 0: the last row moves into its slot
+    evs = eng.step()
+    assert any(ev.request is a and ev.finish_reason == "cancelled" for ev in evs)
+    assert a.finished and a.finish_reason == "cancelled" and eng.num_running == 2
+    while eng.has_unfinished():
+        eng.step()
+    assert b.output == ref_greedy(model, ps[1], 12) and c.output == ref_greedy(model, ps[2], 12)
+    w = eng.submit(ps[3], g)  # cancelling a waiting request finishes it at once
+    eng.cancel(w)
+    assert w.finish_reason == "cancelled" and not eng.has_unfinished()
+
+
+def test_max_batch_queues_the_rest(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", max_batch=2, stop_token_ids=[])
+    ps = prompts(tok)
+    outs = []
+    outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=5))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == ref_greedy(model, p, 5)
+
+
+def test_stop_token_and_stop_sequence(tiny):
+    model, tok = tiny
+    p = prompts(tok)[1]
+    full = ref_greedy(model, p, 10)
+    eng = Engine(model, tok, weights="fp32")
+    o = eng.generate([p], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[full[3]]))[0]
+    k = full.index(full[3])
+    assert o.finish_reason == "stop" and o.stop_reason == full[3]
+    assert o.token_ids == full[: k + 1] and o.content_ids == full[:k]
+    seq = full[4:6]
+    o = eng.generate([p], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[], stop_sequences=[seq]))[0]
+    assert o.finish_reason == "stop" and o.stop_reason == seq
+    assert o.token_ids[-2:] == seq and o.content_ids == o.token_ids[:-2]
+    # min_tokens forbids the stop token early
+    o = eng.generate([p], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[full[0]], min_tokens=3))[0]
+    assert o.token_ids[0] != full[0] and len(o.token_ids) >= 3
+
+
+def test_context_end_and_overflow(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    L = model.cfg.max_seq_len
+    p = (tok.encode("A cat sat on the mat. ") * 40)[: L - 3]
+    o = eng.generate([p], SamplingParams(temperature=0, max_tokens=50))[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 3  # the context is full
+    with pytest.raises(ContextOverflowError, match="context window is 128"):
+        eng.submit([5] * L)
+    with pytest.raises(MinichatError, match="empty"):
+        eng.generate([[]])
+    with pytest.raises(MinichatError, match="outside the vocabulary"):
+        eng.submit([10**6])
+    with pytest.raises(MinichatError, match="list of prompts"):
+        eng.generate([1, 2, 3])
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),
+                dict(repetition_penalty=0), dict(top_logprobs=50), dict(presence_penalty=3)):
+        with pytest.raises(MinichatError):
+            eng.submit([1, 2], SamplingParams(**bad))
+
+
+def test_logprobs_are_the_models(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    p = prompts(tok)[0]
+    o = eng.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=8, logprobs=True, top_logprobs=3))[0]
+    ids = list(p)
+    for t, lp, top in zip(o.token_ids, o.logprobs, o.top_logprobs):
+        ref = torch.log_softmax(ref_logits(model, ids), -1)
+        assert math.isclose(lp, ref[t].item(), abs_tol=1e-4)
+        vals, idx = ref.topk(3)
+        assert [i for i, _ in top] == idx.tolist()
+        assert all(math.isclose(v, r, abs_tol=1e-4) for (_, v), r in zip(top, vals.tolist()))
+        ids.append(t)
+
+
+def test_seed_reproducible_and_n_samples_differ(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    p = prompts(tok)[:2]
+    sp = SamplingParams(temperature=1.2, max_tokens=12, seed=123)
+    a = eng.generate(p, sp, n=4)
+    b = eng.generate(p, sp, n=4)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [(o.prompt_index, o.index) for o in a] == [(i, j) for i in range(2) for j in range(4)]
+    assert len({tuple(o.token_ids) for o in a[:4]}) > 1  # sample j uses seed + j
+    # the same seed gives the same tokens whether the request runs alone or in a batch
+    alone = eng.generate([p[1]], SamplingParams(temperature=1.2, max_tokens=12, seed=125))[0]
+    assert alone.token_ids == a[6].token_ids
+
+
+def test_sampling_follows_the_distribution(tiny):
+    """First-token frequencies over many samples match softmax(logits / T), restricted by top-k / top-p."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[], max_batch=256)
+    p = prompts(tok)[3]
+    z = ref_logits(model, p)
+    N = 1500
+    for T in (0.7, 1.5):
+        outs = eng.generate([p], SamplingParams(temperature=T, max_tokens=1, seed=1), n=N)
+        counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=z.numel()).float()
+        probs = torch.softmax(z / T, -1)
+        top = probs.topk(8).indices  # buckets: the 8 likeliest tokens and "the rest"
+        emp = torch.cat([counts[top] / N, (1 - counts[top].sum() / N).view(1)])
+        exp = torch.cat([probs[top], (1 - probs[top].sum()).view(1)])
+        tv = 0.5 * (emp - exp).abs().sum().item()
+        assert tv < 0.06, (T, tv)  # sampling noise at N=1500 is ~0.02
+    top3 = set(z.topk(3).indices.tolist())
+    outs = eng.generate([p], SamplingParams(temperature=2.0, top_k=3, max_tokens=1, seed=2), n=300)
+    assert {o.token_ids[0] for o in outs} == top3
+    probs = torch.softmax(z, -1)
+    sp, si = probs.sort(descending=True)
+    keep = int((sp.cumsum(0) < 0.5).sum()) + 1  # smallest set with mass >= 0.5
+    outs = eng.generate([p], SamplingParams(temperature=1.0, top_p=0.5, max_tokens=1, seed=3), n=300)
+    assert {o.token_ids[0] for o in outs} <= set(si[:keep].tolist())
+    outs = eng.generate([p], SamplingParams(temperature=1.0, min_p=0.5, max_tokens=1, seed=4), n=100)
+    assert {o.token_ids[0] for o in outs} <= set((probs >= 0.5 * probs.max()).nonzero()[:, 0].tolist())
+    g = eng.generate([p], SamplingParams(temperature=0, max_tokens=1))[0]
+    assert g.token_ids[0] == int(z.argmax())
+
+
+def test_penalties_match_reference(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    ps = prompts(tok)
+    for pen in ((0.0, 0.0, 1.3), (0.5, 0.3, 1.0), (1.0, 0.0, 1.2)):
+        sp = SamplingParams(temperature=0, max_tokens=15, presence_penalty=pen[0], frequency_penalty=pen[1],
+                            repetition_penalty=pen[2])
+        outs = eng.generate(ps[:2], sp)  # a batch: penalties are per row
+        for p, o in zip(ps, outs):
+            assert o.token_ids == ref_greedy(model, p, 15, penalties=pen)
+    plain = eng.generate([ps[0]], SamplingParams(temperature=0, max_tokens=15))[0].token_ids
+    harsh = eng.generate([ps[0]], SamplingParams(temperature=0, max_tokens=15, frequency_penalty=2.0))[0].token_ids
+    assert max(harsh.count(t) for t in harsh) <= max(plain.count(t) for t in plain)
+
+
+def test_stream_matches_generate_and_closing_cancels(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    p = prompts(tok)[2]
+    sp = SamplingParams(temperature=0, max_tokens=10)
+    evs = list(eng.stream(p, sp))
+    assert [e.token_id for e in evs] == eng.generate([p], sp)[0].token_ids
+    assert evs[-1].finished and evs[-1].finish_reason == "length" and not any(e.finished for e in evs[:-1])
+    it = eng.stream(p, sp)
+    next(it)
+    it.close()
+    assert not eng.has_unfinished()
+
+
+def test_submit_from_another_thread(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    ps = prompts(tok)
+    reqs = []
+    th = [threading.Thread(target=lambda p=p: reqs.append(eng.submit(p, SamplingParams(temperature=0, max_tokens=4))))
+          for p in ps]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    while eng.has_unfinished():
+        eng.step()
+    for r in reqs:
+        assert r.output == ref_greedy(model, r.prompt, 4)
+
+
+def test_completion_content_ids():
+    c = Completion(0, 0, [5, 6, 7], "stop", 3, stop_reason=7)
+    assert c.content_ids == [5, 6]
+    assert Completion(0, 0, [5, 6, 7], "stop", 3, stop_reason=[6, 7]).content_ids == [5]
+    assert Completion(0, 0, [5, 6], "length", 3).content_ids == [5, 6]
+
+
+# ----------------------------------------------------------------------------------------------- text helper
+
+def test_detokenizer_whole_characters_and_stop_strings(tiny):
+    _, tok = tiny
+    text = "Unicode: héllo wörld, 日本語 🙂! STOP here"
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    pieces = [d.push(t) for t in ids]
+    pieces.append(d.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    d = Detokenizer(tok, stop=["STOP", "never"])
+    shown = ""
+    for t in ids:
+        shown += d.push(t)
+        assert "ST" not in shown  # a possible start of a stop string is held back
+        if d.stopped:
+            break
+    shown += d.flush()
+    assert d.stopped and d.stop_string == "STOP"
+    assert shown == text[: text.index("STOP")]
+    # a held-back prefix that turns out not to be a stop string is released
+    d = Detokenizer(tok, stop=["emoji!"])
+    out = "".join(d.push(t) for t in tok.encode("an emoj and more")) + d.flush()
+    assert out == "an emoj and more" and not d.stopped
+
+
+def test_rlhf_style_usage(tiny):
+    """What minichat.rollout does: per-request seeds, n samples, logprobs of the sampled tokens."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", max_batch=8)
+    p = prompts(tok)[:2]
+    reqs = [eng.submit(q, SamplingParams(max_tokens=6, logprobs=True), seed=i * 10 + j, prompt_index=i, index=j)
+            for i, q in enumerate(p) for j in range(3)]
+    while any(not r.finished for r in reqs):
+        eng.step()
+    for r in reqs:
+        c = r.completion()
+        assert len(c.logprobs) == len(c.token_ids) > 0 and all(lp <= 0 for lp in c.logprobs)
+
+
+def test_score_is_teacher_forced_logprobs(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32")
+    ids = tok.encode("The capital of France is Paris.")
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
+    assert eng.score(ids) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["auto", "fast"])
+def test_big_batches_switch_kernels_and_stay_close(tiny, weights):
+    """Above small_rows rows a decode step runs on the `big` kernels (fp32 for auto, w8a8 for fast);
+    the log-probs of what was sampled stay close to the fp32 model's."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights=weights, small_rows=2, stop_token_ids=[])
+    ps = prompts(tok)
+    outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=8, logprobs=True))
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p + o.token_ids]))[0].float(), -1)
+        want = [ref[len(p) - 1 + i, t].item() for i, t in enumerate(o.token_ids)]
+        # the first token comes from the prompt's last row alone, i.e. the small (int8) head
+        assert abs(o.logprobs[0] - want[0]) < 0.15
+        assert max(abs(a - b) for a, b in zip(o.logprobs[1:], want[1:])) < (1e-4 if weights == "auto" else 0.3)
