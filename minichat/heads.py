@@ -58,7 +58,10 @@ class ScalarModel(Transformer):
         cache = ConcatCache()
         super().forward(prompts, cache=cache, key_mask=prompt_mask, logits="none")
         cache.select(owner)
-        key_mask = torch.cat([prompt_mask[owner], torch.ones(N, A, dtype=torch.bool, device=answers.device)], 1)
+        # the answers' right padding is masked too, so no position runs past its row's prompt + answer length:
+        # the batch is P + A wide, but only each row has to fit max_seq_len
+        answer_mask = torch.arange(A, device=answers.device)[None] < answer_lens.to(answers.device)[:, None]
+        key_mask = torch.cat([prompt_mask[owner], answer_mask], 1)
         _, h = super().forward(answers, cache=cache, key_mask=key_mask, return_hidden=True, logits="none")
         last = h[torch.arange(N, device=h.device), answer_lens.to(h.device) - 1]  # (N, D)
         return self.head(last).squeeze(-1).float()

@@ -239,13 +239,16 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {past + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         if positions is None:
             if key_mask is not None:
                 positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 positions = torch.arange(past, past + T, device=idx.device)[None]
+        # A padded batch may be wider than the context while every row's true positions fit (shared-prompt
+        # reward batches are longest prompt + longest answer wide), so the RoPE tables bound the positions,
+        # not the width; the exact (syncing) check runs only when the width is over.
+        if past + T > self.cfg.max_seq_len and (n := int(positions.max()) + 1) > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         cos = self.rope_cos[positions][:, None]  # (B|1, 1, T, hd/2)
         sin = self.rope_sin[positions][:, None]
         mask, causal = None, True

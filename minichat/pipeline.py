@@ -402,9 +402,7 @@ def _reward(cfg: PipelineConfig, P: Paths, stage: str, loss: str) -> dict:
     _require_ckpt(P.stage_dir("sft"), "the SFT model (the reward model starts from it)", stage)
     _require(P.comparisons, "the comparisons", stage)
     held = P.comparisons_heldout if P.comparisons_heldout.is_file() else None
-    # share_prompt=False: with shared prompts a batch is (longest prompt + longest answer) wide, which can
-    # exceed the context even when every single comparison fits
-    rc = RewardConfig(init_from=str(P.stage_dir("sft")), loss=loss, margin=cfg.reward_margin, share_prompt=False,
+    rc = RewardConfig(init_from=str(P.stage_dir("sft")), loss=loss, margin=cfg.reward_margin,
                       data=RewardDataConfig(train=str(P.comparisons), val=str(held) if held else "",
                                             demos=str(P.sft_data) if P.sft_data.is_file() else "",
                                             max_len=cfg.model.max_seq_len),
