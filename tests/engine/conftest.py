@@ -1,7 +1,7 @@
 """Fixtures: a tiny model + tokenizer, and the same saved as a checkpoint (see engine_util)."""
 import pytest
 
-from engine_util import make_tiny
+from tests.engine.engine_util import make_tiny
 from minichat.checkpoint import save_checkpoint
 
 

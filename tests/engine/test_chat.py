@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engine_util import make_tiny
+from tests.engine.engine_util import make_tiny
 from minichat.chat import Conversation
 from minichat.engine import ContextOverflowError
 from minichat.errors import MinichatError

@@ -10,7 +10,7 @@ from minichat.engine import (
 )
 from minichat.errors import MinichatError
 
-from engine_util import make_tiny
+from tests.engine.engine_util import make_tiny
 
 
 @torch.no_grad()

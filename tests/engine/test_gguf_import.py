@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_util import make_tiny
+from tests.engine.engine_util import make_tiny
 from minichat import gguf_import
 from minichat.errors import MinichatError
 

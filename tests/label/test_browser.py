@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import LiveServer, write_jsonl
+from tests.label.conftest import LiveServer, write_jsonl
 
 CHROMIUM = os.environ.get("MINICHAT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = bool(os.environ.get("MINICHAT_REQUIRE_BROWSER"))  # CI sets it: there these tests must run

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import write_jsonl
+from tests.label.conftest import write_jsonl
 
 from minichat.cli import main as minichat
 

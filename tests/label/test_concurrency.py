@@ -7,7 +7,7 @@ import textwrap
 import threading
 from collections import Counter
 
-from conftest import login, write_jsonl
+from tests.label.conftest import login, write_jsonl
 from sqlalchemy import func, select
 
 from minichat.label.importer import read_prompts

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import COLORS, QUALITY, login, write_jsonl
+from tests.label.conftest import COLORS, QUALITY, login, write_jsonl
 
 from minichat.label.importer import read_prompts
 from minichat.label.service import ProjectConfig

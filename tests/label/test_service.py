@@ -5,7 +5,7 @@ import datetime as dt
 import json
 
 import pytest
-from conftest import login, write_jsonl
+from tests.label.conftest import login, write_jsonl
 from sqlalchemy import inspect
 
 from minichat.errors import MinichatError

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import LiveServer, write_jsonl
+from tests.label.conftest import LiveServer, write_jsonl
 
 from minichat.label.importer import read_prompts
 from minichat.label.service import Labeling, ProjectConfig

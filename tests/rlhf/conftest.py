@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from rlhf_util import COLORS, write_jsonl
+from tests.rlhf.rlhf_util import COLORS, write_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def reward_run(tiny_lm, tmp_path_factory):
 
     from minichat.train import reward
 
-    from rlhf_util import COLORS, write_jsonl
+    from tests.rlhf.rlhf_util import COLORS, write_jsonl
 
     d = tmp_path_factory.mktemp("rm")
     rng = random.Random(1)
@@ -153,7 +153,7 @@ def test_dpo_learns_preferences(tiny_lm, reward_run, tmp_path):
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    from rlhf_util import COLORS
+    from tests.rlhf.rlhf_util import COLORS
 
     p = tmp_path / "prompts.txt"
     p.write_text("\n".join(f"tell me about {c}" for c in COLORS) + "\n" + "very long prompt " * 40 + "\n")

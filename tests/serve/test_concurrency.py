@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import make_server
+from tests.serve.conftest import make_server
 
 USER = [{"role": "user", "content": "Tell me a long story."}]
 
