@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from tests.label.conftest import LiveServer, write_jsonl
+from tests.label.conftest import write_jsonl
+from tests.live import LiveServer
 
 from minichat.label.importer import read_prompts
 from minichat.label.service import Labeling, ProjectConfig

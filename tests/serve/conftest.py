@@ -10,9 +10,6 @@ Three tiny models share one BPE tokenizer:
 """
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,36 +82,7 @@ def model_files(tmp_path_factory) -> ModelFiles:
     return ModelFiles(root / "tiny", root / "script", root / "bad")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
+from tests.live import LiveServer
 
 
 def make_server(model_files: ModelFiles, tmp_path: Path, *, moderation: bool = True, **cfg_fields):

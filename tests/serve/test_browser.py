@@ -1,31 +1,15 @@
 """The web chat in a real browser: Playwright driving headless Chromium (Debian's `chromium` package)."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import httpx
 import pytest
 
-CHROMIUM = os.environ.get("MINICHAT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-REQUIRED = bool(os.environ.get("MINICHAT_REQUIRE_BROWSER"))  # CI sets it: there these tests must run
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not REQUIRED,
-                                reason="no Chromium browser (apt-get install chromium)")
+from tests.live import browser  # noqa: F401 (the fixture)
+from tests.live import needs_browser
 
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("MINICHAT_REQUIRE_BROWSER is set but no chromium binary was found")
-    if REQUIRED:
-        from playwright import sync_api
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
+pytestmark = needs_browser
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from tests.serve.conftest import LiveServer, free_port
+from tests.live import LiveServer, free_port
 
 
 def _start(args, env):
