@@ -117,3 +117,14 @@ def test_interrupted_save_leaves_latest_intact(tmp_path, tiny_corpus, monkeypatc
     assert ck.CheckpointManager(tmp_path / "run").latest().name == "step_0000005"
     load_model(ck.CheckpointManager(tmp_path / "run").latest())
     assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+
+
+def test_bf16_autocast_path_trains(tmp_path, tiny_corpus):
+    # the precision chosen automatically on CPUs with AMX and on CUDA; weights stay fp32
+    cfg = tiny_cfg(tmp_path, tiny_corpus, max_steps=40, log_every=10, eval_every=40)
+    cfg.runtime.dtype = "bf16"
+    out = run(cfg)
+    rows = [r for r in metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    model, _, _ = load_model(tmp_path / "run")
+    assert model.embed.weight.dtype == torch.float32 and out["val_loss"] < 6.0
