@@ -238,40 +238,10 @@ def create_app(store) -> FastAPI:
     """The labeling app alone (`minichat label serve`): no models loaded."""
     import logging
 
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from minichat.serve.protocol import install_error_handlers
 
-    from minichat.errors import MinichatError
-    from minichat.serve.store import NotFound
-
-    log = logging.getLogger("minichat.label")
     app = FastAPI(title="minichat label", docs_url="/docs", redoc_url=None)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(MinichatError)
-    async def _minichat_error(request: Request, e: MinichatError):
-        status = 404 if isinstance(e, NotFound) else 400
-        return JSONResponse(APIError(status, str(e)).body(), status_code=status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        msg = {404: f"Unknown route {request.method} {request.url.path}."}.get(e.status_code, str(e.detail))
-        return JSONResponse(APIError(e.status_code, msg).body(), status_code=e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
-        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
-        return JSONResponse(APIError(400, f"{param}: {err.get('msg', 'invalid')}", param=param).body(), 400)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(APIError(500, "The server had an error.", type="server_error").body(), status_code=500)
+    install_error_handlers(app, logging.getLogger("minichat.label"))
 
     @app.get("/", include_in_schema=False)
     async def root():

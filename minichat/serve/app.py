@@ -20,20 +20,17 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minichat.errors import MinichatError
 from minichat.serve.config import ServeConfig
 from minichat.serve.generation import (
     Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
 )
 from minichat.serve.models import ModelRegistry, ServedModel
 from minichat.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, GenOptions, ModerationRequest, bad_request, new_id, now,
-    parse, usage,
+    APIError, ChatCompletionRequest, CompletionRequest, GenOptions, ModerationRequest, bad_request,
+    install_error_handlers, new_id, now, parse, usage,
 )
 from minichat.serve.worker import Delta, Job, Overloaded
 
@@ -171,37 +168,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
                            allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins,
                            expose_headers=["Retry-After"])
 
-    # ---------------------------------------------------------------- errors, all in OpenAI's shape
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(MinichatError)
-    async def _minichat_error(request: Request, e: MinichatError):
-        # raised by lower layers (engine, tokenizer, moderation, store) about what the client sent
-        from minichat.serve.store import NotFound
-
-        status = 404 if isinstance(e, NotFound) else 400
-        return JSONResponse(APIError(status, str(e)).body(), status_code=status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        msg = {404: f"Unknown route {request.method} {request.url.path}.", 405: "Method not allowed."}.get(
-            e.status_code, str(e.detail))
-        return JSONResponse(APIError(e.status_code, msg).body(), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
-        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
-        return JSONResponse(APIError(400, f"{param}: {err.get('msg', 'invalid')}", param=param).body(), 400)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(APIError(500, "The server had an error while processing your request.",
-                                     type="server_error").body(), status_code=500)
+    install_error_handlers(app, log)  # errors, all in OpenAI's shape
 
     # ---------------------------------------------------------------- plain endpoints
     @app.get("/health")

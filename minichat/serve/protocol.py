@@ -255,3 +255,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def install_error_handlers(app, log) -> None:
+    """Every error of a FastAPI app in OpenAI's shape, with the right status; a client's mistake is never a 500.
+    Shared by the API server and the standalone labeling app."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from minichat.errors import MinichatError
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(MinichatError)
+    async def _minichat_error(request: Request, e: MinichatError):
+        # raised by lower layers (engine, tokenizer, moderation, store) about what the client sent
+        from minichat.serve.store import NotFound
+
+        status = 404 if isinstance(e, NotFound) else 400
+        return JSONResponse(APIError(status, str(e)).body(), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = {404: f"Unknown route {request.method} {request.url.path}.", 405: "Method not allowed."}.get(
+            e.status_code, str(e.detail))
+        return JSONResponse(APIError(e.status_code, msg).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(400, f"{param}: {err.get('msg', 'invalid')}", param=param).body(), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(APIError(500, "The server had an error while processing your request.",
+                                     type="server_error").body(), status_code=500)
