@@ -17,7 +17,6 @@ SQLite file minichat serve uses).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -25,14 +24,7 @@ from pathlib import Path
 from minichat.errors import MinichatError
 
 
-def _date(s: str) -> dt.datetime:
-    try:
-        d = dt.datetime.fromisoformat(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date or time: {s!r} (e.g. 2025-01-31)") from None
-    if d.tzinfo is not None:
-        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return d
+from minichat.serve.feedback import _date  # noqa: E402 (the same --since/--until parsing)
 
 
 def _open(url: str | None):
