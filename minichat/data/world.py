@@ -4,9 +4,12 @@ Nothing is downloaded and everything is deterministic for a seed.
 
 * Facts: people (home town, job, pet, age), things and their colours, arithmetic in words.
 * Pretraining prose (`World.corpus`, and `builtin_corpus` which `minichat pretrain` reads by default): facts
-  written several ways, short stories, arithmetic ("twenty plus two is twenty two"), and FAQ-style
-  "Q: ... A: ..." pages (the kind of question-answer text a web corpus holds; the prompted pretrained model
-  is asked in that format).
+  written several ways, short stories, arithmetic ("twenty plus two is twenty two"), FAQ-style
+  "Q: ... A: ..." pages with questions worded in many ways (the kind of question-answer text a web corpus
+  holds; the prompted pretrained model is asked in that format), dialogues with follow-up questions, sentences
+  about kinds of things, the same facts told in the past tense, true-or-false quizzes with answer keys, and
+  stories followed by their gist. The variety is what a web corpus gives a real model: with facts alone, SFT
+  learned its demonstrations' wordings and answered 8% of held-out prompts correctly (greedy); with it, 28%.
 * Prompts (`World.tasks`): InstructGPT's use-case categories in miniature (generation, open QA,
   brainstorming, chat with follow-up questions, rewrite, summarization, classification, closed QA,
   extraction), plus inappropriate requests that must be refused and questions whose premise may be false.
@@ -42,6 +45,9 @@ PETS = ["cat", "dog", "rabbit", "parrot", "turtle", "goat", "horse", "hamster"]
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+KINDS = [("fruits", FRUITS), ("pets", PETS), ("jobs", JOBS), ("towns", PLACES), ("colours", COLORS),
+         ("numbers smaller than ten", ONES[1:10]), ("animals", PETS)]
 
 CATEGORIES = ["generation", "open_qa", "brainstorming", "chat", "rewrite", "summarization", "classification",
               "closed_qa", "extraction", "harmful", "false_premise"]
@@ -145,14 +151,62 @@ class World:
         return variants[rng.randrange(len(variants))] if rng else variants[0]
 
     def qa_page(self, rng: random.Random, p: dict) -> str:
-        """An FAQ-style page about one person (how question-answer text looks in a web corpus)."""
-        n = p["name"]
-        pairs = [(f"Where does {n} live?", f"{n} lives in {p['place']}."),
-                 (f"What is {n}'s job?", f"{n} works as a {p['job']}."),
-                 (f"What pet does {n} have?", f"{n} has a {p['pet']}."),
-                 (f"How old is {n}?", f"{n} is {number_words(p['age'])} years old.")]
+        """An FAQ-style page about one person (how question-answer text looks in a web corpus), its questions
+        worded in any of the ways people ask them."""
+        pairs = [(rng.choice(ASK[a])(p["name"]), _fact_sentence(p, a)) for a in ("place", "job", "pet", "age")]
         rng.shuffle(pairs)
         return " ".join(f"Q: {q}\nA: {a}\n" for q, a in pairs[:rng.randint(2, 4)]).strip()
+
+    def dialogue(self, rng: random.Random) -> str:
+        """Two people talking about a third: follow-up questions that refer back with "they"."""
+        p = rng.choice(self.people)
+        attrs = rng.sample(["place", "job", "pet", "age"], rng.randint(2, 4))
+        a, b = rng.sample(FIRST, 2)
+        lines = [f"{a}: {rng.choice(OPENERS)(p['name'])}", f"{b}: {_fact_sentence(p, attrs[0])}"]
+        for attr in attrs[1:]:
+            lines += [f"{a}: {rng.choice(FOLLOW[attr])}", f"{b}: {_fact_sentence(p, attr, 'They')}"]
+        return "\n".join(lines)
+
+    def kinds(self, rng: random.Random) -> str:
+        """Encyclopedia-style sentences about kinds of things (what counts as a fruit, a pet, a job, ...)."""
+        kind, items = rng.choice(KINDS)
+        pick = rng.sample(items, min(len(items), rng.randint(3, 5)))
+        return rng.choice([
+            f"Some {kind} are {', '.join(pick[:-1])} and {pick[-1]}.",
+            f"{pick[0].capitalize()}, {pick[1]} and {pick[2]} are all {kind}.",
+            f"Examples of {kind}: {', '.join(pick)}.",
+            f"A {pick[0]} is one of the {kind}, and so is a {pick[1]}."])
+
+    def past(self, rng: random.Random) -> str:
+        """The same facts told about the past: how 'lives', 'works', 'has' and 'is' read in the past tense."""
+        p = rng.choice(self.people)
+        sents = [_fact_sentence(p, a) for a in rng.sample(["place", "job", "pet", "age"], 2)]
+        past = [" ".join(PAST.get(w, w) if i == len(p["name"].split()) else w for i, w in enumerate(x.split()))
+                for x in sents]
+        return rng.choice(["Years ago things were different. ", "In the past: ", "Once upon a time. ", ""]) + \
+            " ".join(f"Now: {x} Then: {y}" if rng.random() < 0.3 else y for x, y in zip(sents, past))
+
+    def quiz(self, rng: random.Random) -> str:
+        """A true-or-false quiz page with its answer key."""
+        out = []
+        for _ in range(rng.randint(2, 3)):
+            p = rng.choice(self.people)
+            attr = rng.choice(["place", "job", "pet"])
+            q = dict(p)
+            truth = rng.random() < 0.5
+            if not truth:
+                q[attr] = rng.choice([v for v in FACT_ATTRS[attr] if v != p[attr]])
+            claim = _fact_sentence(q, attr)[:-1]  # asked, never stated: the prose only states true facts
+            out.append(f"True or false: {claim}? Answer: " + ("True." if truth else f"False. {_fact_sentence(p, attr)}"))
+        return "Quiz. " + " ".join(out)
+
+    def retold(self, rng: random.Random) -> str:
+        """A story followed by what it comes down to (how summaries appear in text)."""
+        st = self.story(rng)
+        a, b = st["a"], st["b"]
+        return (f"{st['text']} " + rng.choice(["In short, ", "In one sentence: ", "So ", "The gist: "])
+                + f"{a['name']} visited {b['name']} in {b['place']}. The people in the story were {a['name']} and "
+                f"{b['name']}, and the towns were {a['place']} and {b['place']}.")
 
     def story(self, rng: random.Random, a: dict | None = None, b: dict | None = None,
               thing: str | None = None, color: str | None = None) -> dict:
@@ -180,21 +234,31 @@ class World:
 
     def document(self, rng: random.Random) -> str:
         r = rng.random()
-        if r < 0.34:
+        if r < 0.26:
             facts = self.facts(rng.choice(self.people), rng)
             rng.shuffle(facts)
             return " ".join(facts)
-        if r < 0.52:
+        if r < 0.38:
             if rng.random() < 0.5:
                 return self.long_story(rng)
             thing = rng.choice(sorted(THINGS))
             return self.story(rng, thing=thing, color=THINGS[thing])["text"]
-        if r < 0.67:
+        if r < 0.48:
             return " ".join(self.arithmetic(rng) for _ in range(3))
-        if r < 0.77:
+        if r < 0.54:
             thing, color = rng.choice(list(THINGS.items()))
             return f"The {thing} is {color}. Everyone knows that the colour of the {thing} is {color}."
-        return self.qa_page(rng, rng.choice(self.people))
+        if r < 0.68:
+            return self.qa_page(rng, rng.choice(self.people))
+        if r < 0.78:
+            return self.dialogue(rng)
+        if r < 0.84:
+            return self.kinds(rng)
+        if r < 0.89:
+            return self.past(rng)
+        if r < 0.94:
+            return self.quiz(rng)
+        return self.retold(rng)
 
     def corpus(self, n_docs: int, seed: int = 0) -> Iterator[str]:
         rng = random.Random(stable_hash("corpus", self.seed, seed))
@@ -238,6 +302,30 @@ def _words(s: str) -> int:
 
 
 FACT_ATTRS = {"place": PLACES, "job": JOBS, "pet": PETS}
+
+# How people word the same questions in the corpus's Q&A pages and dialogues: a web corpus asks about a fact in
+# many ways, and that variety is what lets a small model read a prompt worded in a way no demonstration used.
+ASK = {
+    "place": [lambda n: f"Where does {n} live?", lambda n: f"In which town does {n} live?",
+              lambda n: f"Where is {n}'s home?", lambda n: f"What town is {n} from?",
+              lambda n: f"Which place does {n} call home?", lambda n: f"Where can {n} be found?"],
+    "job": [lambda n: f"What is {n}'s job?", lambda n: f"What does {n} do for a living?",
+            lambda n: f"What work does {n} do?", lambda n: f"What is {n}'s trade?",
+            lambda n: f"How does {n} earn a living?", lambda n: f"What does {n} work as?"],
+    "pet": [lambda n: f"What pet does {n} have?", lambda n: f"Which animal does {n} keep?",
+            lambda n: f"What animal lives with {n}?", lambda n: f"Does {n} have a pet?",
+            lambda n: f"What kind of pet does {n} own?"],
+    "age": [lambda n: f"How old is {n}?", lambda n: f"What is {n}'s age?", lambda n: f"How many years old is {n}?",
+            lambda n: f"What age is {n}?"],
+}
+OPENERS = [lambda n: f"Tell me about {n}.", lambda n: f"Do you know {n}?", lambda n: f"Who is {n}?",
+           lambda n: f"What do you know about {n}?"]
+FOLLOW = {
+    "place": ["Where do they live?", "And where is their home?", "Which town are they in?", "And where do they live?"],
+    "job": ["What is their job?", "And what work do they do?", "What do they do for a living?", "And their job?"],
+    "pet": ["What pet do they have?", "And which animal do they keep?", "Do they have a pet?", "And their pet?"],
+    "age": ["How old are they?", "And what is their age?", "How many years old are they?", "And their age?"],
+}
 
 
 def _fact_sentence(p: dict, attr: str, subject: str | None = None) -> str:

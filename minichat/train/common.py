@@ -63,3 +63,26 @@ def sequence_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     from minichat.losses import token_logprobs
 
     return (token_logprobs(model(x), y) * mask).sum(1)
+
+
+class PtxStream:
+    """Random windows of pretraining text for a pretraining-loss mix (PPO-ptx, and SFT's guard against
+    forgetting); each batch is seeded by its key (iteration, step, ...), so resuming is exact."""
+
+    def __init__(self, source: str, tok, seq_len: int, seed: int):
+        from minichat.data.corpus import iter_documents
+
+        ids: list[int] = []
+        for doc in iter_documents(source, "text", seed):
+            ids += tok.encode(doc) + ([tok.eos_id] if tok.eos_id is not None else [])
+            if len(ids) > 2_000_000:
+                break
+        if len(ids) < seq_len + 2:
+            raise MinichatError(f"ptx_data {source}: too little text ({len(ids)} tokens) for rows of {seq_len}")
+        self.data, self.seq_len, self.seed = torch.tensor(ids), seq_len, seed
+
+    def batch(self, key: list[int], n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(hash((self.seed, *key)) % 2**62)
+        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (n,), generator=g)
+        rows = torch.stack([self.data[s:s + self.seq_len + 1] for s in starts.tolist()])
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)

@@ -167,28 +167,6 @@ class ValueHeadOnTrunk(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-class PtxStream:
-    """Random windows of pretraining text for the ptx term (seeded by iteration and step: exact resume)."""
-
-    def __init__(self, source: str, tok, seq_len: int, seed: int):
-        from minichat.data.corpus import iter_documents
-
-        ids: list[int] = []
-        for doc in iter_documents(source, "text", seed):
-            ids += tok.encode(doc) + ([tok.eos_id] if tok.eos_id is not None else [])
-            if len(ids) > 2_000_000:
-                break
-        if len(ids) < seq_len + 2:
-            raise MinichatError(f"ppo.ptx_data {source}: too little text ({len(ids)} tokens) for rows of {seq_len}")
-        self.data, self.seq_len, self.seed = torch.tensor(ids), seq_len, seed
-
-    def batch(self, key: list[int], n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(hash((self.seed, *key)) % 2**62)
-        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (n,), generator=g)
-        rows = torch.stack([self.data[s:s + self.seq_len + 1] for s in starts.tolist()])
-        return rows[:, :-1].to(device), rows[:, 1:].to(device)
-
-
 def _all_mean(values: list[float], dist: runtime.Dist, device) -> list[float]:
     if not dist.enabled:
         return values
@@ -220,7 +198,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     from minichat.checkpoint import CheckpointManager, load_weights, save_checkpoint
     from minichat.data.chat import DataReport, EpochSampler, load_prompts
     from minichat.heads import load_scalar_model
-    from minichat.train.common import freeze_lm, load_lm, require_file
+    from minichat.train.common import PtxStream, freeze_lm, load_lm, require_file
     from minichat.train.loop import MetricsLog
 
     a = cfg.ppo

@@ -37,6 +37,26 @@ def test_corpus_agrees_with_the_facts():
             assert f"{p['name']} lives in {other['place']}." not in text
 
 
+def test_corpus_speaks_in_many_genres_and_wordings():
+    """Q&A pages in varied wordings, dialogues with follow-ups, kinds of things, the past tense, quizzes and
+    retold stories: the variety that lets fine-tuned models read prompts worded in new ways."""
+    import re
+
+    w = World(0)
+    docs = list(w.corpus(3000, seed=1))
+    text = "\n".join(docs)
+    for marker in ("Q: In which town does", "Q: What does", "And where", "They live in", "Some fruits are",
+                   "Quiz. True or false:", "In short, ", " lived in "):
+        assert marker in text, marker
+    by_name = {p["name"]: p for p in w.people}
+    # past-tense and dialogue lines agree with the facts too
+    for m in re.finditer(r"([A-Z][a-z]+ [A-Z][a-z]+) lived in ([A-Z][a-z]+(?: [A-Z][a-z]+)?)\.", text):
+        if m.group(1) in by_name:
+            assert by_name[m.group(1)]["place"] == m.group(2), m.group(0)
+    for m in re.finditer(r"Answer: False\. ([A-Z][a-z]+ [A-Z][a-z]+) works as a ([a-z]+)\.", text):
+        assert by_name[m.group(1)]["job"] == m.group(2)
+
+
 def test_ideal_answers_score_perfectly():
     w = World(0)
     for split in ("train", "heldout"):
