@@ -49,20 +49,41 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                raise RuntimeError(obj["error"]["message"])
-            if obj["choices"] and obj["choices"][0]["delta"].get("content") and ttft is None:
-                ttft = time.perf_counter() - t0
-            if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
+        # The clients share the server's 2 cores, so they parse as little as they can: JSON only until the
+        # first content chunk, then only the usage chunk and errors (every chunk is still read off the socket).
+        buf = b""
+        async for data in r.aiter_raw():
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                if ttft is None or b'"usage":{' in ev or b'"error"' in ev:
+                    obj = json.loads(ev[6:])
+                    if "error" in obj:
+                        raise RuntimeError(obj["error"]["message"])
+                    if ttft is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+                    if obj.get("usage"):
+                        tokens = obj["usage"]["completion_tokens"]
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
 
 
-async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_tokens: int) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process (this one when pid is None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_tokens: int,
+                    server_pid: int | None = None) -> dict:
     limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
     ttfts, tokens, errors = [], 0, []
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -77,14 +98,62 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
                 except Exception as e:  # counted and reported, never hidden
                     errors.append(str(e))
 
+        h0 = await engine_stats(client, url, model)
+        c0, s0 = cpu_seconds(None), cpu_seconds(server_pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(n_clients)))
         wall = time.perf_counter() - t0
+        c1, s1 = cpu_seconds(None), cpu_seconds(server_pid)
+        h1 = await engine_stats(client, url, model)
+    steps = h1.get("steps", 0) - h0.get("steps", 0)
+    step_s = h1.get("step_seconds", 0.0) - h0.get("step_seconds", 0.0)
+    step_cpu = h1.get("step_cpu_seconds", 0.0) - h0.get("step_cpu_seconds", 0.0)
+    gen = h1.get("tokens_generated", 0) - h0.get("tokens_generated", 0)
     q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) >= 2 else ttfts * 99
     return {"clients": n_clients, "requests": len(ttfts) + len(errors), "errors": len(errors),
             "wall_s": wall, "req_per_s": len(ttfts) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p99": q[98] if ttfts else float("nan"),
+            "client_cpu": (c1 - c0) / wall,
+            # the worker thread's view: sequences per engine step, and the share of wall time spent stepping
+            "mean_batch": gen / steps if steps else float("nan"), "step_busy": step_s / wall,
+            "step_ms": 1000 * step_s / steps if steps else float("nan"),
+            "step_cpu_ms": 1000 * step_cpu / steps if steps else float("nan"), "server_cpu": (s1 - s0) / wall if server_pid else float("nan"),
             "first_error": errors[0] if errors else ""}
+
+
+async def engine_stats(client: httpx.AsyncClient, url: str, model: str) -> dict:
+    try:
+        return (await client.get(url + "/health")).json()["models"][model]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return {}
+
+
+def run_levels(a, url: str, server_pid: int | None) -> list[dict]:
+    name = a.model.split("=")[0] if "=" in a.model else os.path.basename(a.model.rstrip("/")) or a.model
+    asyncio.run(run_level(url, name, 1, 1, 8))  # warm-up
+    rows = []
+    for n in [int(x) for x in a.clients.split(",")]:
+        r = asyncio.run(run_level(url, name, n, a.requests, a.max_tokens, server_pid))
+        rows.append(r)
+        print(f"N={n:>3}  {r['requests']} requests  {r['req_per_s']:.2f} req/s  {r['tok_per_s']:.1f} tok/s  "
+              f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']}  "
+              f"CPU: server {r['server_cpu']:.2f} cores, clients {r['client_cpu']:.2f}  engine: batch "
+              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%} {r['first_error']}",
+              flush=True)
+    return rows
+
+
+def wait_ready(url: str, server: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -97,52 +166,41 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
     ap.add_argument("--no-moderation", action="store_true")
     ap.add_argument("--out", help="write a Markdown table here (appends a section)")
+    ap.add_argument("--url", help="use this running server instead of starting one (e.g. under py-spy)")
     a = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "minichat.cli", "serve", "--model", a.model, "--port", str(port), "--store", "none",
-           "--engine.max_batch", str(a.max_batch), "--max_queue", "256", "--log_level", "warning"]
-    if a.threads:
-        cmd += ["--engine.threads", str(a.threads)]
-    if a.no_moderation:
-        cmd.append("--no-moderation")
-    server = subprocess.Popen(cmd)
-    name = a.model.split("=")[0] if "=" in a.model else os.path.basename(a.model.rstrip("/")) or a.model
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-        asyncio.run(run_level(url, name, 1, 1, 8))  # warm-up
-        rows = []
-        for n in [int(x) for x in a.clients.split(",")]:
-            r = asyncio.run(run_level(url, name, n, a.requests, a.max_tokens))
-            rows.append(r)
-            print(f"N={n:>3}  {r['requests']} requests  {r['req_per_s']:.2f} req/s  {r['tok_per_s']:.1f} tok/s  "
-                  f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']} {r['first_error']}",
-                  flush=True)
-    finally:
-        server.send_signal(signal.SIGINT)
+    if a.url:
+        rows = run_levels(a, a.url.rstrip("/"), None)
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "minichat.cli", "serve", "--model", a.model, "--port", str(port), "--store",
+               "none", "--engine.max_batch", str(a.max_batch), "--max_queue", "256", "--log_level", "warning"]
+        if a.threads:
+            cmd += ["--engine.threads", str(a.threads)]
+        if a.no_moderation:
+            cmd.append("--no-moderation")
+        server = subprocess.Popen(cmd)
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            wait_ready(url, server)
+            rows = run_levels(a, url, server.pid)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
     base = rows[0]["tok_per_s"] if rows else float("nan")
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — model {a.model}, moderation "
              f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
              f"max_batch {a.max_batch}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
-             "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed "
+             "| server CPU (cores) | client CPU (cores) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
-                     f"{r['tok_per_s'] / base:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['errors']} |")
+                     f"{r['tok_per_s'] / base:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['errors']} | "
+                     f"{r['server_cpu']:.2f} | {r['client_cpu']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -306,11 +306,17 @@ class StreamGuard:
             return self.result
         if not isinstance(delta, str):
             raise MinichatError(f"stream_guard.feed() takes text, got {type(delta).__name__}")
+        due = self.due(delta)
         self.text += delta
-        new = len(self.text) - self._checked_upto
-        if new >= self.moderator.settings.stream_every or (delta and delta.rstrip()[-1:] in ".!?\n"):
-            return self._check()
-        return None
+        return self._check() if due else None
+
+    def due(self, delta: str) -> bool:
+        """Whether feed(delta) will run a check (the slow part), so a caller can run only those off its
+        event loop and feed the other deltas inline."""
+        if self.result is not None:
+            return False
+        new = len(self.text) + len(delta) - self._checked_upto
+        return new >= self.moderator.settings.stream_every or bool(delta and delta.rstrip()[-1:] in ".!?\n")
 
     def finish(self) -> ModerationResult | None:
         """Check whatever was not checked yet (call when the stream ends); returns the flagged result or None."""

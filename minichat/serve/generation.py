@@ -8,7 +8,8 @@ engine, the flagged delta is withheld, a Moderated event carries the refusal, an
 "content_filter". When a choice ends, its whole text is checked once more (the guard only re-reads a
 trailing window), which also gives the verdict reported in the response. In "score" mode (a request's
 moderation policy) verdicts are reported but nothing is blocked. Checks run in worker threads: the learned
-scorer takes milliseconds, and the event loop must keep serving other streams meanwhile.
+scorer takes milliseconds, and the event loop must keep serving other streams meanwhile; deltas that do not
+trigger a check are fed inline (a thread hop per token cost more than the feed itself).
 """
 from __future__ import annotations
 
@@ -75,7 +76,10 @@ async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None 
                     continue  # generated before the cancel took effect: never shown
                 texts[i] += ev.text
                 if guards is not None and ev.text:
-                    hit = await asyncio.to_thread(guards[i].feed, ev.text)
+                    g = guards[i]
+                    # most deltas only extend the guard's text; the few that trigger a check (milliseconds of
+                    # rules and learned scorer) run in a thread so the loop keeps serving other streams
+                    hit = await asyncio.to_thread(g.feed, ev.text) if g.due(ev.text) else g.feed(ev.text)
                     if hit is not None:
                         flagged[i] = Moderated(i, hit, moderator.refusal_for(hit), "output")
                         verdicts[i] = hit

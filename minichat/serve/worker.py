@@ -10,8 +10,11 @@ Continuous batching: the thread calls engine.step() in a loop; each step decodes
 sequence and prefills newly submitted ones, which join the running batch at the next step. So a request that
 arrives while others are generating starts after at most one step, and all requests share each step's
 matmuls. Text is decoded in the thread (engine.Detokenizer: whole UTF-8 characters, stop strings held back
-and cut), so the event loop only forwards strings. Every token is handed to the event loop with
-loop.call_soon_threadsafe, the only safe way to touch an asyncio.Queue from another thread.
+and cut), so the event loop only forwards strings. The events of one step reach each event loop in one
+loop.call_soon_threadsafe call (the only safe way into a loop from another thread): one wake-up per step,
+not one per token (each wake-up of the loop's thread competes with the stepping thread for a core and the GIL).
+(Deltas are not joined when a consumer falls behind: the output guard must see, and pass, the harmless start
+of an answer before the part it flags.)
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -116,7 +120,8 @@ class Job:
         from minichat.engine import Detokenizer
 
         self.worker, self.prompt_ids, self.opts, self.loop = worker, prompt_ids, opts, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._events: deque = deque()  # delivered, not yet consumed (touched on the event loop only)
+        self._waiter: asyncio.Future | None = None
         self.choices = [_Choice(i, Detokenizer(worker.tokenizer, stop=opts.stop)) for i in range(opts.n)]
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -129,16 +134,26 @@ class Job:
 
     # --- called in the worker thread
     def _emit(self, ev: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
-            pass
+        self.worker._outbox.setdefault(self.loop, []).append((self, ev))
 
     # --- called on the event loop
+    def _deliver(self, ev: Any) -> None:
+        self._events.append(ev)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     async def events(self) -> AsyncIterator[Delta | Finish]:
         """Deltas and one Finish per choice; ends after the last Finish."""
         while self._open > 0:
-            ev = await self.queue.get()
+            if not self._events:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            ev = self._events.popleft()
             if isinstance(ev, Finish):
                 self._open -= 1
             yield ev
@@ -148,6 +163,11 @@ class Job:
         if index is None:
             self.cancelled = True
         self.worker._cancel(self, index)
+
+
+def _deliver_all(items: list[tuple[Job, Any]]) -> None:
+    for job, ev in items:
+        job._deliver(ev)
 
 
 class ModelWorker:
@@ -164,7 +184,11 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._by_request: dict[int, tuple[Job, _Choice]] = {}
         self._cancels: list[tuple[Job, int | None]] = []
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}  # this step's events, by loop
         self.steps = 0
+        self.step_seconds = 0.0  # time inside engine.step(): the rest of the thread's time is overhead or idle
+        self.step_cpu_seconds = 0.0  # CPU time of this thread inside engine.step() (less than step_seconds when
+        # the thread waits: for the GIL, or for a core other processes hold)
         self.tokens_out = 0
         self.finished: dict[str, int] = {}  # finish reason -> sequences
 
@@ -187,6 +211,7 @@ class ModelWorker:
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "max_batch": self.engine.max_batch, "max_queue": self.max_queue, "steps": self.steps,
+                "step_seconds": round(self.step_seconds, 3), "step_cpu_seconds": round(self.step_cpu_seconds, 3),
                 "tokens_generated": self.tokens_out, "finished": dict(self.finished)}
 
     # ------------------------------------------------------------------ submission (event loop side)
@@ -232,9 +257,11 @@ class ModelWorker:
         while not self._stop.is_set():
             self._apply_cancels()
             if not self.engine.has_unfinished():
+                self._flush()
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
                 continue
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 events = self.engine.step()
             except Exception as e:  # a failed step must not kill the thread: fail its requests, keep serving
@@ -242,9 +269,24 @@ class ModelWorker:
                 self._fail_all(f"generation failed: {e}")
                 continue
             self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
+            self.step_cpu_seconds += time.thread_time() - c0
             for ev in events:
                 self._route(ev)
+            self._flush()
         self._fail_all("the server is shutting down")
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events gathered since the last flush to their event loops: one call per loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
+                pass
 
     def _apply_cancels(self) -> None:
         with self._lock:
@@ -311,6 +353,7 @@ class ModelWorker:
                 except Exception:  # the engine is in a bad state; the requests are failed below anyway
                     pass
             self._close(job, c, "error", message)
+        self._flush()
         # drop the cancelled rows so the next request starts clean
         try:
             if self.engine.has_unfinished():

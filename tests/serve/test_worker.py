@@ -1,0 +1,91 @@
+"""The worker's hand-off to the event loop and the output guard's thread use, on a real tiny engine (no HTTP)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from minichat.serve.protocol import GenOptions
+from minichat.serve.worker import Delta, Finish, ModelWorker
+
+
+@pytest.fixture(scope="module")
+def worker(model_files):
+    from minichat.engine import Engine
+    from minichat.gguf_import import load
+
+    model, tok, _ = load(str(model_files.tiny), device="cpu", verbose=False)
+    w = ModelWorker("tiny", Engine(model, tok, weights="fp32", max_batch=8), tok)
+    w.start()
+    yield w
+    w.stop()
+
+
+async def _collect(job) -> tuple[str, list[dict], list[Finish]]:
+    text, lps, finishes = "", [], []
+    async for ev in job.events():
+        if isinstance(ev, Delta):
+            text += ev.text
+            lps += ev.logprobs
+        else:
+            finishes.append(ev)
+    return text, lps, finishes
+
+
+def test_one_loop_wakeup_per_step_not_per_token(worker):
+    """All the events of one engine step reach the event loop in one call_soon_threadsafe."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # only this test's loop is affected
+        steps0, tokens0 = worker.steps, worker.tokens_out
+        jobs = [worker.submit([5, 6, 7 + i], GenOptions(max_tokens=12, min_tokens=12, seed=i)) for i in range(4)]
+        outs = await asyncio.gather(*(_collect(j) for j in jobs))
+        return outs, calls, worker.steps - steps0, worker.tokens_out - tokens0
+
+    outs, calls, steps, tokens = asyncio.run(main())
+    assert tokens == 48 and all(f[0].reason == "length" and f[0].completion_tokens == 12 for _, _, f in outs)
+    assert all(text for text, _, _ in outs)
+    # 48 tokens and 4 finishes, but one hand-off per step (plus at most one when the thread goes idle)
+    assert calls <= steps + 1, (calls, steps)
+    assert steps < tokens
+
+
+def test_logprobs_ride_with_their_text(worker):
+    async def main():
+        job = worker.submit([5, 6, 7], GenOptions(max_tokens=6, min_tokens=6, temperature=0, logprobs=True,
+                                                  top_logprobs=2))
+        return await _collect(job)
+
+    text, lps, finishes = asyncio.run(main())
+    assert len(lps) == 6 and all(len(e["top_logprobs"]) == 2 for e in lps)
+    assert "".join(e["token"] for e in lps) == text  # byte-level tokens of a tiny ASCII corpus decode alone
+    assert [f.reason for f in finishes] == ["length"]
+
+
+def test_guard_due_predicts_which_feeds_check():
+    """The server feeds a delta inline unless StreamGuard.due() says feed() will run a check (in a thread)."""
+    from minichat.moderation import Moderator
+
+    m = Moderator.load(learned=False)
+    checks = []
+    real = m.check
+    m.check = lambda *a, **k: checks.append(1) or real(*a, **k)  # count the guard's checks on a real moderator
+    guard = m.stream_guard()
+    answer = "Sure, here is a plan for the day. First we walk to the park and look at the ducks. " * 3
+    pieces = [answer[i:i + 5] for i in range(0, len(answer), 5)]
+    predicted = 0
+    for p in pieces:
+        due, before = guard.due(p), len(checks)
+        assert guard.feed(p) is None
+        assert (len(checks) > before) == due, p
+        predicted += due
+    assert 0 < predicted < len(pieces) / 2  # most deltas need no check, so they are not sent to a thread
