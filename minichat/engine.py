@@ -7,11 +7,13 @@
 
 How it works. Every running sequence owns a *slot* (a row) of one preallocated KV cache
 (n_layer, slots, n_kv_head, capacity, head_dim); a sequence's keys sit at columns [0, its length).
-A new request is prefilled on its own straight into a free slot (an identical prompt submitted n times is
-prefilled once and its keys copied), and joins the running batch at the next decode step: continuous
-batching. A decode step feeds one token per running row; rows of different lengths attend through a
-(B, 1, 1, S) mask and take their rotary positions from their own lengths. A finished row is replaced by the
-last running row, so the running rows are always slots [0, B) and every step works on plain views.
+The requests admitted in one step are prefilled together straight into free slots: their prompts packed
+into one (total tokens, D) matrix, so each linear is one big matmul, with attention per prompt (an
+identical prompt submitted n times is prefilled once and its keys copied); they join the running batch
+at the next decode step: continuous batching. A decode step feeds one token per running row; rows of
+different lengths attend through a (B, 1, 1, S) mask and take their rotary positions from their own
+lengths. A finished row is replaced by the last running row, so the running rows are always slots [0, B)
+and every step works on plain views.
 
 The engine runs its own forward pass over the model's weights, repacked for inference: Q/K/V and gate/up
 projections fused into one matmul each, and per matrix two kernels: one for matmuls of at most `small_rows`
@@ -28,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -177,6 +180,7 @@ class Request:
 
 # ------------------------------------------------------------------------------------------ packed weights
 
+PREFILL_CHUNK = 2048  # most prompt tokens packed into one prefill pass (activations: ~40 kB per token)
 GROUP = 32  # int4 group size along the input dimension (llama.cpp's Q4_1 block size)
 
 
@@ -244,7 +248,7 @@ class _Int4WeightOnly:
 
 class _W8A8:
     """int8 weights (per row) times int8 activations (per row, asymmetric, computed on the fly), with int32
-    accumulation (torch._int_mm: VNNI on this CPU): ~3x fp32's speed on big batches, at some accuracy.
+    accumulation (torch._int_mm); ~15 ops per matmul, so used only where fbgemm is missing (_W8A8Fbgemm).
     x ≈ s·q + m per row, so x·Wᵀ ≈ s·(q·Wqᵀ)·w_scale + m·rowsum(W)."""
 
     kind = "w8a8"
@@ -265,7 +269,58 @@ class _W8A8:
         return y.addcmul_(m, self.rowsum)
 
 
-_KERNELS = {"fp32": _F32, "bf16": _BF16, "int8": _Int8WeightOnly, "int4": _Int4WeightOnly, "w8a8": _W8A8}
+_FBGEMM_RANGE: dict[str, bool] = {}
+
+
+def _fbgemm_reduce_range() -> bool | None:
+    """None where fbgemm's quantized linear is unavailable; else whether activations must use 7 bits: without
+    VNNI, fbgemm's u8·s8 products are summed in pairs into saturating int16 (a one-off probe finds out)."""
+    if "v" not in _FBGEMM_RANGE:
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            _FBGEMM_RANGE["v"] = None
+        else:
+            w = torch.ones(8, 64)
+            x = torch.ones(2, 64)
+            x[0, 0] = -1.0  # puts the zero point mid-range, so most activations quantize to ~255
+            y = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(w), False)
+            _FBGEMM_RANGE["v"] = bool((y - x @ w.t()).abs().max() > 1.0)
+    return _FBGEMM_RANGE["v"]
+
+
+def _fbgemm_pack(w: torch.Tensor):
+    """int8 weights, one scale per row, packed for fbgemm's dynamic-quantization linear."""
+    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).double()
+    with warnings.catch_warnings():  # torch ≥ 2.10 marks quantized tensors deprecated; the kernel is current
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+class _W8A8Fbgemm:
+    """int8 weights (per row) times int8 activations in one op per matmul: fbgemm's dynamic linear (VNNI),
+    which quantizes its input with one scale per tensor. One scale for a whole batch would let a row with
+    big activations blur every other row (+8% perplexity at batch 32, measured), so each row is first
+    scaled to max |x| = 1 and the output scaled back: per-row symmetric int8 in three cheap extra ops."""
+
+    kind = "w8a8"
+
+    def __init__(self, w):
+        self.packed = _fbgemm_pack(w)
+        self.reduce_range = bool(_fbgemm_reduce_range())
+
+    def __call__(self, x):
+        if x.shape[0] == 1:  # one row: per tensor is per row
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        r = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
+        y = torch.ops.quantized.linear_dynamic(x * r.reciprocal(), self.packed, self.reduce_range)
+        return y.mul_(r)
+
+
+def _w8a8(w):
+    return _W8A8Fbgemm(w) if _fbgemm_reduce_range() is not None else _W8A8(w)
+
+
+_KERNELS = {"fp32": _F32, "bf16": _BF16, "int8": _Int8WeightOnly, "int4": _Int4WeightOnly, "w8a8": _w8a8}
 
 
 class _Linear:
@@ -274,24 +329,29 @@ class _Linear:
     win) and `big` for larger ones (prefill, big batches: bound by arithmetic)."""
 
     def __init__(self, w: torch.Tensor, small: str, big: str, device: torch.device, small_rows: int,
-                 prefill: str | None = None):
+                 exact_first: bool = False):
         w = w.detach().to(device=device, dtype=torch.float32).contiguous()
         if small == "int4" and w.shape[1] % GROUP:
             small = "int8"  # int4 groups need whole groups of 32 inputs
         self.big = _KERNELS[big](w)
         self.small = self.big if small == big else _KERNELS[small](w)
-        # an optional kernel for whole prompts (weights="fast" keeps prompt processing in fp32)
-        self.pre = None if prefill in (None, big) else _KERNELS[prefill](w)
+        # fp32 for the rows of position 0 in prompts: a prompt's first token carries activations ~1000x the
+        # others' (an attention sink), which int8 activations cannot represent (+3% perplexity if quantized)
+        self.exact = _F32(w) if exact_first and big != "fp32" else None
         self.small_rows = small_rows
         self.kind = self.small.kind
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (self.small if x.shape[0] <= self.small_rows else self.big)(x)
 
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre is not None and x.shape[0] > self.small_rows:
-            return self.pre(x)
-        return self(x)
+    def prefill(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """x: rows of whole prompts; `first` indexes the rows at position 0."""
+        if x.shape[0] <= self.small_rows:
+            return self.small(x)
+        y = self.big(x)
+        if self.exact is not None and first is not None:
+            y[first] = self.exact(x[first])
+        return y
 
 
 def _auto_small(w: torch.Tensor) -> str:
@@ -303,11 +363,11 @@ def _auto_small(w: torch.Tensor) -> str:
 
 
 class _Layer:
-    def __init__(self, blk, small, big, device, small_rows, prefill=None):
+    def __init__(self, blk, small, big, device, small_rows, exact_first=False):
         a, m = blk.attn, blk.mlp
 
         def lin(w):
-            return _Linear(w, _auto_small(w) if small == "auto" else small, big, device, small_rows, prefill)
+            return _Linear(w, _auto_small(w) if small == "auto" else small, big, device, small_rows, exact_first)
 
         self.attn_norm = blk.attn_norm.weight.detach().float().to(device)
         self.mlp_norm = blk.mlp_norm.weight.detach().float().to(device)
@@ -373,12 +433,13 @@ class Engine:
             "auto": ("auto", "fp32"), "fast": ("auto", "w8a8"),
             "bf16": ("bf16", "bf16" if dev.type != "cpu" else "fp32"),  # no AMX here: fp32 wins big matmuls
         }[mode]
-        prefill = "fp32" if mode == "fast" else None
-        self.layers = [_Layer(b, small, big, dev, small_rows, prefill) for b in model.layers]
+        exact_first = big == "w8a8"
+        self.layers = [_Layer(b, small, big, dev, small_rows, exact_first) for b in model.layers]
         self.norm = model.norm.weight.detach().float().to(dev)
-        # the head's rows are the (Q8_0) embeddings: int8 per row, never 4 bits
-        head_small = "int8" if small in ("auto", "int4") else small
-        self.head = _Linear(model.lm_head.weight, head_small, big, dev, small_rows, prefill)
+        # the head's rows are the (Q8_0) embeddings: int8 per row, never 4 bits; weights="fast" also quantizes
+        # the head's input (W8A8: ~2x the int8 weight-only kernel at batch 1, +0.2% perplexity)
+        head_small = ("w8a8" if mode == "fast" else "int8") if small in ("auto", "int4") else small
+        self.head = _Linear(model.lm_head.weight, head_small, big, dev, small_rows)
         cos, sin = model.rope_cos.float().to(dev), model.rope_sin.float().to(dev)  # (max_len, hd/2)
         # rotate-half RoPE as x·cos + roll(x, hd/2)·sin_signed: pairs (x_i, x_{i+hd/2}) rotate together
         self.rope_cos = torch.cat([cos, cos], -1)
@@ -396,26 +457,58 @@ class Engine:
 
     def _prefill(self, ids: list[int], row: int) -> torch.Tensor:
         """Run a whole prompt for the sequence in `row`; fills its cache columns [0, P); returns (V,) logits."""
-        P, H, Hkv, hd = len(ids), self.H, self.Hkv, self.hd
-        x = self.embed[torch.tensor(ids, device=self.device)]  # (P, D)
-        cos, sin = self.rope_cos[:P, None], self.rope_sin[:P, None]  # (P, 1, hd)
+        return self._prefill_many([ids], [row])[0]
+
+    def _prefill_many(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """Prefill several prompts (prompt i into cache row rows[i]); returns (n, V) next-token logits.
+        Prompts are packed into chunks of at most PREFILL_CHUNK tokens (a longer prompt goes alone), which
+        bounds activation memory while keeping every matmul big."""
+        out, i = [], 0
+        while i < len(prompts):
+            j, T = i + 1, len(prompts[i])
+            while j < len(prompts) and T + len(prompts[j]) <= PREFILL_CHUNK:
+                T += len(prompts[j])
+                j += 1
+            out.append(self._prefill_packed(prompts[i:j], rows[i:j]))
+            i = j
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _prefill_packed(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """All prompts as one (sum of lengths, D) matrix: every linear is one matmul over all their tokens;
+        attention runs per prompt (causal, within the prompt), writing each prompt's keys into its row."""
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        lens = [len(p) for p in prompts]
+        starts = list(itertools.accumulate(lens, initial=0))
+        T = starts[-1]
+        dev = self.device
+        x = self.embed[torch.tensor([t for p in prompts for t in p], device=dev)]  # (T, D)
+        if len(prompts) == 1:
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, hd)
+        else:
+            pos = torch.cat([torch.arange(P, device=dev) for P in lens])
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+        first = torch.tensor(starts[:-1], device=dev)  # rows at position 0
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.eps)
-            qkv = L.qkv.prefill(h)  # (P, (H + 2·Hkv)·hd)
-            qk = self._rope(qkv[:, : (H + Hkv) * hd].view(P, H + Hkv, hd), cos, sin)
-            q = qk[:, :H].transpose(0, 1)  # (H, P, hd)
-            k = qk[:, H:].transpose(0, 1)  # (Hkv, P, hd)
-            v = qkv[:, (H + Hkv) * hd:].view(P, Hkv, hd).transpose(0, 1)
-            self._k[li, row, :, :P] = k
-            self._v[li, row, :, :P] = v
-            y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=Hkv != H)
-            x = x + L.wo.prefill(y[0].transpose(0, 1).reshape(P, H * hd))
+            qkv = L.qkv.prefill(h, first)  # (T, (H + 2·Hkv)·hd)
+            qk = self._rope(qkv[:, : (H + Hkv) * hd].view(T, H + Hkv, hd), cos, sin)
+            v = qkv[:, (H + Hkv) * hd:].view(T, Hkv, hd)
+            ys = []
+            for s, P, row in zip(starts, lens, rows):
+                q = qk[s:s + P, :H].transpose(0, 1)  # (H, P, hd)
+                k = qk[s:s + P, H:].transpose(0, 1)  # (Hkv, P, hd)
+                vp = v[s:s + P].transpose(0, 1)
+                self._k[li, row, :, :P] = k
+                self._v[li, row, :, :P] = vp
+                y = F.scaled_dot_product_attention(q[None], k[None], vp[None], is_causal=True, enable_gqa=Hkv != H)
+                ys.append(y[0].transpose(0, 1).reshape(P, H * hd))
+            x = x + L.wo.prefill(ys[0] if len(ys) == 1 else torch.cat(ys), first)
             h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, self.eps)
-            gu = L.gate_up.prefill(h)
+            gu = L.gate_up.prefill(h, first)
             f = gu.shape[-1] // 2
-            x = x + L.down.prefill(F.silu(gu[:, :f]) * gu[:, f:])
-        h = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps)
-        return self.head.prefill(h)[0]
+            x = x + L.down.prefill(F.silu(gu[:, :f]) * gu[:, f:], first)
+        last = x[[s - 1 for s in starts[1:]]]  # each prompt's last position
+        return self.head.prefill(F.rms_norm(last, (x.shape[-1],), self.norm, self.eps))
 
     def _decode(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One token per running row (rows 0..B-1, row b has lengths[b] cached positions) -> (B, V) logits.
@@ -563,7 +656,7 @@ class Engine:
             events += self._sample_and_advance(old, logits)
         new = self._admit()
         if new:
-            logits = torch.stack([self._prefill_group(g) for g in new])  # one row per distinct prompt
+            logits = self._prefill_groups(new)  # one row per distinct prompt
             reqs = [r for g in new for r in g]
             rows = torch.tensor([i for i, g in enumerate(new) for _ in g], device=self.device)
             events += self._sample_and_advance(reqs, logits[rows])
@@ -598,13 +691,14 @@ class Engine:
             groups.setdefault(tuple(r.prompt), []).append(r)
         return list(groups.values())
 
-    def _prefill_group(self, group: list[Request]) -> torch.Tensor:
-        first = group[0]
-        logits = self._prefill(first.prompt, first.row)
-        P = len(first.prompt)
-        for r in group[1:]:  # n samples of one prompt share its prefill
-            self._k[:, r.row, :, :P] = self._k[:, first.row, :, :P]
-            self._v[:, r.row, :, :P] = self._v[:, first.row, :, :P]
+    def _prefill_groups(self, groups: list[list[Request]]) -> torch.Tensor:
+        """Prefill every new distinct prompt in one packed pass; n samples of one prompt share its prefill."""
+        logits = self._prefill_many([g[0].prompt for g in groups], [g[0].row for g in groups])
+        for g in groups:
+            first, P = g[0], len(g[0].prompt)
+            for r in g[1:]:
+                self._k[:, r.row, :, :P] = self._k[:, first.row, :, :P]
+                self._v[:, r.row, :, :P] = self._v[:, first.row, :, :P]
         return logits
 
     def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
@@ -781,17 +875,32 @@ class Engine:
     def score(self, ids: Sequence[int]) -> list[float]:
         """log π(ids[t] | ids[:t]) for t ≥ 1, fed one token at a time through the decoding path, i.e. with
         exactly the numerics sampling uses (for perplexity of the fast weight modes, or PPO's old log-probs)."""
-        ids = self.check_prompt(ids)
+        return self.score_many([ids])[0]
+
+    @torch.inference_mode()
+    def score_many(self, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """score() of several sequences decoded together as one batch, i.e. with the numerics of batched
+        sampling (above `small_rows` rows the big-batch kernels run)."""
+        seqs = [self.check_prompt(s) for s in seqs]
         if self._running:
             raise MinichatError("score() needs an idle engine")
-        self._ensure_cache(1, len(ids))
-        out = []
-        logits = self._prefill(ids[:1], 0)[None]
-        for t in range(1, len(ids)):
-            out.append(torch.log_softmax(logits[0].float(), -1)[ids[t]].item())
-            if t < len(ids) - 1:
-                logits = self._decode(torch.tensor([ids[t]], device=self.device), [t])
-        return out
+        if len(seqs) > self.max_batch:
+            raise MinichatError(f"score_many() takes at most max_batch={self.max_batch} sequences, got {len(seqs)}")
+        if not seqs:
+            return []
+        B, L = len(seqs), max(len(s) for s in seqs)
+        self._ensure_cache(B, L)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)  # rows past their end feed token 0
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, device=self.device)
+        lp = torch.zeros(B, L - 1, device=self.device)
+        logits = self._prefill_many([s[:1] for s in seqs], list(range(B)))
+        for t in range(1, L):
+            lp[:, t - 1] = torch.log_softmax(logits.float(), -1).gather(1, ids[:, t:t + 1])[:, 0]
+            if t < L - 1:
+                logits = self._decode(ids[:, t], [t] * B)
+        rows = lp.tolist()
+        return [rows[i][: len(s) - 1] for i, s in enumerate(seqs)]
 
     @torch.inference_mode()
     def logits(self, prompt_ids: Sequence[int]) -> torch.Tensor:

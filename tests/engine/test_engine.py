@@ -97,10 +97,12 @@ def test_fast_weights_stay_close(tiny, weights):
     ref = Engine(model, tok, weights="fp32").score(ids)
     eng = Engine(model, tok, weights=weights)
     if weights in ("auto", "fast"):
-        assert eng.layers[0].qkv.kind == "int4" and eng.head.kind == "int8" and eng.head.big.kind == ("fp32" if weights == "auto" else "w8a8")
+        assert eng.layers[0].qkv.kind == "int4" and eng.head.kind == ("int8" if weights == "auto" else "w8a8") and eng.head.big.kind == ("fp32" if weights == "auto" else "w8a8")
     got = eng.score(ids)
-    tol = 0.15 if weights in ("int8", "w8a8", "fast") else 0.08  # log-prob units; int8 has one scale per row
-    assert max(abs(a - b) for a, b in zip(got, ref)) < tol
+    # log-prob units; int8 has one scale per row, and w8a8 rounds every activation to 8 bits too
+    tol = {"int8": 0.15, "fast": 0.15, "w8a8": 0.2}.get(weights, 0.08)
+    err = [abs(a - b) for a, b in zip(got, ref)]
+    assert max(err) < tol and sum(err) / len(err) < tol / 2
     assert eng.logits(ids[:2]).shape == (model.cfg.vocab_size,)
 
 
@@ -380,3 +382,64 @@ def test_big_batches_switch_kernels_and_stay_close(tiny, weights):
         # the first token comes from the prompt's last row alone, i.e. the small (int8) head
         assert abs(o.logprobs[0] - want[0]) < 0.15
         assert max(abs(a - b) for a, b in zip(o.logprobs[1:], want[1:])) < (1e-4 if weights == "auto" else 0.3)
+
+
+def test_batched_prefill_matches_one_by_one(tiny, monkeypatch):
+    """Prompts admitted together are prefilled as one packed matrix (attention kept per prompt): the same
+    next-token logits and KV cache rows as prefilling each alone, the same greedy tokens, also when the
+    pack is split into chunks and when n samples of a prompt share its prefill."""
+    import minichat.engine as engine_mod
+
+    model, tok = tiny
+    ps = prompts(tok) + [tok.encode("Numbers like 12345 and 3.14159 split into digits. Unicode: héllo")]
+    assert len({len(p) for p in ps}) == len(ps)  # all different lengths
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    alone = [eng.logits(p) for p in ps]
+    alone_k = []
+    for p in ps:
+        eng.logits(p)
+        alone_k.append(eng._k[:, 0, :, :len(p)].clone())
+    for chunk in (engine_mod.PREFILL_CHUNK, 16):  # 16 tokens: several packs, a long prompt alone
+        monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
+        eng._ensure_cache(len(ps), 64)
+        with torch.inference_mode():
+            got = eng._prefill_many(ps, list(range(len(ps))))
+        for i, p in enumerate(ps):
+            torch.testing.assert_close(got[i], alone[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[i], ref_logits(model, p), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(eng._k[:, i, :, :len(p)], alone_k[i], atol=1e-5, rtol=1e-5)
+    g = SamplingParams(temperature=0, max_tokens=12)
+    together = eng.generate(ps, g, n=2)
+    for i, p in enumerate(ps):
+        one = eng.generate([p], g)[0].token_ids
+        assert together[2 * i].token_ids == together[2 * i + 1].token_ids == one == ref_greedy(model, p, 12)
+
+
+def test_w8a8_prefill_keeps_position_zero_exact(tiny):
+    """weights="fast" prefills prompts with int8 activations except the rows at position 0 (an attention
+    sink with huge activations), which stay fp32: position 0's keys equal the fp32 engine's, later ones are close."""
+    model, tok = tiny
+    ps = prompts(tok)
+    ref = Engine(model, tok, weights="fp32")
+    fast = Engine(model, tok, weights="fast", small_rows=2)
+    for e in (ref, fast):
+        e._ensure_cache(len(ps), 64)
+        with torch.inference_mode():
+            e._prefill_many(ps, list(range(len(ps))))
+    for i, p in enumerate(ps):
+        torch.testing.assert_close(fast._k[:, i, :, 0], ref._k[:, i, :, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast._v[:, i, :, 0], ref._v[:, i, :, 0], atol=1e-5, rtol=1e-5)
+        later = (fast._k[:, i, :, 1:len(p)] - ref._k[:, i, :, 1:len(p)]).abs().max()
+        assert 0 < later < 0.1 * ref._k[:, i, :, 1:len(p)].abs().max()
+
+
+def test_score_many_is_score_of_each(tiny):
+    model, tok = tiny
+    seqs = [tok.encode(t) for t in ("The capital of France is Paris.", "A cat", "def add(a, b):\n    return a + b")]
+    eng = Engine(model, tok, weights="fp32")
+    many = eng.score_many(seqs)
+    assert [len(m) for m in many] == [len(s) - 1 for s in seqs]
+    for s, m in zip(seqs, many):
+        assert m == pytest.approx(eng.score(s), abs=1e-4)
+    with pytest.raises(MinichatError, match="max_batch"):
+        Engine(model, tok, weights="fp32", max_batch=2).score_many(seqs)
