@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
+    ap.add_argument("--weights", default="", help="the engine's weight mode (default: the server's, auto)")
     ap.add_argument("--no-moderation", action="store_true")
     ap.add_argument("--out", help="write a Markdown table here (appends a section)")
     ap.add_argument("--url", help="use this running server instead of starting one (e.g. under py-spy)")
@@ -178,6 +179,8 @@ def main() -> int:
                "none", "--engine.max_batch", str(a.max_batch), "--max_queue", "256", "--log_level", "warning"]
         if a.threads:
             cmd += ["--engine.threads", str(a.threads)]
+        if a.weights:
+            cmd += ["--engine.weights", a.weights]
         if a.no_moderation:
             cmd.append("--no-moderation")
         server = subprocess.Popen(cmd)
@@ -193,7 +196,7 @@ def main() -> int:
     base = rows[0]["tok_per_s"] if rows else float("nan")
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — model {a.model}, moderation "
              f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
-             f"max_batch {a.max_batch}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
+             f"max_batch {a.max_batch}, weights {a.weights or 'auto'}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
              "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed "
              "| server CPU (cores) | client CPU (cores) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -11,15 +11,17 @@ from minichat.errors import ConfigError
 @dataclass
 class EngineSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    weights: str = "auto"  # the engine's weight mode: auto | fp32 | bf16 | int8
+    weights: str = "auto"  # the engine's weight mode: auto | fast (int8 activations on big batches) | fp32 | ...
     max_batch: int = 32  # sequences decoded together per model (the continuous batch)
     threads: int = 0  # torch threads; 0 = torch's default
 
     def validate(self) -> None:
         if self.max_batch < 1:
             raise ConfigError("engine.max_batch must be >= 1")
-        if self.weights not in ("auto", "fp32", "bf16", "int8"):
-            raise ConfigError(f"engine.weights must be auto, fp32, bf16 or int8, got {self.weights!r}")
+        from minichat.engine import WEIGHT_MODES
+
+        if self.weights not in WEIGHT_MODES:
+            raise ConfigError(f"engine.weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         if self.threads < 0:
             raise ConfigError("engine.threads must be >= 0")
 

@@ -173,8 +173,10 @@ def _deliver_all(items: list[tuple[Job, Any]]) -> None:
 class ModelWorker:
     """Owns one Engine and the thread that steps it. All engine calls except submit/cancel happen there."""
 
-    def __init__(self, name: str, engine, tokenizer, *, max_queue: int = 64, idle_wait: float = 0.5):
+    def __init__(self, name: str, engine, tokenizer, *, max_queue: int = 64, idle_wait: float = 0.5,
+                 threads: int = 0):
         self.name, self.engine, self.tokenizer = name, engine, tokenizer
+        self.threads = threads  # torch intra-op threads of the stepping thread (0: that thread's default)
         self.max_queue = max_queue
         self.idle_wait = idle_wait
         self.token_text = TokenText(tokenizer)
@@ -254,6 +256,10 @@ class ModelWorker:
         import torch
 
         torch.set_grad_enabled(False)
+        if self.threads:
+            # OpenMP keeps one thread team per thread that starts parallel work; this thread's team should be
+            # the only busy one (ModelRegistry.load builds engines with 1 thread for that reason)
+            torch.set_num_threads(self.threads)
         while not self._stop.is_set():
             self._apply_cancels()
             if not self.engine.has_unfinished():

@@ -89,3 +89,37 @@ def test_guard_due_predicts_which_feeds_check():
         assert (len(checks) > before) == due, p
         predicted += due
     assert 0 < predicted < len(pieces) / 2  # most deltas need no check, so they are not sent to a thread
+
+
+def test_registry_loads_on_one_thread_and_steps_on_the_configured_count(model_files):
+    """ModelRegistry.load builds engines with 1 torch thread (so the loading thread never starts an OpenMP team
+    that would compete with the stepping thread's) and the worker thread steps with engine.threads."""
+    import threading
+
+    import torch
+
+    from minichat.serve.config import EngineSettings
+    from minichat.serve.models import ModelRegistry
+
+    before = torch.get_num_threads()
+    reg = ModelRegistry.load([f"tiny={model_files.tiny}"], EngineSettings(weights="fp32", threads=2))
+    assert torch.get_num_threads() == before  # the caller's setting is restored
+    w = reg.get("tiny").worker
+    seen = []
+    real_step = w.engine.step
+
+    def step():
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real_step()
+
+    w.engine.step = step
+    reg.start()
+    try:
+        async def main():
+            return await _collect(w.submit([5, 6, 7], GenOptions(max_tokens=4, min_tokens=4, seed=0)))
+
+        _, _, finishes = asyncio.run(main())
+    finally:
+        reg.stop()
+    assert finishes[0].completion_tokens == 4
+    assert seen and all(name.startswith("minichat-worker-") and n == 2 for name, n in seen), seen
