@@ -103,3 +103,27 @@ def test_a_stage_without_its_input_says_what_is_missing(tmp_path):
         from minichat.pipeline import Paths, stage_sft
 
         stage_sft(cfg, Paths(cfg))
+
+
+def test_ranked_samples_can_spread_their_temperatures(tmp_path):
+    """world.sample_min_temperature: answer j of every prompt is sampled at a temperature stepping from
+    sample_temperature down to it; at 0 the last answer is the SFT model's greedy one."""
+    from minichat.eval.evaluate import generate, load_tasks
+    from minichat.gguf_import import load
+    from minichat.pipeline import Paths
+
+    cfg = preset_tiny()
+    cfg.out_dir = str(tmp_path / "r")
+    cfg.runtime.threads = 1
+    cfg.world.sample_min_temperature = 0.0
+    run(cfg, until="comparisons")
+    P = Paths(cfg)
+    rows = [json.loads(line) for line in P.comparisons.read_text().splitlines() if line.strip()]
+    tasks = load_tasks(P.rm_tasks)
+    assert len(rows) == len(tasks) and all(len(r["answers"]) == cfg.world.rm_k for r in rows)
+    model, tok, _ = load(str(P.stage_dir("sft")), verbose=False)
+    prompts = [tok.render_chat(t.messages, add_generation_prompt=True)[0] for t in tasks]
+    greedy = generate(model, tok, prompts, cfg.world.max_new_tokens, 0.0, 0)
+    assert [tok.decode(c.content_ids, skip_special=True).strip() for c in greedy] == [r["answers"][-1] for r in rows]
+    with pytest.raises(MinichatError, match="sample_min_temperature"):
+        main(["--preset", "tiny", "--out_dir", str(tmp_path / "x"), "--world.sample_min_temperature", "2"])
