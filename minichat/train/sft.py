@@ -12,7 +12,7 @@ import torch
 
 from minichat import config as C
 from minichat import runtime
-from minichat.errors import ConfigError
+from minichat.errors import ConfigError, MinichatError
 from minichat.losses import masked_lm_loss
 from minichat.train.loop import TrainConfig, Trainer
 
@@ -81,7 +81,12 @@ def prepare(cfg: SFTConfig, tok, max_len: int):
         train_c, val_c = split_holdout(convs, cfg.data.val_fraction, cfg.runtime.seed)
     else:
         train_c, val_c = convs, []
-    train = Sequences(encode_sft(train_c, tok, max_len, report), max_len, tok.pad_id, cfg.data.pack, cfg.runtime.seed)
+    examples = encode_sft(train_c, tok, max_len, report)
+    if not examples:
+        raise MinichatError(f"no SFT training examples left in {cfg.data.train} ({len(train_c)} conversations read; "
+                            f"{report.summary()}). Rows are cut to the model's context of {max_len} tokens, and a "
+                            "conversation with no assistant tokens left has nothing to train on.")
+    train = Sequences(examples, max_len, tok.pad_id, cfg.data.pack, cfg.runtime.seed)
     val = Sequences(encode_sft(val_c, tok, max_len, report), max_len, tok.pad_id, False) if val_c else None
     return train, val, report
 

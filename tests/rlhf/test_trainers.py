@@ -72,6 +72,20 @@ def test_sft_pretraining_mix_keeps_pretraining_loss_down(tiny_lm, sft_file, tmp_
     assert any("ptx_loss" in r for r in rows)
 
 
+def test_sft_with_nothing_left_to_train_says_why(tiny_lm, tmp_path):
+    """Every conversation longer than the context: a clear error naming the context, not an empty run."""
+    from minichat.train import sft
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"messages": [
+        {"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}] * 3)
+    cfg = sft.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.val_fraction = str(tiny_lm), str(long), 0.0
+    cfg.train.out_dir = str(tmp_path / "s")
+    _quiet(cfg.train)
+    with pytest.raises(MinichatError, match="no SFT training examples.*context of"):
+        sft.run(cfg)
+
+
 def test_sft_pretraining_mix_needs_data():
     from minichat import config as C
     from minichat.errors import ConfigError
