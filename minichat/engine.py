@@ -530,6 +530,8 @@ class Engine:
             keep = torch.arange(S, device=self.device)[None] <= pos[:, None]
             bias = torch.zeros(B, 1, 1, S, device=self.device).masked_fill_(~keep[:, None, None], float("-inf"))
             rows = torch.arange(B, device=self.device)
+        # the same mask in the cache's dtype, made once per step for the bf16 SDPA path
+        kv_bias = None if bias is None or self.kv_dtype == torch.float32 else bias.to(self.kv_dtype)
         # rotary tables for this step, with 1/√hd folded into the query heads
         cos = self.rope_cos[pos][:, None] * self._qk_scale  # (B, H + Hkv, hd)
         sin = self.rope_sin[pos][:, None] * self._qk_scale
@@ -555,7 +557,7 @@ class Engine:
                 # a group's query heads on SDPA's query axis (1/√hd is already in q): its bf16 kernel reads the
                 # cache once; at small batch its fixed cost outweighs that, so small batches take fp32 copies
                 y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, scale=1.0,
-                                                   attn_mask=None if bias is None else bias.to(keys.dtype)).float()
+                                                   attn_mask=kv_bias).float()
             else:
                 if keys.dtype != torch.float32:
                     keys, values = keys.float(), values.float()
