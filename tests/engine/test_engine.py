@@ -465,3 +465,34 @@ def test_score_many_is_score_of_each(tiny):
         assert m == pytest.approx(eng.score(s), abs=1e-4)
     with pytest.raises(MinichatError, match="max_batch"):
         Engine(model, tok, weights="fp32", max_batch=2).score_many(seqs)
+
+
+@pytest.mark.parametrize("weights", ["auto", "fast"])
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_fused_decode_matches_the_torch_ops_path(tiny, weights, batch):
+    """With the compiled kernels (minichat/kernels.c) a decode step runs fused: small batches on bf16-in/out
+    weight-only kernels, fast mode's big batches on int8 x int8. Same math as the torch ops: the logits and
+    cache rows written agree up to rounding, and the greedy tokens are the same."""
+    from minichat import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler here: only the torch ops path exists")
+    model, tok = tiny
+    ps = (prompts(tok) * 3)[:batch]
+    fused = Engine(model, tok, weights=weights, small_rows=4, stop_token_ids=[])
+    plain = Engine(model, tok, weights=weights, small_rows=4, stop_token_ids=[], kernels=False)
+    assert fused._fuse_small and not plain._fuse_small and plain.kernels is None
+    assert fused._fuse_big == (weights == "fast")
+    taken = []
+    for name in ("_decode_small_fused", "_decode_fused"):
+        orig = getattr(fused, name)
+        setattr(fused, name, lambda *a, _o=orig, _n=name: taken.append(_n) or _o(*a))
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=True)
+    a, b = fused.generate(ps, sp), plain.generate(ps, sp)
+    if batch <= 4:
+        assert set(taken) == {"_decode_small_fused"}
+    else:  # auto mode's big batches run fp32 matmuls, never fused
+        assert set(taken) == ({"_decode_fused"} if weights == "fast" else set())
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < (0.02 if weights == "auto" else 0.1)

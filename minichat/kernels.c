@@ -1,0 +1,194 @@
+/* Fused element-wise kernels for the engine's int8 decode path (minichat/kernels.py compiles this file with
+ * the system C compiler on first use and calls it through ctypes).
+ *
+ * Why: between its matmuls, a decode step is ~30 tiny torch ops per layer (RMSNorm, per-row int8 scaling,
+ * RoPE, KV-cache writes, SwiGLU, residual adds), each paying dispatcher and allocation overhead that at
+ * batch 32 adds up to a third of the step. Each kernel here does one of those chains in one pass over rows
+ * that are already in cache. All tensors are row-major and contiguous; the Python side checks that.
+ *
+ * "y" inputs are matmul outputs in one of three forms (ytype): 0 float32; 1 int32 from an int8 x int8
+ * matmul, dequantized as y * row_scale[m] * col_scale[n]; 2 bfloat16. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* e^x for float32 to ~2 ulp, written so that loops over it vectorize (glibc's vector expf needs -ffast-math):
+ * x = k·ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes' expf coefficients), 2^k by bits. */
+static inline float exp_f32(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float k = nearbyintf(x * 1.44269504088896341f);
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* row m of y, dequantized into out[0..n) */
+static inline void load_row(const void *y, int ytype, int64_t m, int64_t ncols, int64_t off, int64_t n,
+                            const float *row_scale, const float *col_scale, float *out) {
+    if (ytype == 0) {
+        memcpy(out, (const float *)y + m * ncols + off, n * sizeof(float));
+    } else if (ytype == 1) {
+        const int32_t *r = (const int32_t *)y + m * ncols + off;
+        const float s = row_scale[m];
+        const float *c = col_scale + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) out[j] = (float)r[j] * s * c[j];
+    } else {
+        const uint16_t *r = (const uint16_t *)y + m * ncols + off;
+        for (int64_t j = 0; j < n; j++) out[j] = bf16_to_f32(r[j]);
+    }
+}
+
+/* symmetric int8 with one scale per row: q = round(h / s), s = max|h| / 127 */
+static inline void quant_row(const float *h, int64_t n, int8_t *q, float *s) {
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t j = 0; j < n; j++) { /* not fmaxf: its NaN rules keep the loop scalar */
+        float a = fabsf(h[j]);
+        amax = a > amax ? a : amax;
+    }
+    float sc = amax > 1e-30f ? amax / 127.f : 1.f;
+    float inv = 1.f / sc;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) q[j] = (int8_t)nearbyintf(h[j] * inv);
+    *s = sc;
+}
+
+/* Per row: optionally RMSNorm (w != NULL), then quantize to int8 with one scale per row. */
+void mc_norm_quant(const float *x, const float *w, float eps, int64_t M, int64_t K, int8_t *q, float *s) {
+    float h[K];
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * K;
+        if (w) {
+            float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t j = 0; j < K; j++) ss += r[j] * r[j];
+            float inv = 1.f / sqrtf(ss / (float)K + eps);
+#pragma omp simd
+            for (int64_t j = 0; j < K; j++) h[j] = r[j] * inv * w[j];
+            quant_row(h, K, q + m * K, s + m);
+        } else {
+            quant_row(r, K, q + m * K, s + m);
+        }
+    }
+}
+
+/* Per row: RMSNorm into bfloat16 (the input of the bf16-activation weight-only kernels). */
+void mc_norm_bf16(const float *x, const float *w, float eps, int64_t M, int64_t K, uint16_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * K;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < K; j++) ss += r[j] * r[j];
+        float inv = 1.f / sqrtf(ss / (float)K + eps);
+        for (int64_t j = 0; j < K; j++) out[m * K + j] = f32_to_bf16(r[j] * inv * w[j]);
+    }
+}
+
+/* out (M, N) = y (accumulate: out += y), y dequantized. */
+void mc_dequant(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M, int64_t N,
+                float *out, int accumulate) {
+    float t[N];
+    for (int64_t m = 0; m < M; m++) {
+        float *o = out + m * N;
+        if (!accumulate) {
+            load_row(y, ytype, m, N, 0, N, row_scale, col_scale, o);
+            continue;
+        }
+        load_row(y, ytype, m, N, 0, N, row_scale, col_scale, t);
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) o[j] += t[j];
+    }
+}
+
+/* SwiGLU on y = [gate | up] (M, 2F): a = silu(gate) * up, then quantized per row (q (M, F), s (M)) when
+ * q != NULL, else written to out (M, F) as float32 (otype 0) or bfloat16 (otype 2). */
+void mc_swiglu(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M, int64_t F,
+               int8_t *q, float *s, void *out, int otype) {
+    float g[F], u[F], a[F];
+    for (int64_t m = 0; m < M; m++) {
+        load_row(y, ytype, m, 2 * F, 0, F, row_scale, col_scale, g);
+        load_row(y, ytype, m, 2 * F, F, F, row_scale, col_scale, u);
+#pragma omp simd
+        for (int64_t j = 0; j < F; j++) a[j] = g[j] / (1.f + exp_f32(-g[j])) * u[j];
+        if (q) quant_row(a, F, q + m * F, s + m);
+        else if (otype == 0) memcpy((float *)out + m * F, a, F * sizeof(float));
+        else for (int64_t j = 0; j < F; j++) ((uint16_t *)out)[m * F + j] = f32_to_bf16(a[j]);
+    }
+}
+
+/* Per row, the index of the largest value (the first one on ties), as torch.argmax for finite input. */
+void mc_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * V;
+        float best = r[0];
+#pragma omp simd reduction(max : best)
+        for (int64_t j = 0; j < V; j++) best = r[j] > best ? r[j] : best;
+        int64_t i = 0;
+        while (i < V - 1 && !(r[i] == best)) i++;  /* a vectorized max, then one scan to its first place */
+        out[m] = i;
+    }
+}
+
+/* The attention half of a decode step's qkv matmul, for rows m = 0..M-1 at positions pos[m]:
+ * rotate-half RoPE on the query and key heads (x·cos + swap_halves(x)·sin, with sin's first half negated in
+ * the table), the query heads also scaled by q_scale (1/√d folded in), written to q_out (M, H, D) as float32
+ * (qtype 0) or bfloat16 (qtype 2); keys and values written into the layer's cache at [m, head, pos[m], :]
+ * as float32 (ctype 0) or bfloat16 (ctype 2). Cache strides are in elements: row, head (position stride D). */
+void mc_qkv_rope_cache(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M,
+                       int64_t H, int64_t Hkv, int64_t D, const float *cos_tab, const float *sin_tab,
+                       const int64_t *pos, float q_scale, void *q_out, int qtype, void *kc, void *vc, int ctype,
+                       int64_t row_stride, int64_t head_stride) {
+    const int64_t W = (H + 2 * Hkv) * D, half = D / 2;
+    float r[W], o[D];
+    for (int64_t m = 0; m < M; m++) {
+        load_row(y, ytype, m, W, 0, W, row_scale, col_scale, r);
+        const float *c = cos_tab + pos[m] * D, *sn = sin_tab + pos[m] * D;
+        for (int64_t h = 0; h < H + 2 * Hkv; h++) {
+            const float *x = r + h * D;
+            if (h < H + Hkv) {
+                const float sc = h < H ? q_scale : 1.f;
+                for (int64_t j = 0; j < D; j++) {
+                    float sw = j < half ? x[j + half] : x[j - half];
+                    o[j] = (x[j] * c[j] + sw * sn[j]) * sc;
+                }
+            } else {
+                memcpy(o, x, D * sizeof(float));
+            }
+            if (h < H) {
+                if (qtype == 0) memcpy((float *)q_out + (m * H + h) * D, o, D * sizeof(float));
+                else for (int64_t j = 0; j < D; j++) ((uint16_t *)q_out)[(m * H + h) * D + j] = f32_to_bf16(o[j]);
+                continue;
+            }
+            int64_t kvh = h < H + Hkv ? h - H : h - H - Hkv;
+            int64_t at = m * row_stride + kvh * head_stride + pos[m] * D;
+            void *cache = h < H + Hkv ? kc : vc;
+            if (ctype == 0) memcpy((float *)cache + at, o, D * sizeof(float));
+            else for (int64_t j = 0; j < D; j++) ((uint16_t *)cache)[at + j] = f32_to_bf16(o[j]);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+"""The compiled kernels against the same math written as torch ops."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minichat import kernels
+
+K = kernels.load()
+pytestmark = pytest.mark.skipif(K is None, reason="no C compiler here: the engine runs its torch path")
+
+
+def ref_quant(h):
+    s = h.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return torch.round(h / s).to(torch.int8), s
+
+
+@pytest.mark.parametrize("M,K_", [(1, 64), (7, 576), (32, 100)])
+def test_norm_quant_matches_torch(M, K_):
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K_, generator=g) * 3
+    w = torch.rand(K_, generator=g) + 0.5
+    q, s = K.norm_quant(x, w, 1e-5)
+    rq, rs = ref_quant(F.rms_norm(x, (K_,), w, 1e-5))
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+    assert (q.int() - rq.int()).abs().max() <= 1  # a rounding tie may go either way
+    assert (q == rq).float().mean() > 0.99
+    q2, s2 = K.norm_quant(x, None)
+    rq2, rs2 = ref_quant(x)
+    torch.testing.assert_close(s2, rs2, rtol=1e-6, atol=0)
+    assert (q2.int() - rq2.int()).abs().max() <= 1
+    # the quantized rows reconstruct the input to within half a step
+    assert ((q2.float() * s2 - x).abs() <= s2 * 0.5001).all()
+
+
+def test_zero_row_quantizes_to_zero():
+    q, s = K.norm_quant(torch.zeros(2, 16), None)
+    assert (q == 0).all() and torch.isfinite(s).all()
+
+
+def test_norm_bf16_matches_torch():
+    x = torch.randn(3, 576)
+    w = torch.rand(576)
+    out = K.norm_bf16(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.rms_norm(x, (576,), w, 1e-5).to(torch.bfloat16)) or \
+        (out.float() - F.rms_norm(x, (576,), w, 1e-5).to(torch.bfloat16).float()).abs().max() <= 2 ** -7
+
+
+@pytest.mark.parametrize("ytype", [torch.float32, torch.int32, torch.bfloat16])
+def test_dequant_and_accumulate(ytype):
+    M, N = 5, 40
+    y = (torch.randn(M, N) * 100).to(ytype)
+    rs, cs = torch.rand(M, 1), torch.rand(N)
+    ref = y.float() * rs * cs if ytype == torch.int32 else y.float()
+    out = K.dequant(y, rs, cs) if ytype == torch.int32 else K.dequant(y)
+    torch.testing.assert_close(out, ref)
+    base = torch.randn(M, N)
+    acc = base.clone()
+    K.dequant(y, rs, cs, out=acc, accumulate=True)
+    torch.testing.assert_close(acc, base + ref)
+
+
+def test_swiglu_and_its_quantized_form():
+    M, Fh = 4, 48
+    y = torch.randint(-5000, 5000, (M, 2 * Fh), dtype=torch.int32)
+    rs, cs = torch.rand(M, 1) * 1e-3, torch.rand(2 * Fh)
+    yf = y.float() * rs * cs
+    ref = F.silu(yf[:, :Fh]) * yf[:, Fh:]
+    torch.testing.assert_close(K.swiglu(y, rs, cs), ref, rtol=1e-5, atol=1e-6)
+    q, s = K.swiglu_quant(y, rs, cs)
+    rq, rsc = ref_quant(ref)
+    torch.testing.assert_close(s, rsc, rtol=1e-5, atol=0)
+    assert (q.int() - rq.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
+    M, H, Hkv, D, slots, cap = 3, 6, 2, 16, 4, 20
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(M, (H + 2 * Hkv) * D, generator=g)
+    ang = torch.rand(cap, D // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1)
+    pos = torch.tensor([0, 7, 19])
+    kc = torch.zeros(slots, Hkv, cap, D, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    scale = 1 / math.sqrt(D)
+    q = K.qkv_rope_cache(y, None, None, H, Hkv, cos, sin, pos, 19, scale, kc, vc, q_dtype=q_dtype)
+    # the reference: rotate-half RoPE as the model defines it (pairs j, j + D/2), q scaled
+    qk = y[:, : (H + Hkv) * D].view(M, H + Hkv, D)
+    a = ang[pos][:, None]  # (M, 1, D/2)
+    x1, x2 = qk[..., : D // 2], qk[..., D // 2:]
+    rot = torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], -1)
+    torch.testing.assert_close(q.float(), (rot[:, :H] * scale).to(q_dtype).float(), rtol=1e-5, atol=1e-5)
+    v = y[:, (H + Hkv) * D:].view(M, Hkv, D)
+    for m in range(M):
+        torch.testing.assert_close(kc[m, :, pos[m]].float(), rot[m, H:].to(cache_dtype).float(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(vc[m, :, pos[m]], v[m].to(cache_dtype))
+    # nothing else in the cache was touched
+    written = torch.zeros(slots, Hkv, cap, dtype=torch.bool)
+    written[torch.arange(M), :, pos] = True
+    assert (kc.float().abs().sum(-1)[~written] == 0).all() and (vc.float().abs().sum(-1)[~written] == 0).all()
+
+
+def test_bad_inputs_are_refused_before_any_write():
+    kc = torch.zeros(1, 1, 4, 8)
+    y = torch.randn(2, 3 * 8)
+    cos = torch.ones(4, 8)
+    with pytest.raises(ValueError):  # two rows, one cache slot
+        K.qkv_rope_cache(y, None, None, 1, 1, cos, cos, torch.tensor([0, 1]), 1, 1.0, kc, kc.clone())
+    with pytest.raises(ValueError):  # position past the cache
+        K.qkv_rope_cache(y[:1], None, None, 1, 1, cos, cos, torch.tensor([4]), 4, 1.0, kc, kc.clone())
+    with pytest.raises(ValueError):  # not contiguous
+        K.norm_quant(torch.randn(8, 4).t(), None)
+
+
+def test_swiglu_in_bf16():
+    y = torch.randn(3, 64)
+    ref = F.silu(y[:, :32]) * y[:, 32:]
+    out = K.swiglu(y, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6)  # within bf16's rounding
+
+
+def test_argmax_matches_torch_including_ties():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 1000, generator=g)
+    x[1, 10] = x[1, 500] = 99.0  # a tie: the first place wins, as in torch
+    x[2, -1] = 50.0  # the last column
+    x[3, 0] = 50.0  # the first column
+    x[4] = -1.0  # all equal
+    assert torch.equal(K.argmax(x), x.argmax(-1))
