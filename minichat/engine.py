@@ -330,27 +330,41 @@ class _W8A8IntMM:
 
     kind = "w8a8"
 
-    def __init__(self, w, kernels=None):
+    def __init__(self, w, kernels=None, smooth: torch.Tensor | None = None):
+        # SmoothQuant: a few input channels carry activations far bigger than the rest, and a per-row int8 scale
+        # set by them rounds every other channel coarsely. With per-channel factors c, x·Wᵀ = (x/c)·(W·c)ᵀ:
+        # dividing the inputs by c moves part of that range into the weights (measured on SmolLM2: the
+        # quantized output error of qkv 3.0% -> 1.2%, gate/up 2.3% -> 1.4%)
+        if smooth is not None:
+            w = w * smooth[None, :]
+        self.inv_c = None if smooth is None else (1.0 / smooth).float().contiguous()  # (K,) multiplies inputs
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.qt = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous().t()  # (K, N)
-        self.scale = scale.contiguous()  # (N,)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127)
+        self.qt = q.to(torch.int8).contiguous().t()  # (K, N)
+        # activations are quantized per row with an offset, x ≈ s·q + z, so x·Wᵀ ≈ s·(q·Wqᵀ)·scale + z·Σ_k W:
+        # the output needs the (dequantized) weight rows' sums too
+        self.scale = torch.stack([scale, (q * scale[:, None]).sum(1)]).contiguous()  # (2, N)
         self.kernels = kernels
 
     def __call__(self, x):
         if self.kernels is not None and x.dtype == torch.float32 and x.is_contiguous():
-            xq, s = self.kernels.norm_quant(x, None)
-            return self.kernels.dequant(torch._int_mm(xq, self.qt), s, self.scale)
-        s = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30).mul_(1 / 127)
-        xq = torch.round(x / s).to(torch.int8)
-        return torch._int_mm(xq, self.qt).float().mul_(s).mul_(self.scale)
+            xq, sz = self.kernels.norm_quant(x, self.inv_c, norm=False)
+            return self.kernels.dequant(torch._int_mm(xq, self.qt), sz, self.scale)
+        if self.inv_c is not None:
+            x = x * self.inv_c
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        z = (hi + lo) * 0.5
+        s = ((hi - lo) / 254).clamp_(min=1e-30)
+        xq = torch.round((x - z) / s).to(torch.int8)
+        return torch._int_mm(xq, self.qt).float().mul_(s * self.scale[0]).add_(z * self.scale[1])
 
 
 def _w8a8(w):
     return _W8A8Fbgemm(w) if _fbgemm_reduce_range() is not None else _W8A8(w)
 
 
-def _w8a8_big(w, kernels=None):
-    return _W8A8IntMM(w, kernels)
+def _w8a8_big(w, kernels=None, smooth=None):
+    return _W8A8IntMM(w, kernels, smooth)
 
 
 _KERNELS = {"fp32": _F32, "bf16": _BF16, "int8": _Int8WeightOnly, "int4": _Int4WeightOnly, "w8a8": _w8a8,
@@ -363,11 +377,11 @@ class _Linear:
     win) and `big` for larger ones (prefill, big batches: bound by arithmetic)."""
 
     def __init__(self, w: torch.Tensor, small: str, big: str, device: torch.device, small_rows: int,
-                 exact_first: bool = False, kernels=None):
+                 exact_first: bool = False, kernels=None, smooth: torch.Tensor | None = None):
         w = w.detach().to(device=device, dtype=torch.float32).contiguous()
         if small == "int4" and w.shape[1] % GROUP:
             small = "int8"  # int4 groups need whole groups of 32 inputs
-        self.big = _KERNELS[big](w, kernels) if big == "w8a8-rows" else _KERNELS[big](w)
+        self.big = _KERNELS[big](w, kernels, smooth) if big == "w8a8-rows" else _KERNELS[big](w)
         self.small = self.big if small == big else _KERNELS[small](w)
         # fp32 for the rows of position 0 in prompts: a prompt's first token carries activations ~1000x the
         # others' (an attention sink), which int8 activations cannot represent (+3% perplexity if quantized)
@@ -397,19 +411,82 @@ def _auto_small(w: torch.Tensor) -> str:
 
 
 class _Layer:
-    def __init__(self, blk, small, big, device, small_rows, exact_first=False, kernels=None):
+    def __init__(self, blk, small, big, device, small_rows, exact_first=False, kernels=None, smooth=None):
         a, m = blk.attn, blk.mlp
+        smooth = smooth or {}
 
-        def lin(w):
+        def lin(w, name):
             return _Linear(w, _auto_small(w) if small == "auto" else small, big, device, small_rows, exact_first,
-                           kernels)
+                           kernels, smooth.get(name))
 
         self.attn_norm = blk.attn_norm.weight.detach().float().to(device)
         self.mlp_norm = blk.mlp_norm.weight.detach().float().to(device)
-        self.qkv = lin(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
-        self.wo = lin(a.wo.weight)
-        self.gate_up = lin(torch.cat([m.w_gate.weight, m.w_up.weight]))
-        self.down = lin(m.w_down.weight)
+        self.qkv = lin(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), "qkv")
+        self.wo = lin(a.wo.weight, "wo")
+        self.gate_up = lin(torch.cat([m.w_gate.weight, m.w_up.weight]), "gate_up")
+        self.down = lin(m.w_down.weight, "down")
+        # the norm weights the fused big-batch path applies before quantizing: smoothing folded in
+        self.attn_norm_big = _fold(self.attn_norm, self.qkv.big)
+        self.mlp_norm_big = _fold(self.mlp_norm, self.gate_up.big)
+
+
+def _fold(norm_weight: torch.Tensor, kernel) -> torch.Tensor:
+    inv_c = getattr(kernel, "inv_c", None)
+    return norm_weight if inv_c is None else (norm_weight * inv_c).contiguous()
+
+
+CALIBRATION_TEXT = (
+    "The sun rose over the quiet town, and the baker opened her shop at six. Q: What is 12 times 7? A: 84.\n"
+    "def mean(xs):\n    return sum(xs) / len(xs)\n"
+    "User: Can you explain why the sky is blue? Assistant: Sunlight scatters off air molecules, and blue light "
+    "scatters the most. Dates like 14 July 1789, prices like $3.50, and words in other languages (café, 東京)."
+)
+
+
+@torch.no_grad()
+def _smoothing(model, tokenizer, alpha: float = 0.5) -> dict:
+    """SmoothQuant factors c_j = max|x_j|^α / max|W_j|^(1-α) per input channel of every linear, from the
+    activations of one fixed calibration text (outlier channels are a property of the model, not the text).
+    Returns {"layers": [{"qkv": c, "wo": c, "gate_up": c, "down": c}, ...], "head": c}."""
+    n = min(model.cfg.max_seq_len, 128)
+    if tokenizer is not None:
+        ids = tokenizer.encode(CALIBRATION_TEXT)[:n]
+    else:
+        ids = torch.randint(0, model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    amax, hooks = {}, []
+
+    def watch(key, module):
+        def hook(mod, inp, out):
+            a = inp[0].detach().float().reshape(-1, inp[0].shape[-1]).abs().amax(0)
+            amax[key] = torch.maximum(amax[key], a) if key in amax else a
+        hooks.append(module.register_forward_hook(hook))
+
+    for i, b in enumerate(model.layers):
+        watch((i, "qkv"), b.attn.wq)
+        watch((i, "wo"), b.attn.wo)
+        watch((i, "gate_up"), b.mlp.w_gate)
+        watch((i, "down"), b.mlp.w_down)
+    watch("head", model.lm_head)
+    try:
+        model(torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def factor(key, w):
+        wmax = w.detach().float().abs().amax(0).clamp(min=1e-5)
+        return (amax[key].clamp(min=1e-5) ** alpha / wmax ** (1 - alpha)).clamp(1e-3, 1e3)
+
+    layers = []
+    for i, b in enumerate(model.layers):
+        a, m = b.attn, b.mlp
+        layers.append({
+            "qkv": factor((i, "qkv"), torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])),
+            "wo": factor((i, "wo"), a.wo.weight),
+            "gate_up": factor((i, "gate_up"), torch.cat([m.w_gate.weight, m.w_up.weight])),
+            "down": factor((i, "down"), m.w_down.weight),
+        })
+    return {"layers": layers, "head": factor("head", model.lm_head.weight)}
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -481,12 +558,16 @@ class Engine:
             "bf16": ("bf16", "bf16" if dev.type != "cpu" else "fp32"),  # no AMX here: fp32 wins big matmuls
         }[mode]
         exact_first = big.startswith("w8a8")
-        self.layers = [_Layer(b, small, big, dev, small_rows, exact_first, self.kernels) for b in model.layers]
+        smooth = _smoothing(model, self.tokenizer) if big == "w8a8-rows" else {"layers": [None] * len(model.layers)}
+        self.layers = [_Layer(b, small, big, dev, small_rows, exact_first, self.kernels, sm)
+                       for b, sm in zip(model.layers, smooth["layers"])]
         self.norm = model.norm.weight.detach().float().to(dev)
         # the head's rows are the (Q8_0) embeddings: int8 per row, never 4 bits; weights="fast" also quantizes
         # the head's input (W8A8: ~2x the int8 weight-only kernel at batch 1, +0.2% perplexity)
         head_small = ("w8a8" if mode == "fast" else "int8") if small in ("auto", "int4") else small
-        self.head = _Linear(model.lm_head.weight, head_small, big, dev, small_rows, kernels=self.kernels)
+        self.head = _Linear(model.lm_head.weight, head_small, big, dev, small_rows, kernels=self.kernels,
+                            smooth=smooth.get("head"))
+        self.norm_big = _fold(self.norm, self.head.big)
         # which fused decode paths apply: small batches need bf16-in/bf16-out weight-only kernels, big ones
         # fast mode's int8 x int8 matmuls
         lins = [lin for L in self.layers for lin in (L.qkv, L.wo, L.gate_up, L.down)]
@@ -679,17 +760,17 @@ class Engine:
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
         for li, L in enumerate(self.layers):
             qkv, wo, gu, down = L.qkv.big, L.wo.big, L.gate_up.big, L.down.big
-            xq, xs = K.norm_quant(x, L.attn_norm, self.eps)
+            xq, xs = K.norm_quant(x, L.attn_norm_big, self.eps)
             q = K.qkv_rope_cache(torch._int_mm(xq, qkv.qt), xs, qkv.scale, H, Hkv, self.rope_cos, self.rope_sin,
                                  pos, S - 1, scale, self._k[li], self._v[li], q_dtype)
             y = self._attend(q.view(B, Hkv, H // Hkv, hd), li, B, S, bias, kv_bias)
-            yq, ys = K.norm_quant(y.reshape(B, H * hd).float().contiguous(), None)
+            yq, ys = K.norm_quant(y.reshape(B, H * hd).float().contiguous(), wo.inv_c, norm=False)
             K.dequant(torch._int_mm(yq, wo.qt), ys, wo.scale, out=x, accumulate=True)
-            hq, hs = K.norm_quant(x, L.mlp_norm, self.eps)
-            mq, ms = K.swiglu_quant(torch._int_mm(hq, gu.qt), hs, gu.scale)
+            hq, hs = K.norm_quant(x, L.mlp_norm_big, self.eps)
+            mq, ms = K.swiglu_quant(torch._int_mm(hq, gu.qt), hs, gu.scale, down.inv_c)
             K.dequant(torch._int_mm(mq, down.qt), ms, down.scale, out=x, accumulate=True)
         head = self.head.big
-        hq, hs = K.norm_quant(x, self.norm, self.eps)
+        hq, hs = K.norm_quant(x, self.norm_big, self.eps)
         return K.dequant(torch._int_mm(hq, head.qt), hs, head.scale)
 
     # ---------------------------------------------------------------------------------------- cache

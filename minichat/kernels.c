@@ -7,7 +7,9 @@
  * that are already in cache. All tensors are row-major and contiguous; the Python side checks that.
  *
  * "y" inputs are matmul outputs in one of three forms (ytype): 0 float32; 1 int32 from an int8 x int8
- * matmul, dequantized as y * row_scale[m] * col_scale[n]; 2 bfloat16. */
+ * matmul; 2 bfloat16. Activations are quantized per row asymmetrically, x ≈ s·q + z (row_sz (M, 2) holds s, z),
+ * weights per output row, w ≈ t·p (col (2, N) holds t and the column sums Σ_k w[n, k]), so
+ * x·wᵀ ≈ s·t·(q·pᵀ) + z·Σ_k w[n, k]: an int32 y dequantizes as y·s[m]·t[n] + z[m]·sum[n]. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -48,52 +50,60 @@ static inline float exp_f32(float x) {
 
 /* row m of y, dequantized into out[0..n) */
 static inline void load_row(const void *y, int ytype, int64_t m, int64_t ncols, int64_t off, int64_t n,
-                            const float *row_scale, const float *col_scale, float *out) {
+                            const float *row_sz, const float *col, float *out) {
     if (ytype == 0) {
         memcpy(out, (const float *)y + m * ncols + off, n * sizeof(float));
     } else if (ytype == 1) {
         const int32_t *r = (const int32_t *)y + m * ncols + off;
-        const float s = row_scale[m];
-        const float *c = col_scale + off;
+        const float sc = row_sz[2 * m], z = row_sz[2 * m + 1];
+        const float *t = col + off, *sum = col + ncols + off;
 #pragma omp simd
-        for (int64_t j = 0; j < n; j++) out[j] = (float)r[j] * s * c[j];
+        for (int64_t j = 0; j < n; j++) out[j] = (float)r[j] * sc * t[j] + z * sum[j];
     } else {
         const uint16_t *r = (const uint16_t *)y + m * ncols + off;
         for (int64_t j = 0; j < n; j++) out[j] = bf16_to_f32(r[j]);
     }
 }
 
-/* symmetric int8 with one scale per row: q = round(h / s), s = max|h| / 127 */
-static inline void quant_row(const float *h, int64_t n, int8_t *q, float *s) {
-    float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-    for (int64_t j = 0; j < n; j++) { /* not fmaxf: its NaN rules keep the loop scalar */
-        float a = fabsf(h[j]);
-        amax = a > amax ? a : amax;
+/* int8 with one scale and one offset per row: h ≈ s·q + z, q in [-127, 127], z the middle of the row's range
+ * (asymmetric: a row of mostly positive values uses all 255 levels, not half of them) */
+static inline void quant_row(const float *h, int64_t n, int8_t *q, float *sz) {
+    float lo = h[0], hi = h[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+    for (int64_t j = 0; j < n; j++) { /* not fminf/fmaxf: their NaN rules keep the loop scalar */
+        lo = h[j] < lo ? h[j] : lo;
+        hi = h[j] > hi ? h[j] : hi;
     }
-    float sc = amax > 1e-30f ? amax / 127.f : 1.f;
-    float inv = 1.f / sc;
+    const float z = 0.5f * (hi + lo);
+    const float sc = hi - lo > 1e-30f ? (hi - lo) / 254.f : 1.f;
+    const float inv = 1.f / sc;
 #pragma omp simd
-    for (int64_t j = 0; j < n; j++) q[j] = (int8_t)nearbyintf(h[j] * inv);
-    *s = sc;
+    for (int64_t j = 0; j < n; j++) q[j] = (int8_t)nearbyintf((h[j] - z) * inv);
+    sz[0] = sc;
+    sz[1] = z;
 }
 
-/* Per row: optionally RMSNorm (w != NULL), then quantize to int8 with one scale per row. */
-void mc_norm_quant(const float *x, const float *w, float eps, int64_t M, int64_t K, int8_t *q, float *s) {
+/* Per row: h = RMSNorm(x)·w (norm != 0), x·w (norm == 0, w != NULL) or x, then quantized to int8 with one
+ * scale and offset per row (sz (M, 2)). w may carry per-channel smoothing factors (_W8A8IntMM in engine.py). */
+void mc_norm_quant(const float *x, const float *w, float eps, int norm, int64_t M, int64_t K, int8_t *q,
+                   float *sz) {
     float h[K];
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * K;
-        if (w) {
+        if (!w) {
+            quant_row(r, K, q + m * K, sz + 2 * m);
+            continue;
+        }
+        float inv = 1.f;
+        if (norm) {
             float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
             for (int64_t j = 0; j < K; j++) ss += r[j] * r[j];
-            float inv = 1.f / sqrtf(ss / (float)K + eps);
-#pragma omp simd
-            for (int64_t j = 0; j < K; j++) h[j] = r[j] * inv * w[j];
-            quant_row(h, K, q + m * K, s + m);
-        } else {
-            quant_row(r, K, q + m * K, s + m);
+            inv = 1.f / sqrtf(ss / (float)K + eps);
         }
+#pragma omp simd
+        for (int64_t j = 0; j < K; j++) h[j] = r[j] * inv * w[j];
+        quant_row(h, K, q + m * K, sz + 2 * m);
     }
 }
 
@@ -110,32 +120,36 @@ void mc_norm_bf16(const float *x, const float *w, float eps, int64_t M, int64_t 
 }
 
 /* out (M, N) = y (accumulate: out += y), y dequantized. */
-void mc_dequant(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M, int64_t N,
+void mc_dequant(const void *y, int ytype, const float *row_sz, const float *col, int64_t M, int64_t N,
                 float *out, int accumulate) {
     float t[N];
     for (int64_t m = 0; m < M; m++) {
         float *o = out + m * N;
         if (!accumulate) {
-            load_row(y, ytype, m, N, 0, N, row_scale, col_scale, o);
+            load_row(y, ytype, m, N, 0, N, row_sz, col, o);
             continue;
         }
-        load_row(y, ytype, m, N, 0, N, row_scale, col_scale, t);
+        load_row(y, ytype, m, N, 0, N, row_sz, col, t);
 #pragma omp simd
         for (int64_t j = 0; j < N; j++) o[j] += t[j];
     }
 }
 
-/* SwiGLU on y = [gate | up] (M, 2F): a = silu(gate) * up, then quantized per row (q (M, F), s (M)) when
- * q != NULL, else written to out (M, F) as float32 (otype 0) or bfloat16 (otype 2). */
-void mc_swiglu(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M, int64_t F,
-               int8_t *q, float *s, void *out, int otype) {
+/* SwiGLU on y = [gate | up] (M, 2F): a = silu(gate) * up (times colmul, if given), then quantized per row
+ * (q (M, F), sz (M, 2)) when q != NULL, else written to out (M, F) as float32 (otype 0) or bfloat16 (otype 2). */
+void mc_swiglu(const void *y, int ytype, const float *row_sz, const float *col, int64_t M, int64_t F,
+               const float *colmul, int8_t *q, float *sz, void *out, int otype) {
     float g[F], u[F], a[F];
     for (int64_t m = 0; m < M; m++) {
-        load_row(y, ytype, m, 2 * F, 0, F, row_scale, col_scale, g);
-        load_row(y, ytype, m, 2 * F, F, F, row_scale, col_scale, u);
+        load_row(y, ytype, m, 2 * F, 0, F, row_sz, col, g);
+        load_row(y, ytype, m, 2 * F, F, F, row_sz, col, u);
 #pragma omp simd
         for (int64_t j = 0; j < F; j++) a[j] = g[j] / (1.f + exp_f32(-g[j])) * u[j];
-        if (q) quant_row(a, F, q + m * F, s + m);
+        if (colmul) {
+#pragma omp simd
+            for (int64_t j = 0; j < F; j++) a[j] *= colmul[j];
+        }
+        if (q) quant_row(a, F, q + m * F, sz + 2 * m);
         else if (otype == 0) memcpy((float *)out + m * F, a, F * sizeof(float));
         else for (int64_t j = 0; j < F; j++) ((uint16_t *)out)[m * F + j] = f32_to_bf16(a[j]);
     }
@@ -159,14 +173,14 @@ void mc_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out) {
  * the table), the query heads also scaled by q_scale (1/√d folded in), written to q_out (M, H, D) as float32
  * (qtype 0) or bfloat16 (qtype 2); keys and values written into the layer's cache at [m, head, pos[m], :]
  * as float32 (ctype 0) or bfloat16 (ctype 2). Cache strides are in elements: row, head (position stride D). */
-void mc_qkv_rope_cache(const void *y, int ytype, const float *row_scale, const float *col_scale, int64_t M,
+void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const float *col, int64_t M,
                        int64_t H, int64_t Hkv, int64_t D, const float *cos_tab, const float *sin_tab,
                        const int64_t *pos, float q_scale, void *q_out, int qtype, void *kc, void *vc, int ctype,
                        int64_t row_stride, int64_t head_stride) {
     const int64_t W = (H + 2 * Hkv) * D, half = D / 2;
     float r[W], o[D];
     for (int64_t m = 0; m < M; m++) {
-        load_row(y, ytype, m, W, 0, W, row_scale, col_scale, r);
+        load_row(y, ytype, m, W, 0, W, row_sz, col, r);
         const float *c = cos_tab + pos[m] * D, *sn = sin_tab + pos[m] * D;
         for (int64_t h = 0; h < H + 2 * Hkv; h++) {
             const float *x = r + h * D;

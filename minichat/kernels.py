@@ -30,10 +30,10 @@ _loaded: dict[str, object] = {}
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "mc_norm_quant": [_p, _p, _f32, _i64, _i64, _p, _p],
+    "mc_norm_quant": [_p, _p, _f32, _i32, _i64, _i64, _p, _p],
     "mc_norm_bf16": [_p, _p, _f32, _i64, _i64, _p],
     "mc_dequant": [_p, _i32, _p, _p, _i64, _i64, _p, _i32],
-    "mc_swiglu": [_p, _i32, _p, _p, _i64, _i64, _p, _p, _p, _i32],
+    "mc_swiglu": [_p, _i32, _p, _p, _i64, _i64, _p, _p, _p, _p, _i32],
     "mc_argmax_rows": [_p, _i64, _i64, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
                           _i64, _i64],
@@ -98,19 +98,21 @@ def _check(t: torch.Tensor, *dtypes: torch.dtype) -> None:
 
 
 class Kernels:
-    """Typed wrappers over the C functions. Shapes: M rows; 'y' is a matmul output (float32, bfloat16, or
-    int32 with per-row scales `rs` (M,) and per-column scales `cs` (N,))."""
+    """Typed wrappers over the C functions. Shapes: M rows; 'y' is a matmul output: float32, bfloat16, or
+    int32 from int8 activations quantized per row as x ≈ s·q + z (`rs` (M, 2): s, z, as norm_quant returns)
+    times int8 weights w ≈ t·p (`cs` (2, N): t and Σ_k w[n, k])."""
 
     def __init__(self, lib):
         self.lib = lib
 
-    def norm_quant(self, x: torch.Tensor, w: torch.Tensor | None, eps: float = 0.0):
-        """RMSNorm(x)·w (or x itself when w is None) as int8 (M, K) with one float scale per row (M, 1)."""
+    def norm_quant(self, x: torch.Tensor, w: torch.Tensor | None, eps: float = 0.0, norm: bool = True):
+        """RMSNorm(x)·w (x·w with norm=False; x itself when w is None) as int8 (M, K) with a scale and an
+        offset per row (M, 2): x ≈ s·q + z."""
         _check(x, torch.float32)
         M, K = x.shape
         q = torch.empty(M, K, dtype=torch.int8)
-        s = torch.empty(M, 1)
-        self.lib.mc_norm_quant(x.data_ptr(), _ptr(w), eps, M, K, q.data_ptr(), s.data_ptr())
+        s = torch.empty(M, 2)
+        self.lib.mc_norm_quant(x.data_ptr(), _ptr(w), eps, int(norm), M, K, q.data_ptr(), s.data_ptr())
         return q, s
 
     def norm_bf16(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,14 +133,15 @@ class Kernels:
         self.lib.mc_dequant(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, N, out.data_ptr(), int(accumulate))
         return out
 
-    def swiglu_quant(self, y: torch.Tensor, rs=None, cs=None):
-        """silu(gate)·up of y = [gate | up], quantized to int8 per row: (q (M, F), scales (M, 1))."""
+    def swiglu_quant(self, y: torch.Tensor, rs=None, cs=None, colmul: torch.Tensor | None = None):
+        """silu(gate)·up of y = [gate | up] (times colmul (F,)), quantized to int8 per row: (q (M, F),
+        scale and offset (M, 2))."""
         _check(y, *_YTYPE)
         M, F = y.shape[0], y.shape[1] // 2
         q = torch.empty(M, F, dtype=torch.int8)
-        s = torch.empty(M, 1)
-        self.lib.mc_swiglu(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, F, q.data_ptr(), s.data_ptr(),
-                           None, 0)
+        s = torch.empty(M, 2)
+        self.lib.mc_swiglu(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, F, _ptr(colmul), q.data_ptr(),
+                           s.data_ptr(), None, 0)
         return q, s
 
     def swiglu(self, y: torch.Tensor, rs=None, cs=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -146,8 +149,8 @@ class Kernels:
         _check(y, *_YTYPE)
         M, F = y.shape[0], y.shape[1] // 2
         out = torch.empty(M, F, dtype=dtype)
-        self.lib.mc_swiglu(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, F, None, None, out.data_ptr(),
-                           _YTYPE[dtype])
+        self.lib.mc_swiglu(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, F, None, None, None,
+                           out.data_ptr(), _YTYPE[dtype])
         return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,17 @@ pytestmark = pytest.mark.skipif(K is None, reason="no C compiler here: the engin
 
 
 def ref_quant(h):
-    s = h.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-    return torch.round(h / s).to(torch.int8), s
+    """Per-row asymmetric int8 as torch ops: h ≈ s·q + z; returns (q, (M, 2) of s and z)."""
+    lo, hi = h.amin(-1, keepdim=True), h.amax(-1, keepdim=True)
+    z = (hi + lo) / 2
+    s = ((hi - lo) / 254).clamp(min=1e-30)
+    return torch.round((h - z) / s).to(torch.int8), torch.cat([s, z], -1)
+
+
+def close_q(q, s, rq, rs):
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-6)
+    assert (q.int() - rq.int()).abs().max() <= 1  # a rounding tie may go either way
+    assert (q == rq).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("M,K_", [(1, 64), (7, 576), (32, 100)])
@@ -22,21 +31,21 @@ def test_norm_quant_matches_torch(M, K_):
     x = torch.randn(M, K_, generator=g) * 3
     w = torch.rand(K_, generator=g) + 0.5
     q, s = K.norm_quant(x, w, 1e-5)
-    rq, rs = ref_quant(F.rms_norm(x, (K_,), w, 1e-5))
-    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
-    assert (q.int() - rq.int()).abs().max() <= 1  # a rounding tie may go either way
-    assert (q == rq).float().mean() > 0.99
+    close_q(q, s, *ref_quant(F.rms_norm(x, (K_,), w, 1e-5)))
+    q3, s3 = K.norm_quant(x, w, norm=False)  # a per-channel multiplier only
+    close_q(q3, s3, *ref_quant(x * w))
     q2, s2 = K.norm_quant(x, None)
-    rq2, rs2 = ref_quant(x)
-    torch.testing.assert_close(s2, rs2, rtol=1e-6, atol=0)
-    assert (q2.int() - rq2.int()).abs().max() <= 1
+    close_q(q2, s2, *ref_quant(x))
     # the quantized rows reconstruct the input to within half a step
-    assert ((q2.float() * s2 - x).abs() <= s2 * 0.5001).all()
+    assert ((q2.float() * s2[:, :1] + s2[:, 1:] - x).abs() <= s2[:, :1] * 0.5001).all()
 
 
-def test_zero_row_quantizes_to_zero():
-    q, s = K.norm_quant(torch.zeros(2, 16), None)
+def test_constant_rows_are_exact():
+    x = torch.zeros(2, 16)
+    x[1] = 3.5
+    q, s = K.norm_quant(x, None)
     assert (q == 0).all() and torch.isfinite(s).all()
+    assert torch.equal(q.float() * s[:, :1] + s[:, 1:], x)
 
 
 def test_norm_bf16_matches_torch():
@@ -52,8 +61,8 @@ def test_norm_bf16_matches_torch():
 def test_dequant_and_accumulate(ytype):
     M, N = 5, 40
     y = (torch.randn(M, N) * 100).to(ytype)
-    rs, cs = torch.rand(M, 1), torch.rand(N)
-    ref = y.float() * rs * cs if ytype == torch.int32 else y.float()
+    rs, cs = torch.rand(M, 2), torch.rand(2, N)
+    ref = y.float() * rs[:, :1] * cs[0] + rs[:, 1:] * cs[1] if ytype == torch.int32 else y.float()
     out = K.dequant(y, rs, cs) if ytype == torch.int32 else K.dequant(y)
     torch.testing.assert_close(out, ref)
     base = torch.randn(M, N)
@@ -65,14 +74,13 @@ def test_dequant_and_accumulate(ytype):
 def test_swiglu_and_its_quantized_form():
     M, Fh = 4, 48
     y = torch.randint(-5000, 5000, (M, 2 * Fh), dtype=torch.int32)
-    rs, cs = torch.rand(M, 1) * 1e-3, torch.rand(2 * Fh)
-    yf = y.float() * rs * cs
+    rs, cs = torch.rand(M, 2) * 1e-3, torch.rand(2, 2 * Fh)
+    yf = y.float() * rs[:, :1] * cs[0] + rs[:, 1:] * cs[1]
     ref = F.silu(yf[:, :Fh]) * yf[:, Fh:]
     torch.testing.assert_close(K.swiglu(y, rs, cs), ref, rtol=1e-5, atol=1e-6)
-    q, s = K.swiglu_quant(y, rs, cs)
-    rq, rsc = ref_quant(ref)
-    torch.testing.assert_close(s, rsc, rtol=1e-5, atol=0)
-    assert (q.int() - rq.int()).abs().max() <= 1
+    close_q(*K.swiglu_quant(y, rs, cs), *ref_quant(ref))
+    mul = torch.rand(Fh) + 0.5
+    close_q(*K.swiglu_quant(y, rs, cs, colmul=mul), *ref_quant(ref * mul))
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])

@@ -496,3 +496,37 @@ def test_fused_decode_matches_the_torch_ops_path(tiny, weights, batch):
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < (0.02 if weights == "auto" else 0.1)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_smoothing_moves_outlier_channels_into_the_weights(use_kernels):
+    """SmoothQuant in the W8A8 kernel: x·Wᵀ = (x/c)·(W·c)ᵀ, so with one outlier input channel the int8
+    output gets closer to the exact product than without the factors."""
+    from minichat import kernels
+    from minichat.engine import _W8A8IntMM
+
+    K = kernels.load() if use_kernels else None
+    if use_kernels and K is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * 0.05
+    x = torch.randn(16, 64, generator=g)
+    x[:, 5] *= 60.0  # an outlier channel, as LLM activations have
+    c = (x.abs().amax(0) ** 0.5 / w.abs().amax(0) ** 0.5)
+    exact = x @ w.t()
+    plain, smooth = _W8A8IntMM(w, K), _W8A8IntMM(w, K, smooth=c)
+    err = lambda y: ((y - exact).norm() / exact.norm()).item()
+    assert err(smooth(x)) < 0.6 * err(plain(x))
+    assert err(smooth(x)) < 0.02
+
+
+def test_smoothing_factors_come_from_the_model(tiny):
+    from minichat.engine import _smoothing
+
+    model, tok = tiny
+    f = _smoothing(model, tok)
+    assert len(f["layers"]) == model.cfg.n_layer
+    D = model.cfg.d_model
+    assert f["layers"][0]["qkv"].shape == (D,) and f["layers"][0]["down"].shape == (model.cfg.ff_dim,)
+    assert f["head"].shape == (D,)
+    assert all(torch.isfinite(v).all() and (v > 0).all() for L in f["layers"] for v in L.values())
