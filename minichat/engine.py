@@ -219,14 +219,21 @@ class _BF16:
         return F.linear(x.to(torch.bfloat16), self.w).float()
 
 
+def _int8_rows(w: torch.Tensor, kernels=None):
+    """Symmetric int8 per row: (q (N, K), scales (N,)), w ≈ q·scale (the compiled kernel: one pass)."""
+    if kernels is not None and w.device.type == "cpu":
+        return kernels.int8_rows(w.contiguous())
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
 class _Int8WeightOnly:
     """int8 weights with one scale per output row; activations in bf16 (the kernel's requirement)."""
 
     kind = "int8"
 
-    def __init__(self, w):
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    def __init__(self, w, kernels=None):
+        self.q, scale = _int8_rows(w, kernels)
         self.scale = scale.to(torch.bfloat16)
 
     def __call__(self, x):
@@ -241,8 +248,8 @@ class _Int4WeightOnly:
 
     kind = "int4"
 
-    def __init__(self, w):
-        q, self.sz, _ = _int4_groups(w)
+    def __init__(self, w, groups=None):
+        q, self.sz, _ = groups if groups is not None else _int4_groups(w)
         self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
 
     def __call__(self, x):
@@ -338,12 +345,11 @@ class _W8A8IntMM:
         if smooth is not None:
             w = w * smooth[None, :]
         self.inv_c = None if smooth is None else (1.0 / smooth).float().contiguous()  # (K,) multiplies inputs
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127)
-        self.qt = q.to(torch.int8).contiguous().t()  # (K, N)
+        q, scale = _int8_rows(w, kernels)
+        self.qt = q.t()  # (K, N)
         # activations are quantized per row with an offset, x ≈ s·q + z, so x·Wᵀ ≈ s·(q·Wqᵀ)·scale + z·Σ_k W:
         # the output needs the (dequantized) weight rows' sums too
-        self.scale = torch.stack([scale, (q * scale[:, None]).sum(1)]).contiguous()  # (2, N)
+        self.scale = torch.stack([scale, q.sum(1, dtype=torch.float32) * scale]).contiguous()  # (2, N)
         self.kernels = kernels
 
     def __call__(self, x):
@@ -377,12 +383,17 @@ class _Linear:
     win) and `big` for larger ones (prefill, big batches: bound by arithmetic)."""
 
     def __init__(self, w: torch.Tensor, small: str, big: str, device: torch.device, small_rows: int,
-                 exact_first: bool = False, kernels=None, smooth: torch.Tensor | None = None):
+                 exact_first: bool = False, kernels=None, smooth: torch.Tensor | None = None, int4_groups=None):
         w = w.detach().to(device=device, dtype=torch.float32).contiguous()
         if small == "int4" and w.shape[1] % GROUP:
             small = "int8"  # int4 groups need whole groups of 32 inputs
         self.big = _KERNELS[big](w, kernels, smooth) if big == "w8a8-rows" else _KERNELS[big](w)
-        self.small = self.big if small == big else _KERNELS[small](w)
+        if small == "int4":
+            self.small = _Int4WeightOnly(w, int4_groups)
+        elif small == "int8":
+            self.small = _Int8WeightOnly(w, kernels)
+        else:
+            self.small = self.big if small == big else _KERNELS[small](w)
         # fp32 for the rows of position 0 in prompts: a prompt's first token carries activations ~1000x the
         # others' (an attention sink), which int8 activations cannot represent (+3% perplexity if quantized)
         self.exact = _F32(w) if exact_first and big != "fp32" else None
@@ -402,12 +413,17 @@ class _Linear:
         return y
 
 
-def _auto_small(w: torch.Tensor) -> str:
-    """int4 when the matrix already is 4-bit group-quantized (SmolLM2's Q4_1 weights: lossless up to bf16
-    scales), else int8."""
+def _auto_small(w: torch.Tensor, kernels=None):
+    """("int4", its groups) when the matrix already is 4-bit group-quantized (SmolLM2's Q4_1 weights:
+    lossless up to bf16 scales), else ("int8", None)."""
     if w.shape[1] % GROUP:
-        return "int8"
-    return "int4" if _int4_groups(w.detach().float())[2] < 1e-2 else "int8"
+        return "int8", None
+    w = w.detach().float().contiguous()
+    groups_of = kernels.int4_groups if kernels is not None and w.device.type == "cpu" else _int4_groups
+    if groups_of(w[:64])[2] >= 1e-2:  # a matrix of another origin fails on its first rows already
+        return "int8", None
+    groups = groups_of(w)
+    return ("int4", groups) if groups[2] < 1e-2 else ("int8", None)
 
 
 class _Layer:
@@ -416,8 +432,8 @@ class _Layer:
         smooth = smooth or {}
 
         def lin(w, name):
-            return _Linear(w, _auto_small(w) if small == "auto" else small, big, device, small_rows, exact_first,
-                           kernels, smooth.get(name))
+            kind, groups = _auto_small(w, kernels) if small == "auto" else (small, None)
+            return _Linear(w, kind, big, device, small_rows, exact_first, kernels, smooth.get(name), groups)
 
         self.attn_norm = blk.attn_norm.weight.detach().float().to(device)
         self.mlp_norm = blk.mlp_norm.weight.detach().float().to(device)

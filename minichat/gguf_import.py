@@ -281,17 +281,17 @@ def load(name_or_path: str | Path | None = "smollm2", device: str | torch.device
 
 
 def _fast_model(path: Path, cfg: dict, device, dtype):
-    """Like checkpoint.load_model, without first filling 135M parameters with random numbers (~1 s):
-    build on the meta device and assign the loaded tensors."""
+    """Like checkpoint.load_model, without first filling 135M parameters with random numbers: build with
+    uninitialized weights (model.no_weight_init) and assign the loaded tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from minichat.checkpoint import model_config_from_dict
-    from minichat.model import Transformer, rope_tables
+    from minichat.model import Transformer, no_weight_init
 
     mcfg = model_config_from_dict(cfg["model"])
-    with torch.device("meta"):
-        model = Transformer(mcfg)
+    with no_weight_init():
+        model = Transformer(mcfg, init_weights=False)
     f = path / "model.safetensors"
     try:
         sd = load_file(str(f))
@@ -309,8 +309,6 @@ def _fast_model(path: Path, cfg: dict, device, dtype):
     model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
     if mcfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    cos, sin = rope_tables(mcfg.head_dim, mcfg.max_seq_len, mcfg.rope_theta)  # buffers were on meta
-    model.rope_cos, model.rope_sin = cos, sin
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return model

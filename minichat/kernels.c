@@ -206,3 +206,62 @@ void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const floa
         }
     }
 }
+
+/* 4-bit groups of 32 along each row of w (N, K): w ≈ (q - 8)·scale + zero with q in 0..15, scale and zero
+ * rounded to bfloat16 (sz (K/32, N, 2), torch's int4 layout), q as int32 (N, K). Returns the largest
+ * reconstruction error relative to max|w|: ~0 when w came from 4-bit groups (a Q4_1 GGUF). The same
+ * arithmetic as engine._int4_groups, in one pass instead of ~15 whole-matrix torch ops. */
+double mc_int4_groups(const float *w, int64_t N, int64_t K, int32_t *q, uint16_t *sz) {
+    const int64_t G = K / 32;
+    float err = 0.f, wmax = 0.f;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *x = w + n * K + g * 32;
+            float lo = x[0], hi = x[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+            for (int j = 0; j < 32; j++) {
+                lo = x[j] < lo ? x[j] : lo;
+                hi = x[j] > hi ? x[j] : hi;
+            }
+            float d = (hi - lo) / 15.f;
+            if (!(d > 0.f)) d = 1.f;
+            const uint16_t sb = f32_to_bf16(d), zb = f32_to_bf16(lo + 8.f * d);
+            sz[(g * N + n) * 2] = sb;
+            sz[(g * N + n) * 2 + 1] = zb;
+            const float ds = bf16_to_f32(sb), zs = bf16_to_f32(zb);
+            int32_t *qr = q + n * K + g * 32;
+#pragma omp simd reduction(max : err, wmax)
+            for (int j = 0; j < 32; j++) {
+                float v = nearbyintf((x[j] - lo) / d);
+                v = v < 0.f ? 0.f : (v > 15.f ? 15.f : v);
+                qr[j] = (int32_t)v;
+                float e = fabsf((v - 8.f) * ds + zs - x[j]), a = fabsf(x[j]);
+                err = e > err ? e : err;
+                wmax = a > wmax ? a : wmax;
+            }
+        }
+    }
+    return (double)err / (wmax > 1e-12f ? wmax : 1e-12f);
+}
+
+/* Symmetric int8 per row of w (N, K): q = round(w / t), t = max|w_row| / 127 (1e-12 at least), as
+ * torch.round(w / t[:, None]).clamp(-127, 127) computes it. */
+void mc_int8_rows(const float *w, int64_t N, int64_t K, int8_t *q, float *t) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = w + n * K;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t j = 0; j < K; j++) {
+            float a = fabsf(x[j]);
+            amax = a > amax ? a : amax;
+        }
+        float sc = amax > 1e-12f ? amax : 1e-12f;
+        sc = sc / 127.f;
+#pragma omp simd
+        for (int64_t j = 0; j < K; j++) {
+            float v = nearbyintf(x[j] / sc);
+            q[n * K + j] = (int8_t)(v < -127.f ? -127.f : (v > 127.f ? 127.f : v));
+        }
+        t[n] = sc;
+    }
+}

@@ -35,6 +35,8 @@ _SIGNATURES = {
     "mc_dequant": [_p, _i32, _p, _p, _i64, _i64, _p, _i32],
     "mc_swiglu": [_p, _i32, _p, _p, _i64, _i64, _p, _p, _p, _p, _i32],
     "mc_argmax_rows": [_p, _i64, _i64, _p],
+    "mc_int4_groups": [_p, _i64, _i64, _p, _p],
+    "mc_int8_rows": [_p, _i64, _i64, _p, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
                           _i64, _i64],
 }
@@ -82,7 +84,7 @@ def load() -> "Kernels | None":
                 lib = ctypes.CDLL(str(_build(cc, cache_root() / "kernels")))
                 for name, args in _SIGNATURES.items():
                     getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = None
+                    getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
                 _loaded["k"] = Kernels(lib)
         return _loaded["k"]
 
@@ -181,3 +183,23 @@ class Kernels:
                                    _YTYPE[q_dtype], kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
                                    kc.stride(0), kc.stride(1))
         return q
+
+    def int4_groups(self, w: torch.Tensor):
+        """engine._int4_groups in one pass: (q int32 (N, K), scales and zeros bf16 (K/32, N, 2), relative error)."""
+        _check(w, torch.float32)
+        N, K = w.shape
+        if K % 32:
+            raise ValueError("int4 groups need rows of a multiple of 32")
+        q = torch.empty(N, K, dtype=torch.int32)
+        sz = torch.empty(K // 32, N, 2, dtype=torch.bfloat16)
+        err = self.lib.mc_int4_groups(w.data_ptr(), N, K, q.data_ptr(), sz.data_ptr())
+        return q, sz, float(err)
+
+    def int8_rows(self, w: torch.Tensor):
+        """Symmetric int8 per row: (q int8 (N, K), scales float32 (N,)), w ≈ q·scale."""
+        _check(w, torch.float32)
+        N, K = w.shape
+        q = torch.empty(N, K, dtype=torch.int8)
+        t = torch.empty(N)
+        self.lib.mc_int8_rows(w.data_ptr(), N, K, q.data_ptr(), t.data_ptr())
+        return q, t

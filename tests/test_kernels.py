@@ -141,3 +141,25 @@ def test_argmax_matches_torch_including_ties():
     x[3, 0] = 50.0  # the first column
     x[4] = -1.0  # all equal
     assert torch.equal(K.argmax(x), x.argmax(-1))
+
+
+def test_int4_groups_match_the_torch_version():
+    from minichat.engine import _int4_groups
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 96, generator=g)
+    q, sz, err = K.int4_groups(w)
+    rq, rsz, rerr = _int4_groups(w)
+    assert torch.equal(q, rq) and torch.equal(sz, rsz) and err == pytest.approx(rerr, rel=1e-5)
+    # a matrix made of 4-bit groups (as a Q4_1 GGUF's) reconstructs almost exactly
+    back = ((q.view(24, 3, 32) - 8) * sz[..., 0].t()[..., None].float() + sz[..., 1].t()[..., None].float()).view(24, 96)
+    assert K.int4_groups(back)[2] < 1e-2 < err
+
+
+def test_int8_rows_match_torch():
+    w = torch.randn(10, 70) * torch.rand(10, 1)
+    w[3] = 0.0
+    q, t = K.int8_rows(w)
+    rt = w.abs().amax(1).clamp(min=1e-12) / 127
+    assert torch.equal(t, rt)
+    assert torch.equal(q, torch.round(w / rt[:, None]).clamp(-127, 127).to(torch.int8))
