@@ -211,7 +211,7 @@ class ChatConfig:
     frequency_penalty: float = 0.0
     seed: int | None = None
     context: int = 0  # 0: the model's context window
-    weights: str = "auto"  # engine weights: auto | fp32 | int8 | bf16
+    weights: str = "auto"  # engine weights: auto | fast | fp32 | bf16 | int8 | int4 | w8a8 (docs/parts/engine.md)
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     verbose: bool = False  # timing line after each reply
@@ -223,8 +223,10 @@ class ChatConfig:
             raise ConfigError("max_tokens must be >= 1")
         if self.context < 0:
             raise ConfigError("context must be >= 0")
-        if self.weights not in ("auto", "fp32", "int8", "bf16"):
-            raise ConfigError("weights must be auto, fp32, int8 or bf16")
+        from minichat.engine import WEIGHT_MODES
+
+        if self.weights not in WEIGHT_MODES:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         self.params().validate()
 
     def params(self):

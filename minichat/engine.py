@@ -19,8 +19,12 @@ The engine runs its own forward pass over the model's weights, repacked for infe
 projections fused into one matmul each, and per matrix two kernels: one for matmuls of at most `small_rows`
 rows (decoding at small batch reads every weight once per token, so fewer bytes per weight win: int4/int8
 weight-only) and one for bigger matmuls (prefill, big batches: arithmetic-bound: fp32, or W8A8 int8 in
-weights="fast"). weights="fp32" computes what `Transformer.forward` computes (tests prove it); the faster
-modes trade a little accuracy (bench/results/engine.md; docs/parts/engine.md has the table of modes).
+weights="fast": int8 activations per row, with SmoothQuant factors calibrated at load). weights="fp32"
+computes what `Transformer.forward` computes (tests prove it); the faster modes trade a little accuracy
+(bench/results/engine.md; docs/parts/engine.md has the table of modes). With the int8/int4 modes a decode
+step runs "fused": the element-wise chains between matmuls (RMSNorm + quantize, RoPE + KV-cache write,
+SwiGLU, residual add) are one call each into minichat/kernels.c, compiled on first use; without a C
+compiler the same math runs as torch ops.
 
 Log-probabilities are those of the model itself (log-softmax of the raw logits, before temperature,
 penalties, top-k/top-p), i.e. log π(token | context), which is what ranking and PPO need.
@@ -511,7 +515,7 @@ class Engine:
     """Batched, streaming generation over a minichat Transformer. See the module docstring."""
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None, weights: str = "auto",
-                 max_batch: int = 64, stop_token_ids: Sequence[int] | None = None, small_rows: int = 16,
+                 max_batch: int = 64, stop_token_ids: Sequence[int] | None = None, small_rows: int | None = None,
                  kernels: bool = True):
         if weights not in WEIGHT_MODES:
             raise MinichatError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
@@ -525,6 +529,10 @@ class Engine:
         if weights in ("int8", "int4", "w8a8") and self.device.type != "cpu":
             raise MinichatError(f"{weights} weights are implemented for the CPU only; use weights='bf16' or 'fp32'")
         self.weights = weights
+        if small_rows is None:
+            # where the big-batch kernels take over: fast mode's int8 x int8 matmuls beat the int4 weight-only
+            # kernel from ~5 rows (batch 8: +30% tokens/s), auto's exact fp32 matmuls only from ~17
+            small_rows = 4 if weights == "fast" else 16
         self.model, self.tokenizer = model, tokenizer
         self.cfg = cfg = model.cfg
         self.max_seq_len = cfg.max_seq_len
