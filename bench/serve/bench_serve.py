@@ -32,6 +32,12 @@ PROMPTS = [
 ]
 
 
+def default_weights() -> str:
+    from minichat.serve.config import EngineSettings
+
+    return EngineSettings().weights
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +170,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
-    ap.add_argument("--weights", default="", help="the engine's weight mode (default: the server's, auto)")
+    ap.add_argument("--weights", default="", help="the engine's weight mode (default: the server's)")
     ap.add_argument("--no-moderation", action="store_true")
     ap.add_argument("--out", help="write a Markdown table here (appends a section)")
     ap.add_argument("--url", help="use this running server instead of starting one (e.g. under py-spy)")
@@ -196,7 +202,7 @@ def main() -> int:
     base = rows[0]["tok_per_s"] if rows else float("nan")
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — model {a.model}, moderation "
              f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
-             f"max_batch {a.max_batch}, weights {a.weights or 'auto'}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
+             f"max_batch {a.max_batch}, weights {a.weights or default_weights()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
              "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed "
              "| server CPU (cores) | client CPU (cores) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
