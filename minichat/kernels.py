@@ -81,7 +81,10 @@ def load() -> "Kernels | None":
             else:
                 from minichat.gguf_import import cache_root
 
-                lib = ctypes.CDLL(str(_build(cc, cache_root() / "kernels")))
+                # PyDLL: calls keep the GIL. These kernels take microseconds; releasing and re-taking the GIL
+                # around each (CDLL's way) would let any other busy Python thread (the server's moderation
+                # checks) cut in hundreds of times per decode step
+                lib = ctypes.PyDLL(str(_build(cc, cache_root() / "kernels")))
                 for name, args in _SIGNATURES.items():
                     getattr(lib, name).argtypes = args
                     getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
