@@ -218,7 +218,7 @@ class Moderator:
             self.audit.write(result, text, source)
         return result
 
-    def check_many(self, texts: Iterable[str], *, source: str = "input", audit: bool = True) -> list[ModerationResult]:
+    def check_many(self, texts: Iterable[str], *, source: str = "input") -> list[ModerationResult]:
         """Moderate a list of texts; the learned scorer runs on them as one batch."""
         if isinstance(texts, (str, bytes)):
             raise MinichatError("check_many() takes a list of texts; use check() for one text")
@@ -227,7 +227,7 @@ class Moderator:
         out = []
         for t, l in zip(items, learned):
             r = self._decide(t, l)
-            if audit and self.audit is not None:
+            if self.audit is not None:
                 self.audit.write(r, t, source)
             out.append(r)
         return out
@@ -325,19 +325,9 @@ class StreamGuard:
         return self.result
 
     def _check(self) -> ModerationResult | None:
-        return self.settle(self.moderator.check(self.take_window(), source=self.source, audit=False))
-
-    def take_window(self, delta: str = "") -> str:
-        """Append `delta` and return the trailing window a check reads, marking it checked: for callers that
-        run the check themselves (e.g. batched with other streams' windows), then pass the result to settle()."""
-        self.text += delta
+        window = self.text[-self.moderator.settings.stream_window:]
         self._checked_upto = len(self.text)
-        return self.text[-self.moderator.settings.stream_window:]
-
-    def settle(self, r: ModerationResult) -> ModerationResult | None:
-        """Take the result of checking take_window()'s text; returns it when flagged (and stays flagged)."""
-        if self.result is not None:
-            return self.result
+        r = self.moderator.check(window, source=self.source, audit=False)
         if r.flagged:
             self.result = r
             if self.moderator.audit is not None:

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 from minichat.serve.config import ServeConfig
 from minichat.serve.generation import (
-    CheckBatcher, Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
+    Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
 )
 from minichat.serve.models import ModelRegistry, ServedModel
 from minichat.serve.protocol import (
@@ -46,11 +46,6 @@ class Services:
     store: Any | None = None  # minichat.serve.store.Store
     moderator: Any | None = None  # minichat.moderation.Moderator
     started: float = 0.0
-    checks: CheckBatcher | None = None  # output-moderation checks of all streams, batched
-
-    def __post_init__(self):
-        if self.moderator is not None and self.checks is None:
-            self.checks = CheckBatcher(self.moderator)
 
     @property
     def fingerprint(self) -> str:
@@ -180,9 +175,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     async def health():
         return {"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
                 "models": {n: m.worker.stats() for n, m in models.models.items()},
-                "moderation": moderator is not None, "store": store is not None,
-                **({"moderation_checks": {"batches": svc.checks.calls, "texts": svc.checks.checked}}
-                   if svc.checks is not None else {})}
+                "moderation": moderator is not None, "store": store is not None}
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models():
@@ -332,7 +325,7 @@ async def _collect(svc: Services, job: Job, rid: str, verdicts: dict[int, Any], 
     out = [{"index": c.index, "text": "", "finish": None, "logprobs": [] if job.opts.logprobs else None,
             "moderation": None} for c in job.choices]
     tokens = 0
-    async for ev in moderated_events(svc.moderator, job, verdicts, block, svc.checks):
+    async for ev in moderated_events(svc.moderator, job, verdicts, block):
         c = out[ev.index]
         if isinstance(ev, Delta):
             c["text"] += ev.text
@@ -399,7 +392,7 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
             for c in job.choices:  # the role comes first, once per choice
                 yield _chunk(svc, m, rid, created, [_choice(c.index, {"role": "assistant", "content": ""})],
                              include_usage)
-            async for ev in moderated_events(svc.moderator, job, verdicts, block, svc.checks):
+            async for ev in moderated_events(svc.moderator, job, verdicts, block):
                 if isinstance(ev, Delta):
                     sent[ev.index] += ev.text
                     lp = {"content": ev.logprobs, "refusal": None} if job.opts.logprobs else None
@@ -529,7 +522,7 @@ async def _completion_stream(svc: Services, m: ServedModel, rid: str, jobs: list
 
     async def pump(pi: int, job: Job):
         try:
-            async for ev in moderated_events(svc.moderator, job, None, block, svc.checks):
+            async for ev in moderated_events(svc.moderator, job, None, block):
                 await queue.put((pi, job, ev))
         finally:
             await queue.put((pi, job, None))

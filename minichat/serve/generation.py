@@ -9,8 +9,7 @@ engine, the flagged delta is withheld, a Moderated event carries the refusal, an
 trailing window), which also gives the verdict reported in the response. In "score" mode (a request's
 moderation policy) verdicts are reported but nothing is blocked. Checks run in worker threads: the learned
 scorer takes milliseconds, and the event loop must keep serving other streams meanwhile; deltas that do not
-trigger a check are fed inline (a thread hop per token cost more than the feed itself). With a CheckBatcher,
-the checks that all streams need after one engine step run as one Moderator.check_many call.
+trigger a check are fed inline (a thread hop per token cost more than the feed itself).
 """
 from __future__ import annotations
 
@@ -62,53 +61,9 @@ async def check_input(moderator, texts: list[str]) -> InputVerdict:
     return InputVerdict(results, next((r for r in results if r.flagged), None))
 
 
-class CheckBatcher:
-    """Moderation checks from many streams, run together. An engine step hands every stream its next delta in
-    the same event-loop turn, so the output guards that come due then all queue here before the flush runs:
-    one check_many call (one pass of the learned scorer over all windows, ~2.6 ms per check when one at a time)
-    in a worker thread, instead of one thread hop and one scorer call per stream."""
-
-    def __init__(self, moderator):
-        self.moderator = moderator
-        self._pending: list[tuple[str, bool, asyncio.Future]] = []
-        self.calls = self.checked = 0  # for /health-style stats and tests
-
-    async def check(self, text: str, *, audit: bool = False):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)  # after the streams already woken in this turn have queued theirs
-        self._pending.append((text, audit, fut))
-        return await fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        for audit in (False, True):
-            part = [(t, f) for t, a, f in batch if a == audit]
-            if part:
-                asyncio.ensure_future(self._run(part, audit))
-
-    async def _run(self, part: list[tuple[str, asyncio.Future]], audit: bool) -> None:
-        self.calls += 1
-        self.checked += len(part)
-        try:
-            results = await asyncio.to_thread(self.moderator.check_many, [t for t, _ in part], source="output",
-                                              audit=audit)
-        except Exception as e:  # every waiting stream sees the failure, as with its own check
-            for _, f in part:
-                if not f.done():
-                    f.set_exception(e)
-            return
-        for (_, f), r in zip(part, results):
-            if not f.done():
-                f.set_result(r)
-
-
 async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None = None,
-                           block: bool = True, checks: CheckBatcher | None = None
-                           ) -> AsyncIterator[Delta | Moderated | Finish]:
-    """The job's events with output moderation applied; verdicts[i] receives each choice's final result.
-    `checks` batches the checks with other streams' (else each runs in its own worker-thread call)."""
+                           block: bool = True) -> AsyncIterator[Delta | Moderated | Finish]:
+    """The job's events with output moderation applied; verdicts[i] receives each choice's final result."""
     guards = [moderator.stream_guard() for _ in job.choices] if (moderator is not None and block) else None
     texts = {c.index: "" for c in job.choices}
     flagged: dict[int, Moderated] = {}
@@ -124,12 +79,7 @@ async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None 
                     g = guards[i]
                     # most deltas only extend the guard's text; the few that trigger a check (milliseconds of
                     # rules and learned scorer) run in a thread so the loop keeps serving other streams
-                    if not g.due(ev.text):
-                        hit = g.feed(ev.text)
-                    elif checks is not None:
-                        hit = g.settle(await checks.check(g.take_window(ev.text)))
-                    else:
-                        hit = await asyncio.to_thread(g.feed, ev.text)
+                    hit = await asyncio.to_thread(g.feed, ev.text) if g.due(ev.text) else g.feed(ev.text)
                     if hit is not None:
                         flagged[i] = Moderated(i, hit, moderator.refusal_for(hit), "output")
                         verdicts[i] = hit
@@ -139,10 +89,7 @@ async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None 
                 yield ev
             else:
                 if moderator is not None and i not in flagged and ev.reason not in ("cancelled", "error"):
-                    if checks is not None:
-                        result = await checks.check(texts[i], audit=True)
-                    else:
-                        result = await asyncio.to_thread(moderator.check, texts[i], source="output")
+                    result = await asyncio.to_thread(moderator.check, texts[i], source="output")
                     verdicts[i] = result
                     if result.flagged and block:
                         flagged[i] = Moderated(i, result, moderator.refusal_for(result), "output")

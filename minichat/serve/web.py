@@ -251,7 +251,7 @@ async def generate(cid: str, request: Request, svc: Services = Depends(services)
                 moderated = Moderated(0, flagged, svc.moderator.refusal_for(flagged), "input")
                 text, finish = moderated.refusal, "content_filter"
             else:
-                async for ev in moderated_events(svc.moderator, job, checks=svc.checks):
+                async for ev in moderated_events(svc.moderator, job):
                     if isinstance(ev, Delta):
                         text += ev.text
                         yield sse({"type": "delta", "content": ev.text})
