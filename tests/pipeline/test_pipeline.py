@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from minichat.errors import MinichatError
 from minichat.pipeline import STAGES, main, preset_tiny, run
@@ -48,8 +49,11 @@ def test_demonstrations_and_comparisons_have_instructgpt_shape(tiny_run):
     demos = [json.loads(l) for l in (out / "data" / "sft.jsonl").read_text().splitlines()]
     comps = [json.loads(l) for l in (out / "data" / "comparisons.jsonl").read_text().splitlines()]
     assert demos and comps
-    assert all(len(c["answers"]) == 3 and len(c["ranks"]) == 3 for c in comps)
+    # the K = 3 SFT samples and one of the prompted pretrained model, each distinct answer shown once
+    assert all(2 <= len(c["answers"]) == len(c["ranks"]) <= 4 for c in comps)
+    assert all(len(set(c["answers"])) == len(c["answers"]) for c in comps)
     held = [json.loads(l) for l in (out / "data" / "comparisons_heldout.jsonl").read_text().splitlines()]
+    assert all(len(c["answers"]) == 3 for c in held)  # the reward model's test keeps every sample
     assert {c["labeler"] for c in held}.isdisjoint({d["labeler"] for d in demos} | {c["labeler"] for c in comps})
 
 
@@ -116,14 +120,59 @@ def test_ranked_samples_can_spread_their_temperatures(tmp_path):
     cfg.out_dir = str(tmp_path / "r")
     cfg.runtime.threads = 1
     cfg.world.sample_min_temperature = 0.0
+    cfg.world.distinct_answers = False  # keep every answer in place, to check which is which
     run(cfg, until="comparisons")
     P = Paths(cfg)
     rows = [json.loads(line) for line in P.comparisons.read_text().splitlines() if line.strip()]
     tasks = load_tasks(P.rm_tasks)
-    assert len(rows) == len(tasks) and all(len(r["answers"]) == cfg.world.rm_k for r in rows)
+    k = cfg.world.rm_k
+    assert len(rows) == len(tasks) and all(len(r["answers"]) == k + cfg.world.rm_pretrained_samples for r in rows)
     model, tok, _ = load(str(P.stage_dir("sft")), verbose=False)
     prompts = [tok.render_chat(t.messages, add_generation_prompt=True)[0] for t in tasks]
     greedy = generate(model, tok, prompts, cfg.world.max_new_tokens, 0.0, 0)
-    assert [tok.decode(c.content_ids, skip_special=True).strip() for c in greedy] == [r["answers"][-1] for r in rows]
+    assert [tok.decode(c.content_ids, skip_special=True).strip() for c in greedy] == [r["answers"][k - 1] for r in rows]
+    # the last answer is the prompted pretrained model's (Q: ... A: format, as the evaluation prompts it)
+    from minichat.pipeline import pretrained_answers
+
+    pre = pretrained_answers(P, tasks, 1, cfg.world.sample_temperature, cfg.world.max_new_tokens,
+                             cfg.world.seed + 150, torch.device("cpu"))
+    assert [p[0][0] for p in pre] == [r["answers"][-1] for r in rows]
     with pytest.raises(MinichatError, match="sample_min_temperature"):
         main(["--preset", "tiny", "--out_dir", str(tmp_path / "x"), "--world.sample_min_temperature", "2"])
+
+
+def test_labelers_rank_only_distinct_answers(tiny_run):
+    """Two copies of one answer are never ranked against each other (a labeler would only order them by
+    noise); a prompt whose answers are all the same is dropped, and extra candidates join the ranking."""
+    from minichat.eval.evaluate import load_tasks
+    from minichat.eval.labelers import TRAIN_LABELERS
+    from minichat.gguf_import import load
+    from minichat.pipeline import sample_and_rank
+
+    out, _ = tiny_run
+    model, tok, _ = load(str(out / "sft"), verbose=False)
+    tasks = load_tasks(out / "data" / "rm_tasks.jsonl")[:4]
+    args = (model, tok, tasks, 2, TRAIN_LABELERS, 0.0, 6, 0, "test")  # greedy twice: identical answers
+    assert len(sample_and_rank(*args)) == len(tasks)
+    assert sample_and_rank(*args, distinct=True) == []
+    extra = [[("A different answer.", True), ("A different answer.", True)] for _ in tasks]
+    rows = sample_and_rank(*args, distinct=True, extra=extra)
+    assert len(rows) == len(tasks)
+    for r in rows:
+        assert len(r["answers"]) == 2 and r["answers"][1] == "A different answer." and len(r["ranks"]) == 2
+
+
+def test_reward_model_can_start_from_the_pretrained_model(tmp_path):
+    from minichat.checkpoint import resolve
+    from minichat.errors import ConfigError
+
+    cfg = preset_tiny()
+    cfg.out_dir = str(tmp_path / "r")
+    cfg.runtime.threads = 1
+    cfg.reward_init, cfg.reward_train_last_layers = "pretrain", 0
+    state = run(cfg, until="reward")
+    assert state["stages"]["reward"]["status"] == "done"
+    rc = json.loads((resolve(tmp_path / "r" / "reward") / "config.json").read_text())
+    assert rc["reward"]["init_from"].endswith("pretrain") and rc["reward"]["train_last_layers"] == 0
+    with pytest.raises(ConfigError, match="reward_init"):
+        main(["--preset", "tiny", "--out_dir", str(tmp_path / "x"), "--reward_init", "base"])
