@@ -11,8 +11,8 @@ from minichat.errors import ConfigError
 @dataclass
 class EngineSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # the engine's weight mode. "fast" (int8 activations from 5 rows, SmoothQuant, bf16 KV cache) serves ~2.5x
-    # more tokens/s at 32 clients than "auto" for +1.4% perplexity (bench/results/engine.md); "auto" for exactness
+    # the engine's weight mode. "fast" (int8 activations from 5 rows, SmoothQuant, bf16 KV cache): +29% tokens/s
+    # at 32 clients over "auto" (engine alone: 2.2x at batch 32) for +1.2% perplexity (bench/results/engine.md)
     weights: str = "fast"
     max_batch: int = 32  # sequences decoded together per model (the continuous batch)
     threads: int = 0  # torch threads; 0 = torch's default
