@@ -1063,15 +1063,22 @@ class Engine:
             drop = (before >= tp * sp.sum(-1, keepdim=True)) & (tp < 1.0)
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, si, sp)
-        out = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        # inverse-CDF sampling: one uniform number per row (from the request's own generator when it has a
+        # seed, so seeded requests are reproducible whatever else is in the batch) against the row's cumulative
+        # probabilities. torch.multinomial draws one exponential per vocabulary entry instead: ~0.5 ms per row
+        # for 49k tokens, 40% of a serving step at 32 streams (measured with py-spy)
+        u = torch.empty(len(reqs))
         plain = [i for i, r in enumerate(reqs) if r.generator is None and not greedy[i]]
         if plain:
-            out[plain] = torch.multinomial(probs[plain].cpu(), 1, generator=self._rng)[:, 0].to(dev)
+            u[plain] = torch.rand(len(plain), generator=self._rng)
         for i, r in enumerate(reqs):
-            if greedy[i]:
-                out[i] = logits[i].argmax()
-            elif r.generator is not None:
-                out[i] = torch.multinomial(probs[i].cpu(), 1, generator=r.generator)[0]
+            if r.generator is not None and not greedy[i]:
+                u[i] = torch.rand(1, generator=r.generator)[0]
+        cdf = probs.cumsum(-1)
+        out = torch.searchsorted(cdf, (u.to(dev) * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+        if any(greedy):
+            rows = [i for i in range(len(reqs)) if greedy[i]]
+            out[rows] = self._argmax(logits[rows].contiguous())
         return out
 
     # ---------------------------------------------------------------------------------------- convenience
