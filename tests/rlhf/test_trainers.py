@@ -238,20 +238,22 @@ def test_ppo_runs_logs_and_resumes(tiny_lm, reward_run, prompts_file, tmp_path, 
 
 
 def test_ppo_iteration_improves_reward_of_a_trivial_task(tiny_lm, reward_run, prompts_file, tmp_path):
-    """A few PPO iterations with a large learning rate must raise the reward-model score."""
+    """PPO iterations with a large learning rate must raise the reward-model score. The untrained policy
+    rarely says what the reward model likes, so it takes ~20 iterations to find it (with 12, the first and last
+    iterations' rewards were noise around the same mean); then the reward climbs by several points."""
     from minichat.train import ppo
 
     _, d, _, _ = reward_run
     cfg = ppo.preset_tiny()
     cfg.policy_from, cfg.reward_from, cfg.prompts = str(tiny_lm), str(d / "run"), str(prompts_file)
     cfg.out_dir, cfg.progress, cfg.save_every = str(tmp_path / "ppo2"), False, 0
-    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.minibatch, cfg.ppo.epochs = 12, 16, 8, 2
+    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.minibatch, cfg.ppo.epochs = 30, 16, 8, 2
     cfg.ppo.lr, cfg.ppo.max_new_tokens, cfg.ppo.kl_coef, cfg.ppo.unfinished_penalty = 3e-3, 8, 0.0, 0.0
     ppo.run(cfg)
     rows = [json.loads(l) for l in (tmp_path / "ppo2" / "metrics.jsonl").read_text().splitlines()]
     early = sum(r["reward"] for r in rows[:3]) / 3
     late = sum(r["reward"] for r in rows[-3:]) / 3
-    assert late > early
+    assert late > early + 1.0
 
 
 def test_best_of_n_picks_the_highest_reward(tiny_lm, reward_run):
