@@ -263,29 +263,6 @@ class _Int4WeightOnly:
         return torch._weight_int4pack_mm_for_cpu(xb, self.q, GROUP, self.sz)
 
 
-class _W8A8:
-    """int8 weights (per row) times int8 activations (per row, asymmetric, computed on the fly), with int32
-    accumulation (torch._int_mm); ~15 ops per matmul, so used only where fbgemm is missing (_W8A8Fbgemm).
-    x ≈ s·q + m per row, so x·Wᵀ ≈ s·(q·Wqᵀ)·w_scale + m·rowsum(W)."""
-
-    kind = "w8a8"
-
-    def __init__(self, w):
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.qt = q.t()  # (K, N)
-        self.scale = scale[None, :]
-        self.rowsum = (q.float() * scale[:, None]).sum(1)[None, :]  # of the dequantized weights
-
-    def __call__(self, x):
-        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-        m = (hi + lo) * 0.5
-        s = ((hi - lo) * (0.5 / 127.0)).clamp(min=1e-12)  # (M, 1)
-        xq = torch.round((x - m) / s).to(torch.int8)
-        y = torch._int_mm(xq, self.qt).float().mul_(s * self.scale)
-        return y.addcmul_(m, self.rowsum)
-
-
 _FBGEMM_RANGE: dict[str, bool] = {}
 
 
@@ -334,10 +311,11 @@ class _W8A8Fbgemm:
 
 
 class _W8A8IntMM:
-    """int8 weights (per row) times int8 activations quantized symmetrically per row, with int32 accumulation
-    in torch._int_mm (oneDNN, VNNI). Its matmul is the fastest here from ~5 rows up (19.5 vs 12.7 ms per
+    """int8 weights (per row) times int8 activations quantized per row with an offset, with int32 accumulation
+    in torch._int_mm (oneDNN, VNNI). Its matmul is the fastest here from ~5 rows up (12.7 vs 19.5 ms per
     step at batch 32 against fbgemm's dynamic linear, which also quantizes its input); the fused decode path
-    calls `qt`/`scale` directly, with quantization and dequantization done by minichat.kernels."""
+    calls `qt`/`scale` directly, with quantization and dequantization done by minichat.kernels (without
+    them, the same math as torch ops below)."""
 
     kind = "w8a8"
 
@@ -370,15 +348,11 @@ class _W8A8IntMM:
 
 
 def _w8a8(w):
-    return _W8A8Fbgemm(w) if _fbgemm_reduce_range() is not None else _W8A8(w)
-
-
-def _w8a8_big(w, kernels=None, smooth=None):
-    return _W8A8IntMM(w, kernels, smooth)
+    return _W8A8Fbgemm(w) if _fbgemm_reduce_range() is not None else _W8A8IntMM(w)
 
 
 _KERNELS = {"fp32": _F32, "bf16": _BF16, "int8": _Int8WeightOnly, "int4": _Int4WeightOnly, "w8a8": _w8a8,
-            "w8a8-rows": _w8a8_big}
+            "w8a8-rows": _W8A8IntMM}
 
 
 class _Linear:
