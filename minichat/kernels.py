@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,19 +77,22 @@ def load() -> "Kernels | None":
     with _lock:
         if "k" not in _loaded:
             cc = _compiler()
-            if cc is None:
-                _loaded["k"] = None
-            else:
+            _loaded["k"] = None
+            if cc is not None:
                 from minichat.gguf_import import cache_root
 
-                # PyDLL: calls keep the GIL. These kernels take microseconds; releasing and re-taking the GIL
-                # around each (CDLL's way) would let any other busy Python thread (the server's moderation
-                # checks) cut in hundreds of times per decode step
-                lib = ctypes.PyDLL(str(_build(cc, cache_root() / "kernels")))
-                for name, args in _SIGNATURES.items():
-                    getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
-                _loaded["k"] = Kernels(lib)
+                try:
+                    # PyDLL: calls keep the GIL. These kernels take microseconds; releasing and re-taking the
+                    # GIL around each (CDLL's way) would let any other busy Python thread (the server's
+                    # moderation checks) cut in hundreds of times per decode step
+                    lib = ctypes.PyDLL(str(_build(cc, cache_root() / "kernels")))
+                except (MinichatError, OSError) as e:  # a broken compiler must not stop generation
+                    warnings.warn(f"minichat's compiled kernels are unavailable, decoding is slower: {e}")
+                else:
+                    for name, args in _SIGNATURES.items():
+                        getattr(lib, name).argtypes = args
+                        getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
+                    _loaded["k"] = Kernels(lib)
         return _loaded["k"]
 
 

@@ -163,3 +163,14 @@ def test_int8_rows_match_torch():
     rt = w.abs().amax(1).clamp(min=1e-12) / 127
     assert torch.equal(t, rt)
     assert torch.equal(q, torch.round(w / rt[:, None]).clamp(-127, 127).to(torch.int8))
+
+
+def test_a_failing_compiler_means_the_torch_path_not_an_error(tmp_path, monkeypatch):
+    """A compiler that fails (here: `false`) leaves load() returning None with a warning, so engines fall
+    back to torch ops instead of refusing to start."""
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("MINICHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with pytest.warns(UserWarning, match="compiled kernels are unavailable"):
+        assert kernels.load() is None
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written was left behind
