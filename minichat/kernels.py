@@ -50,9 +50,21 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_id() -> str:
+    """What -march=native compiles for: a library built on one CPU may crash on another that shares the cache
+    directory (a network home), so the CPU's feature flags are part of the library's name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+
+
 def _build(cc: str, cache: Path) -> Path:
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     so = cache / f"kernels-{tag}.so"
     if so.exists():
         return so
@@ -64,6 +76,9 @@ def _build(cc: str, cache: Path) -> Path:
         if r.returncode != 0:
             raise MinichatError(f"compiling {_SRC.name} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, so)
+        for old in cache.glob("kernels-*.so"):  # builds of earlier sources (or other CPUs: they rebuild)
+            if old != so:
+                old.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -174,3 +174,15 @@ def test_a_failing_compiler_means_the_torch_path_not_an_error(tmp_path, monkeypa
     with pytest.warns(UserWarning, match="compiled kernels are unavailable"):
         assert kernels.load() is None
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written was left behind
+
+
+def test_a_new_build_replaces_earlier_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    stale = tmp_path / "kernels" / "kernels-0123456789abcdef.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an old build")
+    k = kernels.load()
+    assert k is not None and not stale.exists()
+    assert len(list((tmp_path / "kernels").glob("kernels-*.so"))) == 1
+    assert torch.equal(k.argmax(torch.tensor([[0.0, 3.0, 1.0]])), torch.tensor([1]))
