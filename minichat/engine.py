@@ -653,19 +653,12 @@ class Engine:
             return self._decode_small_fused(tokens, lengths)
         B, H, Hkv, hd = len(lengths), self.H, self.Hkv, self.hd
         nqk = (H + Hkv) * hd
-        uniform = min(lengths) == max(lengths)
-        S = max(lengths) + 1
+        pos, S, bias, kv_bias = self._step_mask(lengths)
+        uniform = bias is None
         if uniform:
-            pos = torch.full((B,), lengths[0], device=self.device, dtype=torch.long)
-            bias = None
             col = lengths[0]
         else:
-            pos = torch.tensor(lengths, device=self.device)
-            keep = torch.arange(S, device=self.device)[None] <= pos[:, None]
-            bias = torch.zeros(B, 1, 1, S, device=self.device).masked_fill_(~keep[:, None, None], float("-inf"))
             rows = torch.arange(B, device=self.device)
-        # the same mask in the cache's dtype, made once per step for the bf16 SDPA path
-        kv_bias = None if bias is None or self.kv_dtype == torch.float32 else bias.to(self.kv_dtype)
         # rotary tables for this step, with 1/√hd folded into the query heads
         cos = self.rope_cos[pos][:, None] * self._qk_scale  # (B, H + Hkv, hd)
         sin = self.rope_sin[pos][:, None] * self._qk_scale
