@@ -699,18 +699,12 @@ class Engine:
             x = x + L.down(F.silu(gu[:, :f]) * gu[:, f:])
         return self.head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
 
-    def _attend(self, q: torch.Tensor, li: int, B: int, S: int, bias, kv_bias) -> torch.Tensor:
-        """q (B, Hkv, H/Hkv, hd), already scaled, against cache rows [0, B) and columns [0, S) of layer li."""
-        keys, values = self._k[li, :B, :, :S], self._v[li, :B, :, :S]
-        if B >= self.sdpa_min_batch:
-            # a group's query heads on SDPA's query axis: one kernel reads the cache once (fp32 or bf16)
-            return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, scale=1.0, attn_mask=kv_bias)
-        if keys.dtype != torch.float32:
-            keys, values = keys.float(), values.float()
-        att = torch.matmul(q.float(), keys.transpose(-1, -2))
-        if bias is not None:
-            att = att + bias
-        return torch.matmul(torch.softmax(att, dim=-1), values)  # (B, Hkv, H/Hkv, hd)
+    def _attend(self, q: torch.Tensor, li: int, pos: torch.Tensor, max_pos: int) -> torch.Tensor:
+        """The fused paths' decode attention: q (B, H, hd) float32, already scaled, against each row's own cached
+        positions 0..pos[b] of layer li, in the compiled kernel (no mask needed): (B, H·hd) float32. At batch 32
+        and ~100 positions 0.23 ms per layer against SDPA's 0.38 (1 thread); 0.05 against 0.16 at 20 positions."""
+        B = q.shape[0]
+        return self.kernels.attend_decode(q, self._k[li], self._v[li], pos, max_pos).view(B, self.H * self.hd)
 
     def _step_mask(self, lengths: list[int]):
         """Positions (B,), attended columns S, and the (B, 1, 1, S) additive mask in fp32 and in the cache's
@@ -728,16 +722,14 @@ class Engine:
         them one compiled kernel each: RMSNorm to bf16; RoPE + KV-cache write; SwiGLU; residual add.
         ~15 ops per layer instead of ~30: at batch 1 the op overhead is a good part of a step."""
         K, B, H, Hkv, hd = self.kernels, len(lengths), self.H, self.Hkv, self.hd
-        pos, S, bias, kv_bias = self._step_mask(lengths)
-        sdpa = self.kv_dtype != torch.float32 and B >= self.sdpa_min_batch
+        pos, top = torch.tensor(lengths), max(lengths)
         scale = 1.0 / math.sqrt(hd)
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
         for li, L in enumerate(self.layers):
             q = K.qkv_rope_cache(L.qkv.small.raw(K.norm_bf16(x, L.attn_norm, self.eps)), None, None, H, Hkv,
-                                 self.rope_cos, self.rope_sin, pos, S - 1, scale, self._k[li], self._v[li],
-                                 self.kv_dtype if sdpa else torch.float32)
-            y = self._attend(q.view(B, Hkv, H // Hkv, hd), li, B, S, bias, kv_bias)
-            K.dequant(L.wo.small.raw(y.reshape(B, H * hd).to(torch.bfloat16)), out=x, accumulate=True)
+                                 self.rope_cos, self.rope_sin, pos, top, scale, self._k[li], self._v[li])
+            y = self._attend(q, li, pos, top)
+            K.dequant(L.wo.small.raw(y.to(torch.bfloat16)), out=x, accumulate=True)
             m = K.swiglu(L.gate_up.small.raw(K.norm_bf16(x, L.mlp_norm, self.eps)), dtype=torch.bfloat16)
             K.dequant(L.down.small.raw(m), out=x, accumulate=True)
         return self.head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
@@ -747,17 +739,16 @@ class Engine:
         chains between them are one compiled kernel each: RMSNorm + quantize; dequantize + RoPE + KV-cache
         write; SwiGLU + quantize; dequantize + residual add. ~12 ops per layer instead of ~35."""
         K, B, H, Hkv, hd = self.kernels, len(lengths), self.H, self.Hkv, self.hd
-        pos, S, bias, kv_bias = self._step_mask(lengths)
-        q_dtype = self.kv_dtype if B >= self.sdpa_min_batch else torch.float32
+        pos, top = torch.tensor(lengths), max(lengths)
         scale = 1.0 / math.sqrt(hd)
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
         for li, L in enumerate(self.layers):
             qkv, wo, gu, down = L.qkv.big, L.wo.big, L.gate_up.big, L.down.big
             xq, xs = K.norm_quant(x, L.attn_norm_big, self.eps)
             q = K.qkv_rope_cache(torch._int_mm(xq, qkv.qt), xs, qkv.scale, H, Hkv, self.rope_cos, self.rope_sin,
-                                 pos, S - 1, scale, self._k[li], self._v[li], q_dtype)
-            y = self._attend(q.view(B, Hkv, H // Hkv, hd), li, B, S, bias, kv_bias)
-            yq, ys = K.norm_quant(y.reshape(B, H * hd).float().contiguous(), wo.inv_c, norm=False)
+                                 pos, top, scale, self._k[li], self._v[li])
+            y = self._attend(q, li, pos, top)
+            yq, ys = K.norm_quant(y, wo.inv_c, norm=False)
             K.dequant(torch._int_mm(yq, wo.qt), ys, wo.scale, out=x, accumulate=True)
             hq, hs = K.norm_quant(x, L.mlp_norm_big, self.eps)
             mq, ms = K.swiglu_quant(torch._int_mm(hq, gu.qt), hs, gu.scale, down.inv_c)

@@ -13,6 +13,17 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+int mc_openmp(void) { /* whether this build splits work over OpenMP threads */
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -263,5 +274,143 @@ void mc_int8_rows(const float *w, int64_t N, int64_t K, int8_t *q, float *t) {
             q[n * K + j] = (int8_t)(v < -127.f ? -127.f : (v > 127.f ? 127.f : v));
         }
         t[n] = sc;
+    }
+}
+
+/* Decode attention over the KV cache: for rows m = 0..M-1, query head h (kv head h / (H/Hkv)) attends to the
+ * cached positions 0..pos[m] of its row: out[m, h] = softmax(q·Kᵀ) V, q already scaled (1/√D folded in).
+ * q and out are float32 (M, H, D); the cache is float32 (ctype 0) or bfloat16 (ctype 2) with strides in
+ * elements for row and head (position stride D). Each row reads only its own positions, so rows of different
+ * lengths need no mask. Why not SDPA: with one query per sequence its CPU kernel pays a fixed cost per
+ * (row, kv head) pair that outweighs reading the pair's keys and values (batch 32, ~100 positions).
+ * `scratch` holds (H/Hkv)·(max(pos) + 1) floats. */
+static inline void load_kv_row(const void *c, int ctype, int64_t at, int64_t D, float *dst) {
+    if (ctype == 0) {
+        memcpy(dst, (const float *)c + at, D * sizeof(float));
+    } else {
+        const uint16_t *r = (const uint16_t *)c + at;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(r[d]);
+    }
+}
+
+static void softmax_rows(float *s, int64_t G, int64_t n) {
+    for (int64_t g = 0; g < G; g++, s += n) {
+        float mx = s[0], sum = 0.f;
+        for (int64_t j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            s[j] = exp_f32(s[j] - mx);
+            sum += s[j];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) s[j] *= inv;
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define ATT_MAXC 8 /* D up to 128 */
+#define ATT_MAXG 8
+
+static inline __m512 load16(const void *c, int ctype, int64_t at) {
+    if (ctype == 0) return _mm512_loadu_ps((const float *)c + at);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* one (row, kv head) pair with AVX-512: C = D/16 vectors per key; the G queries stay in registers */
+static inline void prefetch_row(const void *c, int ctype, int64_t at, int64_t D) {
+    const char *p = (const char *)c + at * (ctype == 0 ? 4 : 2);
+    for (int64_t b = 0; b < D * (ctype == 0 ? 4 : 2); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+static inline __attribute__((always_inline)) void attend_pair_avx512(
+    const float *qg, int64_t G, const int64_t C, const void *kc, const void *vc, int ctype, int64_t base,
+    int64_t n, float *s, float *o, int64_t next_base, int64_t next_n) {
+    __m512 qv[ATT_MAXG][ATT_MAXC], acc[ATT_MAXG][ATT_MAXC];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) qv[g][c] = _mm512_loadu_ps(qg + g * C * 16 + c * 16);
+    /* the cache comes from beyond L2 (30 layers of it): prefetch the keys ahead, the values while the keys are
+     * read, and the next pair's keys while these values are read (5 -> ? GB/s) */
+    for (int64_t j = 0; j < n; j++) {
+        __m512 kr[ATT_MAXC];
+        if (j + 8 < n) prefetch_row(kc, ctype, base + (j + 8) * C * 16, C * 16);
+        prefetch_row(vc, ctype, base + j * C * 16, C * 16);
+        for (int64_t c = 0; c < C; c++) kr[c] = load16(kc, ctype, base + j * C * 16 + c * 16);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 a = _mm512_mul_ps(qv[g][0], kr[0]);
+            for (int64_t c = 1; c < C; c++) a = _mm512_fmadd_ps(qv[g][c], kr[c], a);
+            s[g * n + j] = _mm512_reduce_add_ps(a);
+        }
+    }
+    softmax_rows(s, G, n);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m512 vr[ATT_MAXC];
+        if (j < next_n && j < 16) prefetch_row(kc, ctype, next_base + j * C * 16, C * 16);
+        for (int64_t c = 0; c < C; c++) vr[c] = load16(vc, ctype, base + j * C * 16 + c * 16);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(s[g * n + j]);
+            for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_fmadd_ps(p, vr[c], acc[g][c]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + g * C * 16 + c * 16, acc[g][c]);
+}
+#endif
+
+void mc_attend_decode(const float *q, int64_t M, int64_t H, int64_t Hkv, int64_t D, const void *kc,
+                      const void *vc, int ctype, int64_t row_stride, int64_t head_stride, const int64_t *pos,
+                      float *out, float *scratch, int64_t scratch_stride, int nthreads) {
+    const int64_t G = H / Hkv;
+    /* (row, kv head) pairs split over the caller's threads (torch's own OpenMP runtime: the library links the
+     * libgomp that torch has loaded, so no second thread team competes for the cores) */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t pair = 0; pair < M * Hkv; pair++) {
+        const int64_t m = pair / Hkv, kh = pair % Hkv, n = pos[m] + 1;
+        float *sc = scratch;
+#ifdef _OPENMP
+        sc += omp_get_thread_num() * scratch_stride;
+#endif
+        const int64_t base = m * row_stride + kh * head_stride;
+        const float *qg = q + (m * H + kh * G) * D;
+        float *o = out + (m * H + kh * G) * D;
+#if defined(__AVX512F__)
+        if (D % 16 == 0 && D / 16 <= ATT_MAXC && G <= ATT_MAXG) {
+            /* constant vector counts, so that the compiler unrolls and keeps everything in registers */
+            const int64_t nm = kh + 1 < Hkv ? m : m + 1, nb = nm * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
+            const int64_t nn = nm < M ? pos[nm] + 1 : 0;
+            if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
+            else if (D == 32) attend_pair_avx512(qg, G, 2, kc, vc, ctype, base, n, sc, o, nb, nn);
+            else if (D == 128) attend_pair_avx512(qg, G, 8, kc, vc, ctype, base, n, sc, o, nb, nn);
+            else attend_pair_avx512(qg, G, D / 16, kc, vc, ctype, base, n, sc, o, nb, nn);
+            continue;
+        }
+#endif
+        float kv[D];
+        for (int64_t j = 0; j < n; j++) { /* scores s[g, j] = q_g · k_j */
+            load_kv_row(kc, ctype, base + j * D, D, kv);
+            for (int64_t g = 0; g < G; g++) {
+                const float *qq = qg + g * D;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t d = 0; d < D; d++) acc += qq[d] * kv[d];
+                sc[g * n + j] = acc;
+            }
+        }
+        softmax_rows(sc, G, n);
+        memset(o, 0, G * D * sizeof(float)); /* out_g = Σ_j p[g, j] v_j */
+        for (int64_t j = 0; j < n; j++) {
+            load_kv_row(vc, ctype, base + j * D, D, kv);
+            for (int64_t g = 0; g < G; g++) {
+                const float p = sc[g * n + j];
+                float *og = o + g * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) og[d] += p * kv[d];
+            }
+        }
     }
 }

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "mc_int8_rows": [_p, _i64, _i64, _p, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
                           _i64, _i64],
+    "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32],
 }
 
 
@@ -62,27 +63,40 @@ def _cpu_id() -> str:
         return platform.machine() + platform.processor()
 
 
-def _build(cc: str, cache: Path) -> Path:
+def _build(cc: str, cache: Path, flags: list[str], keep: tuple[str, ...] = ()) -> Path:
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     so = cache / f"kernels-{tag}.so"
+    failed = so.with_suffix(".failed")  # this compiler cannot build with these flags: do not retry every start
     if so.exists():
         return so
+    if failed.exists():
+        raise MinichatError(f"compiling {_SRC.name} failed before:\n{failed.read_text(errors='replace')}")
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:  # compile to a temporary name, then rename: a half-written library is never loaded
-        r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
+            failed.write_text(r.stderr[-2000:])
             raise MinichatError(f"compiling {_SRC.name} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, so)
-        for old in cache.glob("kernels-*.so"):  # builds of earlier sources (or other CPUs: they rebuild)
-            if old != so:
+        for old in cache.glob("kernels-*"):  # builds of earlier sources (or other CPUs: they rebuild)
+            if old != so and old.name not in keep:
                 old.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return so
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    except OSError:
+        return set()
 
 
 def load() -> "Kernels | None":
@@ -96,18 +110,31 @@ def load() -> "Kernels | None":
             if cc is not None:
                 from minichat.gguf_import import cache_root
 
-                try:
-                    # PyDLL: calls keep the GIL. These kernels take microseconds; releasing and re-taking the
-                    # GIL around each (CDLL's way) would let any other busy Python thread (the server's
-                    # moderation checks) cut in hundreds of times per decode step
-                    lib = ctypes.PyDLL(str(_build(cc, cache_root() / "kernels")))
-                except (MinichatError, OSError) as e:  # a broken compiler must not stop generation
-                    warnings.warn(f"minichat's compiled kernels are unavailable, decoding is slower: {e}")
+                cache = cache_root() / "kernels"
+                lib = err = None
+                # with OpenMP first (the attention kernel splits its work over torch's threads), else without
+                for flags in (_FLAGS + ["-fopenmp"], _FLAGS):
+                    try:
+                        before = _openmp_runtimes()
+                        # PyDLL: calls keep the GIL. These kernels take microseconds; releasing and re-taking the
+                        # GIL around each (CDLL's way) would let any other busy Python thread (the server's
+                        # moderation checks) cut in hundreds of times per decode step
+                        so = _build(cc, cache, flags, keep=tuple(p.name for p in cache.glob("kernels-*.failed")))
+                        lib = ctypes.PyDLL(str(so))
+                        break
+                    except (MinichatError, OSError) as e:  # a broken compiler must not stop generation
+                        err = e
+                if lib is None:
+                    warnings.warn(f"minichat's compiled kernels are unavailable, decoding is slower: {err}")
                 else:
                     for name, args in _SIGNATURES.items():
                         getattr(lib, name).argtypes = args
                         getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
-                    _loaded["k"] = Kernels(lib)
+                    lib.mc_openmp.restype = ctypes.c_int
+                    # threads only when the library shares torch's OpenMP runtime: a second runtime would bring
+                    # a second thread team to the same cores, and each would wait for the other at barriers
+                    _loaded["k"] = Kernels(lib, openmp=bool(lib.mc_openmp()) and _openmp_runtimes() == before
+                                           and bool(before))
         return _loaded["k"]
 
 
@@ -126,8 +153,9 @@ class Kernels:
     int32 from int8 activations quantized per row as x ≈ s·q + z (`rs` (M, 2): s, z, as norm_quant returns)
     times int8 weights w ≈ t·p (`cs` (2, N): t and Σ_k w[n, k])."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, openmp: bool = False):
         self.lib = lib
+        self.openmp = openmp  # the library's OpenMP loops may use torch's threads
 
     def norm_quant(self, x: torch.Tensor, w: torch.Tensor | None, eps: float = 0.0, norm: bool = True):
         """RMSNorm(x)·w (x·w with norm=False; x itself when w is None) as int8 (M, K) with a scale and an
@@ -205,6 +233,31 @@ class Kernels:
                                    _YTYPE[q_dtype], kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
                                    kc.stride(0), kc.stride(1))
         return q
+
+    def attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                      max_pos: int) -> torch.Tensor:
+        """One decode step's attention: query heads q (M, H, D) float32, already scaled, of rows 0..M-1 attend
+        to their own cached positions 0..pos[m] of kc/vc (slots, Hkv, capacity, D); returns (M, H, D) float32."""
+        _check(q, torch.float32)
+        _check(pos, torch.int64)
+        for t in (kc, vc):
+            _check(t, torch.float32, torch.bfloat16)
+        M, H, D = q.shape
+        Hkv = kc.shape[1]
+        if kc.shape != vc.shape or kc.dtype != vc.dtype or kc.shape[-1] != D or H % Hkv or pos.shape != (M,):
+            raise ValueError("attend_decode: shapes do not agree")
+        if max_pos >= kc.shape[2] or M > kc.shape[0]:
+            raise ValueError("attend_decode: position or row outside the cache")
+        out = torch.empty(M, H, D)
+        # torch's thread count (the calling thread's), when the library shares torch's OpenMP runtime and there
+        # are enough (row, kv head) pairs to split
+        threads = torch.get_num_threads() if self.openmp and M * Hkv > 1 else 1
+        stride = (H // Hkv) * (max_pos + 1)
+        scratch = torch.empty(threads * stride)
+        self.lib.mc_attend_decode(q.data_ptr(), M, H, Hkv, D, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
+                                  kc.stride(0), kc.stride(1), pos.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                                  stride, threads)
+        return out
 
     def int4_groups(self, w: torch.Tensor):
         """engine._int4_groups in one pass: (q int32 (N, K), scales and zeros bf16 (K/32, N, 2), relative error)."""

@@ -113,6 +113,28 @@ def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
     assert (kc.float().abs().sum(-1)[~written] == 0).all() and (vc.float().abs().sum(-1)[~written] == 0).all()
 
 
+@pytest.mark.parametrize("D", [64, 32, 24])  # 24: not a multiple of 16, the portable loop instead of AVX-512
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_attend_decode_matches_masked_softmax_attention(D, cache_dtype):
+    M, H, Hkv, slots, cap = 4, 6, 2, 5, 40
+    g = torch.Generator().manual_seed(1)
+    kc = torch.randn(slots, Hkv, cap, D, generator=g).to(cache_dtype)
+    vc = torch.randn(slots, Hkv, cap, D, generator=g).to(cache_dtype)
+    q = torch.randn(M, H, D, generator=g) / math.sqrt(D)
+    pos = torch.tensor([0, 5, 39, 17])  # each row attends to its own positions 0..pos[m]
+    out = K.attend_decode(q, kc, vc, pos, 39)
+    for m in range(M):
+        n = int(pos[m]) + 1
+        keys = kc[m, :, :n].float().repeat_interleave(H // Hkv, 0)  # query head h reads kv head h // (H/Hkv)
+        vals = vc[m, :, :n].float().repeat_interleave(H // Hkv, 0)
+        ref = torch.softmax(q[m, :, None] @ keys.transpose(-1, -2), -1) @ vals  # (H, 1, D)
+        torch.testing.assert_close(out[m], ref[:, 0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):  # a position past the cache
+        K.attend_decode(q, kc, vc, torch.tensor([0, 5, 40, 17]), 40)
+    with pytest.raises(ValueError):  # keys and values of different shapes
+        K.attend_decode(q, kc, vc[:, :1].contiguous(), pos, 39)
+
+
 def test_bad_inputs_are_refused_before_any_write():
     kc = torch.zeros(1, 1, 4, 8)
     y = torch.randn(2, 3 * 8)
@@ -186,3 +208,41 @@ def test_a_new_build_replaces_earlier_ones(tmp_path, monkeypatch):
     assert k is not None and not stale.exists()
     assert len(list((tmp_path / "kernels").glob("kernels-*.so"))) == 1
     assert torch.equal(k.argmax(torch.tensor([[0.0, 3.0, 1.0]])), torch.tensor([1]))
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch):
+    """Where -fopenmp fails (a compiler without an OpenMP runtime), the kernels build without it and run on
+    one thread; the failure is remembered, so later starts do not pay for the failing compile again."""
+    import shutil
+
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("MINICHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    k = kernels.load()
+    assert k is not None and not k.openmp and not k.lib.mc_openmp()
+    assert len(list((tmp_path / "kernels").glob("kernels-*.failed"))) == 1
+    assert torch.equal(k.argmax(torch.tensor([[0.0, 3.0, 1.0]])), torch.tensor([1]))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.load() is not None and len(list((tmp_path / "kernels").glob("kernels-*"))) == 2
+
+
+@pytest.mark.skipif(K is None or not K.openmp, reason="the kernels were built without OpenMP here")
+def test_attention_split_over_threads_is_the_same():
+    """The attention kernel splits (row, kv head) pairs over torch's OpenMP threads: same result as one thread."""
+    g = torch.Generator().manual_seed(2)
+    kc = torch.randn(9, 3, 50, 64, generator=g).to(torch.bfloat16)
+    vc = torch.randn(9, 3, 50, 64, generator=g).to(torch.bfloat16)
+    q = torch.randn(9, 9, 64, generator=g) / 8
+    pos = torch.arange(9) * 5 + 3
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.attend_decode(q, kc, vc, pos, int(pos.max()))
+        torch.set_num_threads(2)
+        two = K.attend_decode(q, kc, vc, pos, int(pos.max()))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
