@@ -212,8 +212,9 @@ class Moderator:
     def check(self, text: str, *, source: str = "input", audit: bool = True) -> ModerationResult:
         """Moderate one text (str, or UTF-8 bytes)."""
         text = self._coerce(text)
-        learned = self.scorer.score([text])[0] if self.scorer is not None else None
-        result = self._decide(text, learned)
+        norm = normalize(text)  # once, for the rules and the scorer both
+        learned = self.scorer.score([text], [norm])[0] if self.scorer is not None else None
+        result = self._decide(text, learned, norm)
         if audit and self.audit is not None:
             self.audit.write(result, text, source)
         return result
@@ -223,17 +224,18 @@ class Moderator:
         if isinstance(texts, (str, bytes)):
             raise MinichatError("check_many() takes a list of texts; use check() for one text")
         items = [self._coerce(t) for t in texts]
-        learned = self.scorer.score(items) if (self.scorer is not None and items) else [None] * len(items)
+        norms = [normalize(t) for t in items]
+        learned = self.scorer.score(items, norms) if (self.scorer is not None and items) else [None] * len(items)
         out = []
-        for t, l in zip(items, learned):
-            r = self._decide(t, l)
+        for t, l, n in zip(items, learned, norms):
+            r = self._decide(t, l, n)
             if self.audit is not None:
                 self.audit.write(r, t, source)
             out.append(r)
         return out
 
-    def _decide(self, text: str, learned: dict[str, float] | None) -> ModerationResult:
-        norm = normalize(text)
+    def _decide(self, text: str, learned: dict[str, float] | None, norm=None) -> ModerationResult:
+        norm = normalize(text) if norm is None else norm
         hits = self.rules.match(norm)
         fired_exc, damp = self.rules.apply_exceptions(norm, hits)
         active = set(self.categories)

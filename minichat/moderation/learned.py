@@ -25,12 +25,15 @@ _URL = regex.compile(r"https?://\S{1,300}|www\.\S{1,300}")
 _RT = regex.compile(r"(?<!\w)rt(?!\w)")
 
 
-def prepare(text: str) -> str:
+def prepare(text: str, normalized=None) -> str:
     """The scorer's view of a text: HTML entities decoded, mentions/links/retweet marks made generic, normalised.
 
     Mentions and links are replaced because in social-media training data they correlate with labels by
-    accident (who was retweeted), which would not carry over to chat text.
+    accident (who was retweeted), which would not carry over to chat text. `normalized`: normalize(text), when
+    the caller has it; used where those replacements would change nothing (no '&', '@', link or overlong text).
     """
+    if normalized is not None and len(text) <= 20000 and not any(c in text for c in ("&", "@", "http", "www.")):
+        return _RT.sub(" ", normalized.text)
     text = html.unescape(text[:20000])  # the learned view of very long texts is their beginning
     text = _URL.sub(" link ", text)
     text = _MENTION.sub(" ", text)
@@ -63,6 +66,14 @@ class LearnedScorer:
         self.weights = weights  # scipy CSR, (2 * N_FEATURES, n_categories)
         self.bias = bias
         self.meta = meta
+        # score()'s fast path: the weight rows that are not all zero as one dense block, and each hashed
+        # feature's row in it (-1: a zero row). The pruned artefact has ~79k such rows of 2^20 (4 MB).
+        w = weights.tocsr()
+        nz = np.flatnonzero(np.diff(w.indptr))
+        self._row = np.full(w.shape[0], -1, dtype=np.int32)
+        self._row[nz] = np.arange(len(nz), dtype=np.int32)
+        self._dense = np.asarray(w[nz].todense(), dtype=np.float32)
+        self._analyzers = None
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LearnedScorer":
@@ -92,10 +103,33 @@ class LearnedScorer:
         w = sp.csr_matrix((vals, (rows, cols)), shape=(2 * N_FEATURES, len(cats)))
         return cls(cats, w, bias, meta)
 
-    def score(self, texts: list[str]) -> list[dict[str, float]]:
+    def score(self, texts: list[str], normalized: list | None = None) -> list[dict[str, float]]:
+        """Per-category probabilities; `normalized` (optional): normalize(t) of each text, already computed."""
         if not texts:
             return []
-        x = featurize(texts)
-        z = np.asarray((x @ self.weights).todense()) + self.bias
+        z = np.stack([self._logits(prepare(t, None if normalized is None else normalized[i]))
+                      for i, t in enumerate(texts)])
         p = 1.0 / (1.0 + np.exp(-z))
         return [dict(zip(self.categories, map(float, row))) for row in p]
+
+    def _logits(self, prepared: str) -> np.ndarray:
+        """featurize([text]) @ weights + bias, for one text without sklearn's per-call overhead (sparse matrices,
+        validation: ~0.8 ms of a 1 ms score): the same analyzers and the same hash, index = |murmur3(gram)| mod
+        N_FEATURES, counts L2-normalised per vectoriser, as HashingVectorizer(alternate_sign=False) computes."""
+        from sklearn.utils import murmurhash3_32
+
+        if self._analyzers is None:
+            self._analyzers = [v.build_analyzer() for v in vectorizers()]
+        z = self.bias.astype(np.float64).copy()
+        for k, analyze in enumerate(self._analyzers):
+            grams = analyze(prepared)
+            if not grams:
+                continue
+            h = np.fromiter((murmurhash3_32(g, 0) for g in grams), dtype=np.int64, count=len(grams))
+            idx = np.where(h == -2**31, (2**31 - 1 - (N_FEATURES - 1)) % N_FEATURES, np.abs(h) % N_FEATURES)
+            idx, counts = np.unique(idx, return_counts=True)
+            vals = counts / np.sqrt(np.dot(counts, counts))
+            rows = self._row[idx + k * N_FEATURES]
+            keep = rows >= 0
+            z += vals[keep] @ self._dense[rows[keep]].astype(np.float64)
+        return z

@@ -586,6 +586,10 @@ def build_services(cfg: ServeConfig) -> tuple[ModelRegistry, Any, Any]:
 
         moderator = Moderator.load(cfg.moderation_config or None,
                                    audit_path=cfg.moderation_audit or None)
+        if cfg.moderation_process:
+            from minichat.moderation.process import ModeratorProcess
+
+            moderator = ModeratorProcess(moderator, cfg.moderation_config or None)
     models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
     return models, store, moderator
 
@@ -625,7 +629,11 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     print(f"minichat serve: http://{cfg.host}:{cfg.port}/  (models: {', '.join(models.names())})", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
-    if store is not None:
-        store.close()
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    finally:
+        if store is not None:
+            store.close()
+        if hasattr(moderator, "close"):
+            moderator.close()
     return 0

@@ -85,8 +85,10 @@ def model_files(tmp_path_factory) -> ModelFiles:
 from tests.live import LiveServer
 
 
-def make_server(model_files: ModelFiles, tmp_path: Path, *, moderation: bool = True, **cfg_fields):
-    """create_app with the tiny models (rules-only moderation, so verdicts are deterministic)."""
+def make_server(model_files: ModelFiles, tmp_path: Path, *, moderation: bool = True, moderation_process: bool = False,
+                **cfg_fields):
+    """create_app with the tiny models (rules-only moderation, so verdicts are deterministic); with
+    moderation_process, the checks run in a child process as `minichat serve` runs them."""
     from minichat.moderation import Moderator
     from minichat.serve.app import create_app
     from minichat.serve.config import EngineSettings, ServeConfig
@@ -100,19 +102,27 @@ def make_server(model_files: ModelFiles, tmp_path: Path, *, moderation: bool = T
     models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
     store = Store(cfg.store_url)
     moderator = Moderator.load(learned=False) if moderation else None
+    if moderator is not None and moderation_process:
+        from minichat.moderation.process import ModeratorProcess
+
+        moderator = ModeratorProcess(moderator)
     app = create_app(cfg, models, store, moderator)
-    return LiveServer(app), store
+    srv = LiveServer(app)
+    srv.moderator = moderator
+    return srv, store
 
 
 @pytest.fixture(scope="module")
 def live(model_files, tmp_path_factory):
-    """The default test server: three models, store, moderation on, no API keys."""
-    srv, store = make_server(model_files, tmp_path_factory.mktemp("live"))
+    """The default test server: three models, store, moderation on (in a child process, as `minichat serve`
+    runs it), no API keys."""
+    srv, store = make_server(model_files, tmp_path_factory.mktemp("live"), moderation_process=True)
     srv.start()
     srv.store = store
     yield srv
     srv.stop()
     store.close()
+    srv.moderator.close()
 
 
 @pytest.fixture
