@@ -472,7 +472,8 @@ def main(argv: list[str]) -> int:
     model, tok, mcfg = load(cfg.model, device=cfg.device)
     if tok.im_start_id is None:
         raise MinichatError(f"{cfg.model} has no chat tokens (<|im_start|>/<|im_end|>); chat needs a chat model")
-    engine = Engine(model, tok, weights=cfg.weights, max_batch=4)
+    # each turn resends the conversation: its prefix cache computes only the new message (and the reply so far)
+    engine = Engine(model, tok, weights=cfg.weights, max_batch=4, prefix_cache=8192)
     engine.name = str(cfg.model)
     session = ChatSession(cfg, engine, tok, Guard.load(cfg.moderation and not ns.no_moderation))
 

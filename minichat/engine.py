@@ -185,6 +185,61 @@ class Request:
 # ------------------------------------------------------------------------------------------ packed weights
 
 PREFILL_CHUNK = 2048  # most prompt tokens packed into one prefill pass (activations: ~40 kB per token)
+PREFIX_BLOCK = 8  # prompt prefixes are cached in blocks of this many tokens (SmolLM2's chat template shares 24)
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes, so that a prompt starting like an earlier one is only prefilled
+    from where they differ: a chat's system prompt and template, and in a multi-turn chat the whole history
+    that every turn sends again. Blocks of PREFIX_BLOCK tokens are keyed by a hash chain over all tokens up to
+    the block's end (a block is reused only after the very same prefix) and evicted least recently used
+    beyond `capacity` tokens. A block's keys and values depend only on its prefix, so reusing them gives the
+    same result as computing them again (int8 matmuls are exact integer sums; float ones agree to rounding)."""
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict
+
+        self.max_blocks = capacity // PREFIX_BLOCK
+        self.blocks: "OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self.lookups = self.reused_tokens = 0
+
+    @staticmethod
+    def _keys(tokens: Sequence[int], n: int) -> list[bytes]:
+        import hashlib
+
+        keys, h = [], b""
+        for b in range(n):
+            block = tokens[b * PREFIX_BLOCK:(b + 1) * PREFIX_BLOCK]
+            h = hashlib.blake2b(h + b"".join(int(t).to_bytes(4, "little") for t in block), digest_size=16).digest()
+            keys.append(h)
+        return keys
+
+    def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cached blocks that start `prompt`, leaving at least its last token to compute (its logits)."""
+        self.lookups += 1
+        found = []
+        for key in self._keys(prompt, (len(prompt) - 1) // PREFIX_BLOCK):
+            kv = self.blocks.get(key)
+            if kv is None:
+                break
+            self.blocks.move_to_end(key)
+            found.append(kv)
+        self.reused_tokens += len(found) * PREFIX_BLOCK
+        return found
+
+    def insert(self, prompt: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the full blocks of `prompt` from one cache row: k, v (n_layer, n_kv, >= len(prompt), hd)."""
+        for b, key in enumerate(self._keys(prompt, len(prompt) // PREFIX_BLOCK)):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            sl = slice(b * PREFIX_BLOCK, (b + 1) * PREFIX_BLOCK)
+            self.blocks[key] = (k[:, :, sl].clone(), v[:, :, sl].clone())
+        while len(self.blocks) > self.max_blocks:
+            self.blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        self.blocks.clear()
 GROUP = 32  # int4 group size along the input dimension (llama.cpp's Q4_1 block size)
 
 
@@ -490,11 +545,13 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None, weights: str = "auto",
                  max_batch: int = 64, stop_token_ids: Sequence[int] | None = None, small_rows: int | None = None,
-                 kernels: bool = True):
+                 kernels: bool = True, prefix_cache: int = 0):
         if weights not in WEIGHT_MODES:
             raise MinichatError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         if max_batch < 1:
             raise MinichatError("max_batch must be >= 1")
+        if prefix_cache < 0:
+            raise MinichatError("prefix_cache (tokens) must be >= 0")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if weights == "auto" and self.device.type != "cpu":
             weights = "bf16"
@@ -536,6 +593,10 @@ class Engine:
         self._counts: torch.Tensor | None = None  # (slots, V) output-token counts, for penalties
         self._seen: torch.Tensor | None = None  # (slots, V) prompt+output membership, for repetition penalty
         self._rng = torch.Generator().manual_seed(torch.seed() % 2**63)
+        # keys and values of recent prompts' prefixes (0: off): a chat server's requests share their system
+        # prompt, and each turn of a conversation resends the history
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache >= PREFIX_BLOCK else None
+        self.prefill_tokens = 0  # prompt tokens prefilled (computed), not counting reused prefixes
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -595,46 +656,71 @@ class Engine:
 
     def _prefill_many(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
         """Prefill several prompts (prompt i into cache row rows[i]); returns (n, V) next-token logits.
-        Prompts are packed into chunks of at most PREFILL_CHUNK tokens (a longer prompt goes alone), which
-        bounds activation memory while keeping every matmul big."""
+        A prompt's cached prefix (prefix_cache) is copied into its row and only the rest is computed. Prompts are
+        packed into chunks of at most PREFILL_CHUNK new tokens (a longer prompt goes alone), which bounds
+        activation memory while keeping every matmul big."""
+        pc = self.prefix_cache
+        starts = [0] * len(prompts)
+        if pc is not None:
+            for i, (p, row) in enumerate(zip(prompts, rows)):
+                blocks = pc.lookup(p)
+                if blocks:
+                    n = len(blocks) * PREFIX_BLOCK
+                    self._k[:, row, :, :n] = torch.cat([k for k, _ in blocks], 2)
+                    self._v[:, row, :, :n] = torch.cat([v for _, v in blocks], 2)
+                    starts[i] = n
         out, i = [], 0
         while i < len(prompts):
-            j, T = i + 1, len(prompts[i])
-            while j < len(prompts) and T + len(prompts[j]) <= PREFILL_CHUNK:
-                T += len(prompts[j])
+            j, T = i + 1, len(prompts[i]) - starts[i]
+            while j < len(prompts) and T + len(prompts[j]) - starts[j] <= PREFILL_CHUNK:
+                T += len(prompts[j]) - starts[j]
                 j += 1
-            out.append(self._prefill_packed(prompts[i:j], rows[i:j]))
+            out.append(self._prefill_packed(prompts[i:j], rows[i:j], starts[i:j]))
             i = j
+        self.prefill_tokens += sum(len(p) - s0 for p, s0 in zip(prompts, starts))
+        if pc is not None:
+            for p, row in zip(prompts, rows):
+                pc.insert(p, self._k[:, row], self._v[:, row])
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _prefill_packed(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
-        """All prompts as one (sum of lengths, D) matrix: every linear is one matmul over all their tokens;
-        attention runs per prompt (causal, within the prompt), writing each prompt's keys into its row."""
+    def _prefill_packed(self, prompts: list[list[int]], rows: list[int], done: list[int] | None = None) -> torch.Tensor:
+        """All prompts' new tokens as one (T, D) matrix: every linear is one matmul over all their tokens;
+        attention runs per prompt (causal, within the prompt), writing each prompt's keys into its row. done[i]:
+        positions of prompt i already in its cache row (a reused prefix); its tokens from there are computed."""
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        lens = [len(p) for p in prompts]
+        done = done or [0] * len(prompts)
+        lens = [len(p) - d for p, d in zip(prompts, done)]
         starts = list(itertools.accumulate(lens, initial=0))
         T = starts[-1]
         dev = self.device
-        x = self.embed[torch.tensor([t for p in prompts for t in p], device=dev)]  # (T, D)
-        if len(prompts) == 1:
+        x = self.embed[torch.tensor([t for p, d in zip(prompts, done) for t in p[d:]], device=dev)]  # (T, D)
+        if len(prompts) == 1 and not done[0]:
             cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, hd)
         else:
-            pos = torch.cat([torch.arange(P, device=dev) for P in lens])
+            pos = torch.cat([torch.arange(d, d + P, device=dev) for d, P in zip(done, lens)])
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
-        first = torch.tensor(starts[:-1], device=dev)  # rows at position 0
+        at0 = [s for s, d in zip(starts, done) if d == 0]  # rows at position 0
+        first = torch.tensor(at0, device=dev) if at0 else None
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.eps)
             qkv = L.qkv.prefill(h, first)  # (T, (H + 2·Hkv)·hd)
             qk = self._rope(qkv[:, : (H + Hkv) * hd].view(T, H + Hkv, hd), cos, sin)
             v = qkv[:, (H + Hkv) * hd:].view(T, Hkv, hd)
             ys = []
-            for s, P, row in zip(starts, lens, rows):
+            for s, P, row, d in zip(starts, lens, rows, done):
                 q = qk[s:s + P, :H].transpose(0, 1)  # (H, P, hd)
                 k = qk[s:s + P, H:].transpose(0, 1)  # (Hkv, P, hd)
                 vp = v[s:s + P].transpose(0, 1)
-                self._k[li, row, :, :P] = k
-                self._v[li, row, :, :P] = vp
-                y = F.scaled_dot_product_attention(q[None], k[None], vp[None], is_causal=True, enable_gqa=Hkv != H)
+                self._k[li, row, :, d:d + P] = k
+                self._v[li, row, :, d:d + P] = vp
+                if d == 0:
+                    y = F.scaled_dot_product_attention(q[None], k[None], vp[None], is_causal=True, enable_gqa=Hkv != H)
+                else:  # after a reused prefix: all of it, then causal within the new tokens
+                    keys = torch.cat([self._k[li, row, :, :d].to(k.dtype), k], 1)
+                    vals = torch.cat([self._v[li, row, :, :d].to(vp.dtype), vp], 1)
+                    allowed = torch.arange(d + P, device=dev)[None] <= torch.arange(d, d + P, device=dev)[:, None]
+                    y = F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=allowed,
+                                                       enable_gqa=Hkv != H)
                 ys.append(y[0].transpose(0, 1).reshape(P, H * hd))
             x = x + L.wo.prefill(ys[0] if len(ys) == 1 else torch.cat(ys), first)
             h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, self.eps)

@@ -75,15 +75,31 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process (this one when pid is None)."""
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int | None, children: bool = False) -> float:
+    """User + system CPU seconds of a process (this one when pid is None); with children, of its running
+    child processes instead (the server's moderation process)."""
     if pid is None:
         t = os.times()
         return t.user + t.system
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if not children:
+            fields = _stat(pid)
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    fields = _stat(int(d))
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -97,7 +113,10 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
             nonlocal tokens
             for k in range(n_requests):
                 try:
-                    t, n = await one_request(client, url, model, PROMPTS[(ci + k) % len(PROMPTS)], max_tokens,
+                    # every request's text is its own (a tag first): only the chat template's shared start, not
+                    # the question, can come from the server's prefix cache, as with real users
+                    prompt = f"[{n_clients}.{ci}.{k}] {PROMPTS[(ci + k) % len(PROMPTS)]}"
+                    t, n = await one_request(client, url, model, prompt, max_tokens,
                                              seed=ci * 1000 + k)
                     ttfts.append(t)
                     tokens += n
@@ -105,16 +124,18 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
                     errors.append(str(e))
 
         h0 = await engine_stats(client, url, model)
-        c0, s0 = cpu_seconds(None), cpu_seconds(server_pid)
+        c0, s0, k0 = cpu_seconds(None), cpu_seconds(server_pid), cpu_seconds(server_pid, children=True)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(n_clients)))
         wall = time.perf_counter() - t0
-        c1, s1 = cpu_seconds(None), cpu_seconds(server_pid)
+        c1, s1, k1 = cpu_seconds(None), cpu_seconds(server_pid), cpu_seconds(server_pid, children=True)
         h1 = await engine_stats(client, url, model)
     steps = h1.get("steps", 0) - h0.get("steps", 0)
     step_s = h1.get("step_seconds", 0.0) - h0.get("step_seconds", 0.0)
     step_cpu = h1.get("step_cpu_seconds", 0.0) - h0.get("step_cpu_seconds", 0.0)
     gen = h1.get("tokens_generated", 0) - h0.get("tokens_generated", 0)
+    prefilled = h1.get("prefill_tokens", 0) - h0.get("prefill_tokens", 0)
+    reused = h1.get("prefix_cache_tokens", 0) - h0.get("prefix_cache_tokens", 0)
     q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) >= 2 else ttfts * 99
     return {"clients": n_clients, "requests": len(ttfts) + len(errors), "errors": len(errors),
             "wall_s": wall, "req_per_s": len(ttfts) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
@@ -123,7 +144,9 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
             # the worker thread's view: sequences per engine step, and the share of wall time spent stepping
             "mean_batch": gen / steps if steps else float("nan"), "step_busy": step_s / wall,
             "step_ms": 1000 * step_s / steps if steps else float("nan"),
-            "step_cpu_ms": 1000 * step_cpu / steps if steps else float("nan"), "server_cpu": (s1 - s0) / wall if server_pid else float("nan"),
+            "step_cpu_ms": 1000 * step_cpu / steps if steps else float("nan"),
+            "prompt_tokens": prefilled + reused, "reused_share": reused / (prefilled + reused) if prefilled + reused else 0.0, "server_cpu": (s1 - s0) / wall if server_pid else float("nan"),
+            "child_cpu": (k1 - k0) / wall if server_pid else float("nan"),
             "first_error": errors[0] if errors else ""}
 
 
@@ -143,8 +166,9 @@ def run_levels(a, url: str, server_pid: int | None) -> list[dict]:
         rows.append(r)
         print(f"N={n:>3}  {r['requests']} requests  {r['req_per_s']:.2f} req/s  {r['tok_per_s']:.1f} tok/s  "
               f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']}  "
-              f"CPU: server {r['server_cpu']:.2f} cores, clients {r['client_cpu']:.2f}  engine: batch "
-              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%} {r['first_error']}",
+              f"CPU: server {r['server_cpu']:.2f} cores (+ its moderation process {r['child_cpu']:.2f}), clients "
+              f"{r['client_cpu']:.2f}  engine: batch "
+              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%}, prompt tokens {r['prompt_tokens']} ({r['reused_share']:.0%} from the prefix cache) {r['first_error']}",
               flush=True)
     return rows
 
@@ -172,6 +196,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
     ap.add_argument("--weights", default="", help="the engine's weight mode (default: the server's)")
     ap.add_argument("--no-moderation", action="store_true")
+    ap.add_argument("--server-args", default="", help="more `minichat serve` options, e.g. '--engine.prefix_cache 0'")
     ap.add_argument("--out", help="write a Markdown table here (appends a section)")
     ap.add_argument("--url", help="use this running server instead of starting one (e.g. under py-spy)")
     a = ap.parse_args()
@@ -189,6 +214,10 @@ def main() -> int:
             cmd += ["--engine.weights", a.weights]
         if a.no_moderation:
             cmd.append("--no-moderation")
+        if a.server_args:
+            import shlex
+
+            cmd += shlex.split(a.server_args)
         server = subprocess.Popen(cmd)
         try:
             wait_ready(url, server)
@@ -204,12 +233,12 @@ def main() -> int:
              f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
              f"max_batch {a.max_batch}, weights {a.weights or default_weights()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
              "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed "
-             "| server CPU (cores) | client CPU (cores) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server CPU (cores) | its moderation process | client CPU (cores) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
                      f"{r['tok_per_s'] / base:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['errors']} | "
-                     f"{r['server_cpu']:.2f} | {r['client_cpu']:.2f} |")
+                     f"{r['server_cpu']:.2f} | {r['child_cpu']:.2f} | {r['client_cpu']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -576,6 +576,8 @@ async def _completion_stream(svc: Services, m: ServedModel, rid: str, jobs: list
 
 def build_services(cfg: ServeConfig) -> tuple[ModelRegistry, Any, Any]:
     store = moderator = None
+    # models first: a wrong model path is the likeliest mistake, and it should fail before anything starts
+    models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
     if cfg.store_url.lower() != "none":
         from minichat.serve.store import Store
 
@@ -590,7 +592,6 @@ def build_services(cfg: ServeConfig) -> tuple[ModelRegistry, Any, Any]:
             from minichat.moderation.process import ModeratorProcess
 
             moderator = ModeratorProcess(moderator, cfg.moderation_config or None)
-    models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
     return models, store, moderator
 
 
@@ -625,11 +626,11 @@ def main(argv: list[str]) -> int:
     if not cfg.is_loopback() and not cfg.all_api_keys():
         log.warning("listening on %s without API keys: anyone who can reach it can use it", cfg.host)
     models, store, moderator = build_services(cfg)
-    app = create_app(cfg, models, store, moderator)
-    import uvicorn
-
-    print(f"minichat serve: http://{cfg.host}:{cfg.port}/  (models: {', '.join(models.names())})", flush=True)
     try:
+        app = create_app(cfg, models, store, moderator)
+        import uvicorn
+
+        print(f"minichat serve: http://{cfg.host}:{cfg.port}/  (models: {', '.join(models.names())})", flush=True)
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     finally:
         if store is not None:

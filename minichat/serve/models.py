@@ -100,7 +100,8 @@ class ModelRegistry:
                 name, path = parse_model_spec(spec)
                 t0 = time.perf_counter()
                 model, tok, _ = load(path, device=device, verbose=True)
-                engine = Engine(model, tok, device=device, weights=settings.weights, max_batch=settings.max_batch)
+                engine = Engine(model, tok, device=device, weights=settings.weights, max_batch=settings.max_batch,
+                                prefix_cache=settings.prefix_cache)
                 log.info("loaded model %s from %s in %.1f s", name, path, time.perf_counter() - t0)
                 worker = ModelWorker(name, engine, tok, max_queue=max_queue, threads=threads)
                 served.append(ServedModel(name, path, tok, worker, int(time.time())))

@@ -214,7 +214,10 @@ class ModelWorker:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "max_batch": self.engine.max_batch, "max_queue": self.max_queue, "steps": self.steps,
                 "step_seconds": round(self.step_seconds, 3), "step_cpu_seconds": round(self.step_cpu_seconds, 3),
-                "tokens_generated": self.tokens_out, "finished": dict(self.finished)}
+                "tokens_generated": self.tokens_out, "finished": dict(self.finished),
+                # prompt tokens computed, and those whose keys and values came from the prefix cache instead
+                "prefill_tokens": self.engine.prefill_tokens,
+                "prefix_cache_tokens": self.engine.prefix_cache.reused_tokens if self.engine.prefix_cache else 0}
 
     # ------------------------------------------------------------------ submission (event loop side)
     def submit(self, prompt_ids: list[int], opts: GenOptions) -> Job:

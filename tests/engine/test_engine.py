@@ -455,6 +455,36 @@ def test_bf16_cache_attention_paths_agree(tiny):
     assert torch.equal(outs["sdpa"].argmax(-1), outs["copies"].argmax(-1))
 
 
+def test_prefix_cache_reuses_prefixes_with_the_same_result(tiny):
+    """Prompts that start like an earlier one compute only from where they differ (in blocks of PREFIX_BLOCK
+    tokens, always leaving the last token to compute), with the same logits as a full prefill (fp32: to
+    rounding); the cache stays within its capacity, least recently used blocks going first."""
+    from minichat.engine import PREFIX_BLOCK
+
+    model, tok = tiny
+    base = tok.encode("System: you are a helpful assistant. Answer briefly and kindly. " * 2)
+    ps = [base + tok.encode(" User: hello there"), base + tok.encode(" User: what is two plus two?"),
+          tok.encode("A cat"), base[:40] + tok.encode(" zz"), base[:PREFIX_BLOCK * 3]]
+    plain = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    cached = Engine(model, tok, weights="fp32", stop_token_ids=[], prefix_cache=1024)
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=True)
+    for _ in range(2):  # the second round finds every prompt's prefix
+        for p in ps:
+            a, b = plain.generate([p], sp)[0], cached.generate([p], sp)[0]
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    pc = cached.prefix_cache
+    total = 2 * sum(len(p) for p in ps)
+    assert plain.prefill_tokens == total and cached.prefill_tokens + pc.reused_tokens == total
+    # round 1 reuses the shared start of prompts 2, 4, 5; round 2 all but each prompt's last partial block
+    assert pc.reused_tokens >= sum((len(p) - 1) // PREFIX_BLOCK * PREFIX_BLOCK for p in ps)
+    small = Engine(model, tok, weights="fp32", stop_token_ids=[], prefix_cache=PREFIX_BLOCK * 4)
+    small.generate([ps[0]], sp)
+    assert len(small.prefix_cache.blocks) == 4  # capacity, in blocks
+    with pytest.raises(MinichatError, match="prefix_cache"):
+        Engine(model, tok, weights="fp32", prefix_cache=-1)
+
+
 def test_score_many_is_score_of_each(tiny):
     model, tok = tiny
     seqs = [tok.encode(t) for t in ("The capital of France is Paris.", "A cat", "def add(a, b):\n    return a + b")]
