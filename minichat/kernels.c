@@ -25,6 +25,13 @@ int mc_openmp(void) { /* whether this build splits work over OpenMP threads */
 #endif
 }
 
+/* Row loops split over the calling thread's OpenMP team (torch's threads) only when the loader allowed it
+ * (the library shares torch's OpenMP runtime) and there are enough elements to pay for waking the team. */
+static int threads_allowed = 0;
+void mc_allow_threads(int allow) { threads_allowed = allow; }
+#define PAR_MIN 16384
+#define PAR(rows, work) ((rows) > 1 && (work) >= PAR_MIN && threads_allowed)
+
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
     float f;
@@ -98,8 +105,9 @@ static inline void quant_row(const float *h, int64_t n, int8_t *q, float *sz) {
  * scale and offset per row (sz (M, 2)). w may carry per-channel smoothing factors (_W8A8IntMM in engine.py). */
 void mc_norm_quant(const float *x, const float *w, float eps, int norm, int64_t M, int64_t K, int8_t *q,
                    float *sz) {
-    float h[K];
+#pragma omp parallel for schedule(static) if (PAR(M, M * K))
     for (int64_t m = 0; m < M; m++) {
+        float h[K];
         const float *r = x + m * K;
         if (!w) {
             quant_row(r, K, q + m * K, sz + 2 * m);
@@ -133,8 +141,9 @@ void mc_norm_bf16(const float *x, const float *w, float eps, int64_t M, int64_t 
 /* out (M, N) = y (accumulate: out += y), y dequantized. */
 void mc_dequant(const void *y, int ytype, const float *row_sz, const float *col, int64_t M, int64_t N,
                 float *out, int accumulate) {
-    float t[N];
+#pragma omp parallel for schedule(static) if (PAR(M, M * N))
     for (int64_t m = 0; m < M; m++) {
+        float t[accumulate ? N : 1];
         float *o = out + m * N;
         if (!accumulate) {
             load_row(y, ytype, m, N, 0, N, row_sz, col, o);
@@ -150,8 +159,9 @@ void mc_dequant(const void *y, int ytype, const float *row_sz, const float *col,
  * (q (M, F), sz (M, 2)) when q != NULL, else written to out (M, F) as float32 (otype 0) or bfloat16 (otype 2). */
 void mc_swiglu(const void *y, int ytype, const float *row_sz, const float *col, int64_t M, int64_t F,
                const float *colmul, int8_t *q, float *sz, void *out, int otype) {
-    float g[F], u[F], a[F];
+#pragma omp parallel for schedule(static) if (PAR(M, M * F))
     for (int64_t m = 0; m < M; m++) {
+        float g[F], u[F], a[F];
         load_row(y, ytype, m, 2 * F, 0, F, row_sz, col, g);
         load_row(y, ytype, m, 2 * F, F, F, row_sz, col, u);
 #pragma omp simd
@@ -168,6 +178,7 @@ void mc_swiglu(const void *y, int ytype, const float *row_sz, const float *col, 
 
 /* Per row, the index of the largest value (the first one on ties), as torch.argmax for finite input. */
 void mc_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out) {
+#pragma omp parallel for schedule(static) if (PAR(M, M * V))
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * V;
         float best = r[0];
@@ -189,8 +200,9 @@ void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const floa
                        const int64_t *pos, float q_scale, void *q_out, int qtype, void *kc, void *vc, int ctype,
                        int64_t row_stride, int64_t head_stride) {
     const int64_t W = (H + 2 * Hkv) * D, half = D / 2;
-    float r[W], o[D];
+#pragma omp parallel for schedule(static) if (PAR(M, M * W))
     for (int64_t m = 0; m < M; m++) {
+        float r[W], o[D];
         load_row(y, ytype, m, W, 0, W, row_sz, col, r);
         const float *c = cos_tab + pos[m] * D, *sn = sin_tab + pos[m] * D;
         for (int64_t h = 0; h < H + 2 * Hkv; h++) {

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "mc_int8_rows": [_p, _i64, _i64, _p, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
                           _i64, _i64],
+    "mc_allow_threads": [_i32],
     "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32],
 }
 
@@ -133,8 +134,9 @@ def load() -> "Kernels | None":
                     lib.mc_openmp.restype = ctypes.c_int
                     # threads only when the library shares torch's OpenMP runtime: a second runtime would bring
                     # a second thread team to the same cores, and each would wait for the other at barriers
-                    _loaded["k"] = Kernels(lib, openmp=bool(lib.mc_openmp()) and _openmp_runtimes() == before
-                                           and bool(before))
+                    openmp = bool(lib.mc_openmp()) and _openmp_runtimes() == before and bool(before)
+                    lib.mc_allow_threads(int(openmp))
+                    _loaded["k"] = Kernels(lib, openmp=openmp)
         return _loaded["k"]
 
 
@@ -182,6 +184,8 @@ class Kernels:
             out = torch.empty(M, N)
         else:
             _check(out, torch.float32)
+            if out.shape != (M, N):
+                raise ValueError(f"dequant: out is {tuple(out.shape)}, y is {(M, N)}")
         self.lib.mc_dequant(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, N, out.data_ptr(), int(accumulate))
         return out
 

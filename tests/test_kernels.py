@@ -246,3 +246,25 @@ def test_attention_split_over_threads_is_the_same():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, two)
+
+
+@pytest.mark.skipif(K is None or not K.openmp, reason="the kernels were built without OpenMP here")
+def test_row_kernels_split_over_threads_are_the_same():
+    """Big row loops (norm + quantize, dequantize, SwiGLU, argmax) split over torch's threads: same results."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(32, 1024, generator=g), torch.rand(1024, generator=g) + 0.5
+    y = torch.randn(32, 2048, generator=g)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        torch.set_num_threads(2)
+        for allow in (0, 1):
+            K.lib.mc_allow_threads(allow)
+            acc = y.clone()
+            outs.append([*K.norm_quant(x, w, 1e-5), K.dequant(y, out=acc, accumulate=True), *K.swiglu_quant(y),
+                         K.argmax(y)])
+    finally:
+        K.lib.mc_allow_threads(int(K.openmp))
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
