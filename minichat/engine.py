@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -597,6 +598,7 @@ class Engine:
         # prompt, and each turn of a conversation resends the history
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache >= PREFIX_BLOCK else None
         self.prefill_tokens = 0  # prompt tokens prefilled (computed), not counting reused prefixes
+        self.prefill_seconds = 0.0  # time step() spent prefilling
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -943,7 +945,9 @@ class Engine:
             events += self._sample_and_advance(old, logits)
         new = self._admit()
         if new:
+            t0 = time.perf_counter()
             logits = self._prefill_groups(new)  # one row per distinct prompt
+            self.prefill_seconds += time.perf_counter() - t0
             reqs = [r for g in new for r in g]
             rows = torch.tensor([i for i, g in enumerate(new) for _ in g], device=self.device)
             events += self._sample_and_advance(reqs, logits[rows])

@@ -136,13 +136,14 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
     gen = h1.get("tokens_generated", 0) - h0.get("tokens_generated", 0)
     prefilled = h1.get("prefill_tokens", 0) - h0.get("prefill_tokens", 0)
     reused = h1.get("prefix_cache_tokens", 0) - h0.get("prefix_cache_tokens", 0)
+    prefill_s = h1.get("prefill_seconds", 0.0) - h0.get("prefill_seconds", 0.0)
     q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) >= 2 else ttfts * 99
     return {"clients": n_clients, "requests": len(ttfts) + len(errors), "errors": len(errors),
             "wall_s": wall, "req_per_s": len(ttfts) / wall, "tok_per_s": tokens / wall, "tokens": tokens,
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_p99": q[98] if ttfts else float("nan"),
             "client_cpu": (c1 - c0) / wall,
             # the worker thread's view: sequences per engine step, and the share of wall time spent stepping
-            "mean_batch": gen / steps if steps else float("nan"), "step_busy": step_s / wall,
+            "mean_batch": gen / steps if steps else float("nan"), "step_busy": step_s / wall, "prefill_busy": prefill_s / wall,
             "step_ms": 1000 * step_s / steps if steps else float("nan"),
             "step_cpu_ms": 1000 * step_cpu / steps if steps else float("nan"),
             "prompt_tokens": prefilled + reused, "reused_share": reused / (prefilled + reused) if prefilled + reused else 0.0, "server_cpu": (s1 - s0) / wall if server_pid else float("nan"),
@@ -168,7 +169,7 @@ def run_levels(a, url: str, server_pid: int | None) -> list[dict]:
               f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']}  "
               f"CPU: server {r['server_cpu']:.2f} cores (+ its moderation process {r['child_cpu']:.2f}), clients "
               f"{r['client_cpu']:.2f}  engine: batch "
-              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%}, prompt tokens {r['prompt_tokens']} ({r['reused_share']:.0%} from the prefix cache) {r['first_error']}",
+              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%} (prefill {r['prefill_busy']:.0%}), prompt tokens {r['prompt_tokens']} ({r['reused_share']:.0%} from the prefix cache) {r['first_error']}",
               flush=True)
     return rows
 

@@ -216,7 +216,7 @@ class ModelWorker:
                 "step_seconds": round(self.step_seconds, 3), "step_cpu_seconds": round(self.step_cpu_seconds, 3),
                 "tokens_generated": self.tokens_out, "finished": dict(self.finished),
                 # prompt tokens computed, and those whose keys and values came from the prefix cache instead
-                "prefill_tokens": self.engine.prefill_tokens,
+                "prefill_tokens": self.engine.prefill_tokens, "prefill_seconds": round(self.engine.prefill_seconds, 3),
                 "prefix_cache_tokens": self.engine.prefix_cache.reused_tokens if self.engine.prefix_cache else 0}
 
     # ------------------------------------------------------------------ submission (event loop side)
