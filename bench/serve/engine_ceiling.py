@@ -22,9 +22,15 @@ a = ap.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 model, tok, _ = load("smollm2", verbose=False)
-eng = Engine(model, tok, max_batch=32)
+from minichat.serve.config import EngineSettings  # noqa: E402
+
+es = EngineSettings()  # the server's defaults (weights, prefix cache)
+eng = Engine(model, tok, max_batch=32, weights=es.weights, prefix_cache=es.prefix_cache)
+print(f"weights {es.weights}, prefix cache {es.prefix_cache} tokens, {torch.get_num_threads()} threads")
 for n in [int(x) for x in a.sizes.split(",")]:
-    prompts = [tok.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])[0] for i in range(n)]
+    # tagged like bench_serve's requests, so only the template's start can come from the prefix cache
+    prompts = [tok.render_chat([{"role": "user", "content": f"[{n}.{i}.0] {PROMPTS[i % len(PROMPTS)]}"}])[0]
+               for i in range(n)]
     p = SamplingParams(max_tokens=64, min_tokens=64, temperature=0.7, seed=0)
     eng.generate(prompts[:1], SamplingParams(max_tokens=4))
     t0, c0 = time.perf_counter(), time.process_time()
