@@ -10,6 +10,7 @@ that count. Log-probabilities are natural logs.
     gae              A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γ V_{t+1} − V_t    (Schulman et al. 2016)
     ppo_policy_loss  −E[min(ρA, clip(ρ, 1±ε)A)],  ρ = π/π_old                  (Schulman et al. 2017)
     ppo_value_loss   ½ E[max((V − R)², (clip(V, V_old ± ε_v) − R)²)]
+    group_centered   r_i − mean_{j≠i} r_j over the k answers to one prompt     (RLOO, Ahmadian et al. 2024)
     ptx_loss         −γ_ptx E_pretrain[log π(x)]                               InstructGPT eq. 2
     dpo_loss         −log σ(β[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)])  (Rafailov et al. 2023)
 """
@@ -170,6 +171,27 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     with torch.no_grad():
         clipfrac = masked_mean((err_clipped > err).float(), mask)
     return loss, {"value_clipfrac": clipfrac}
+
+
+def group_centered(scores: torch.Tensor, k: int, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Each score minus the leave-one-out mean of the other k − 1 scores to the same prompt.
+
+    scores (B,) holds B/k consecutive groups of k answers to one prompt. A reward model trained on within-prompt
+    comparisons fixes only differences between answers to the same prompt, not each prompt's level; this
+    baseline removes that level without a value model, and leaves each answer's own score out so it is not
+    biased toward the answer itself. r_i − mean_{j≠i} r_j = k/(k−1)·(r_i − mean_j r_j). With scale, the result
+    is divided by the group's standard deviation (population, + eps), as GRPO does. k = 1: the scores unchanged.
+    """
+    if k < 1 or scores.shape[0] % k:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of k = {k}")
+    if k == 1:
+        return scores
+    g = scores.float().view(-1, k)
+    mean = g.mean(1, keepdim=True)
+    out = (g - mean) * (k / (k - 1))
+    if scale:
+        out = out / (g.std(1, unbiased=False, keepdim=True) + eps)
+    return out.view(-1).to(scores.dtype)
 
 
 def ptx_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_ptx: float,

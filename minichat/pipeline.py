@@ -132,10 +132,16 @@ class PipelineConfig:
         max_steps=200, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0, eval_every=100,
         eval_batches=20, save_every=100, log_every=10))
     ppo: PPOAlgoConfig = field(default_factory=lambda: PPOAlgoConfig(
-        iterations=60, rollout_batch=64, max_new_tokens=48, minibatch=16, epochs=2, lr=5e-5, value_lr=3e-4,
+        iterations=60, rollout_batch=64, samples_per_prompt=4, baseline="group", ref_logp_coef=1.0,
+        max_new_tokens=48, minibatch=16, epochs=2, lr=5e-5, value_lr=3e-4,
         warmup_iterations=3, kl_coef=0.03, ptx_coef=0.25, ptx_data="corpus", ptx_batch=4, ptx_seq_len=64,
         unfinished_penalty=-1.0))  # ptx_data "corpus": the pipeline's pretraining text; β 0.1 -> 0.03 with
-    # the stronger reward model: win rate vs SFT 54.4% -> 55.8% (KL 1.3 -> 2.1 nats), perplexity unchanged
+    # the stronger reward model: win rate vs SFT 54.4% -> 55.8% (KL 1.3 -> 2.1 nats), perplexity unchanged.
+    # 4 answers per prompt with a leave-one-out group baseline instead of a value model: the same win rate
+    # (1,100 dev prompts: 54.4% / 53.7% on two seeds, value model 55.2%) in 85 s instead of 150 s.
+    # ref_logp_coef 1: the score is RM + log π_SFT(answer). On held-out comparisons the SFT model's likelihood
+    # orders answers like the held-out labelers 66% of the time, the reward model 58%; win rate vs SFT on dev
+    # 54.4% / 53.7% -> 57.4% / 56.9% (seeds 0 / 1), evaluation 54.2% -> 55.9%, refusals of harmful requests kept
     eval: EvalSettings = field(default_factory=EvalSettings)
     # one thread: models this small gain little from a second one, and on a busy 2-core machine two threads
     # collapsed (pretraining measured 1.7k tokens/s with 2 threads vs 11k with 1); --runtime.threads 0 = all

@@ -1,17 +1,21 @@
 """`minichat ppo`: PPO-ptx against a reward model (InstructGPT step 3).
 
 Each iteration:
-  1. rollouts: the engine samples an answer for each of a batch of prompts from the policy π
+  1. rollouts: the engine samples k answers (`samples_per_prompt`, usually 1) for each of a batch of prompts
+     from the policy π
   2. scoring (no gradients): log π and entropy, log π_ref (the frozen SFT model), the reward model's score of
      each finished answer, and the value model's V(s_t) at every answer token
   3. rewards per token: −β·(log π − log π_ref), plus at the answer's last token the RM score (plus a penalty
-     when the answer never ended); β fixed, or adapted toward a target KL (Ziegler et al. 2019)
-  4. GAE (γ = 1, λ) -> advantages (whitened) and returns
+     when the answer never ended); β fixed, or adapted toward a target KL (Ziegler et al. 2019). With a group
+     baseline the terminal score is centred on the other k − 1 answers to the same prompt (leave-one-out)
+  4. GAE (γ = 1, λ) -> advantages (whitened) and returns; baseline "group": no value model, the advantage of a
+     token is the sum of the rewards from it to the answer's end (the centred score and the future KL penalties)
   5. several epochs over minibatches: clipped surrogate + clipped value loss + γ_ptx · pretraining NLL (PPO-ptx)
   6. optional EMA of the policy weights; metrics; periodic atomic checkpoints (policy + value + optimizer)
 
 Memory: policy + reference + reward + value = four trunks, or three with `ppo.value_on_reward_trunk`
-(the value head then reads the frozen reward trunk's hidden states; only the head trains).
+(the value head then reads the frozen reward trunk's hidden states; only the head trains), or three with
+`ppo.baseline group` (no value model at all).
 """
 from __future__ import annotations
 
@@ -27,14 +31,26 @@ import torch.nn as nn
 from minichat import config as C
 from minichat import runtime
 from minichat.errors import ConfigError, MinichatError
-from minichat.losses import (KL_ESTIMATORS, entropy_from_logits, gae, masked_mean, ppo_policy_loss, ppo_value_loss,
-                             ptx_loss, token_logprobs, whiten)
+from minichat.losses import (KL_ESTIMATORS, entropy_from_logits, gae, group_centered, masked_mean, ppo_policy_loss,
+                             ppo_value_loss, ptx_loss, token_logprobs, whiten)
+
+# "value": GAE on a learned value model (InstructGPT); "group": no value model, the terminal score minus the
+# leave-one-out mean of the other answers to the same prompt (RLOO's baseline, inside PPO's clipped objective);
+# "group_value": the centred score and GAE on a value model
+BASELINES = ("value", "group", "group_value")
 
 
 @dataclass
 class PPOAlgoConfig:
     iterations: int = 100
-    rollout_batch: int = 16  # prompts (= answers) per iteration, all processes together
+    rollout_batch: int = 16  # answers per iteration, all processes together (prompts: rollout_batch / k)
+    samples_per_prompt: int = 1  # k answers sampled per prompt
+    baseline: str = "value"  # one of BASELINES; "group" and "group_value" need samples_per_prompt >= 2
+    group_scale: bool = False  # also divide the centred scores by their group's standard deviation (GRPO)
+    # c: the score is RM(x, y) + c·log π_ref(y | x), adding the reference's likelihood of the whole answer. With
+    # the KL penalty β the optimum is π ∝ π_ref^(1 + c/β)·exp(RM/β): the SFT model's own confidence counts as a
+    # second judge (on held-out comparisons it orders answers like the labelers more often than a small RM)
+    ref_logp_coef: float = 0.0
     max_new_tokens: int = 64
     temperature: float = 1.0
     epochs: int = 1  # passes over each batch of rollouts
@@ -75,6 +91,20 @@ class PPOAlgoConfig:
             raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (pretraining text, or 'builtin')")
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"ppo.baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.samples_per_prompt < 1 or self.rollout_batch % self.samples_per_prompt:
+            raise ConfigError(f"ppo.samples_per_prompt ({self.samples_per_prompt}) must be at least 1 and divide "
+                              f"ppo.rollout_batch ({self.rollout_batch})")
+        if self.baseline != "value" and self.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.baseline {self.baseline} compares answers to the same prompt: it needs "
+                              "ppo.samples_per_prompt >= 2")
+        if self.baseline == "group" and self.value_on_reward_trunk:
+            raise ConfigError("ppo.baseline group uses no value model, so ppo.value_on_reward_trunk has no meaning")
+
+    @property
+    def uses_value(self) -> bool:
+        return self.baseline != "group"
 
 
 @dataclass
@@ -210,8 +240,11 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     if rtok.vocab_size != tok.vocab_size or rtok.encode("hello world") != tok.encode("hello world"):
         raise MinichatError(f"the reward model {cfg.reward_from} and the policy {cfg.policy_from} use different "
                             "tokenizers; train the reward model from the SFT model")
-    if a.value_on_reward_trunk:
-        value: nn.Module = ValueHeadOnTrunk(reward.head).to(device)
+    value: nn.Module | None = None
+    if not a.uses_value:
+        pass
+    elif a.value_on_reward_trunk:
+        value = ValueHeadOnTrunk(reward.head).to(device)
     else:
         value = load_scalar_model(cfg.value_from or cfg.reward_from, device)[0].train()
     policy.train()
@@ -231,13 +264,15 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         prompts.append(ids)
     ptx = PtxStream(a.ptx_data, tok, a.ptx_seq_len, cfg.runtime.seed) if a.ptx_coef > 0 else None
 
-    if a.rollout_batch % dist.world:
-        raise ConfigError(f"ppo.rollout_batch ({a.rollout_batch}) must be divisible by the {dist.world} processes")
-    per_rank = a.rollout_batch // dist.world
+    k = a.samples_per_prompt
+    if a.rollout_batch % (dist.world * k):
+        raise ConfigError(f"ppo.rollout_batch ({a.rollout_batch}) must be divisible by the {dist.world} processes "
+                          f"times ppo.samples_per_prompt ({k}): a prompt's answers stay on one process")
     pol_params = [p for p in policy.parameters() if p.requires_grad]
-    val_params = [p for p in value.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": pol_params, "lr": a.lr}, {"params": val_params, "lr": a.value_lr}],
-                            lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
+    val_params = [p for p in value.parameters() if p.requires_grad] if value is not None else []
+    groups = [{"params": pol_params, "lr": a.lr}] + ([{"params": val_params, "lr": a.value_lr}] if val_params else [])
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95),
+                            fused=device.type in ("cpu", "cuda"))
     kl_ctl = AdaptiveKL(a.kl_coef, a.target_kl, a.kl_horizon, a.adaptive_kl)
     tied = policy.cfg.tie_embeddings
     ema = None
@@ -250,9 +285,10 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     path = None if cfg.resume == "never" else (ckpt.latest() if cfg.resume == "auto" else Path(cfg.resume))
     if path is not None:
         extra = load_weights(policy, path)
-        value.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("value.")}, strict=False)
+        if value is not None:
+            value.load_state_dict({n[6:]: v for n, v in extra.items() if n.startswith("value.")}, strict=False)
         if ema is not None:
-            ema.update({k[4:]: v.float() for k, v in extra.items() if k.startswith("ema.")})
+            ema.update({n[4:]: v.float() for n, v in extra.items() if n.startswith("ema.")})
         state = CheckpointManager.load_train_state(path)
         opt.load_state_dict(state["optimizer"])
         kl_ctl.beta = state["kl_coef"]
@@ -265,13 +301,13 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd_policy, fwd_value = DDP(policy), DDP(value)
+        fwd_policy, fwd_value = DDP(policy), (DDP(value) if value is not None else None)
 
     def save(final: bool = False) -> Path | None:
         if not dist.is_main:
             return None
         extra_cfg = {"kind": "lm", "stage": "ppo", "ppo": C.to_dict(cfg)}
-        extra = _tensors_for_save(value, "value.")
+        extra = _tensors_for_save(value, "value.") if value is not None else {}
         if ema is not None:
             extra.update({"ema." + k: v.contiguous() for k, v in ema.items()})
         state = {"step": it, "optimizer": opt.state_dict(), "rng": runtime.rng_state(), "kl_coef": kl_ctl.beta,
@@ -288,8 +324,10 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     sampler = EpochSampler(len(prompts), cfg.runtime.seed)
     if dist.is_main:
         n_tr = sum(p.numel() for p in pol_params) + sum(p.numel() for p in val_params)
+        vdesc = ("none (group baseline)" if value is None else "head on the reward trunk" if a.value_on_reward_trunk
+                 else cfg.value_from or cfg.reward_from)
         print(f"[ppo] policy {policy.num_params():,} parameters from {cfg.policy_from}; reward {cfg.reward_from}; "
-              f"value {'head on the reward trunk' if a.value_on_reward_trunk else (cfg.value_from or cfg.reward_from)}; "
+              f"value {vdesc}; {k} answers per prompt; "
               f"{n_tr:,} trained; {len(prompts):,} prompts; device {device}, processes {dist.world}")
         print(report.summary())
     bar = None
@@ -302,13 +340,15 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     pad = tok.pad_id
     while it < a.iterations:
         warm = min(1.0, (it + 1) / max(1, a.warmup_iterations))
-        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = a.lr * warm, a.value_lr * warm
+        for grp, lr in zip(opt.param_groups, (a.lr, a.value_lr)):
+            grp["lr"] = lr * warm
 
         # 1. rollouts
         t0 = time.perf_counter()
-        idx = sampler.indices(it, a.rollout_batch, dist.rank, dist.world)
-        batch_prompts = [prompts[i] for i in idx]
-        comps = _sample(policy, tok, batch_prompts, a, seed=cfg.runtime.seed * 7919 + it * 131 + dist.rank)
+        idx = sampler.indices(it, a.rollout_batch // k, dist.rank, dist.world)
+        # k answers per prompt, in consecutive groups (prompt 0's k answers, then prompt 1's, ...)
+        comps = _sample(policy, tok, [prompts[i] for i in idx], a, seed=cfg.runtime.seed * 7919 + it * 131 + dist.rank)
+        batch_prompts = [prompts[i] for i in idx for _ in range(k)]
         engine_logp = a.temperature == 1.0 and dtype == torch.float32 and all(c.logprobs is not None for c in comps)
         answers = [c.token_ids if c.token_ids else [tok.im_end_id] for c in comps]
         finished = torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.float32, device=device)
@@ -335,27 +375,31 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
             h = reward.hidden(lay["ids"], key_mask=lay["key_mask"])
             last_pos = P + lay["lengths"] - 1
             score = reward.head(h[torch.arange(B, device=device), last_pos]).squeeze(-1).float()
-            if a.value_on_reward_trunk:
+            trunk_h = None
+            if value is None:
+                old_values = torch.zeros(B, R, device=device)
+            elif a.value_on_reward_trunk:
                 trunk_h = h[:, P - 1:P + R - 1].float()
                 old_values = value(trunk_h)
             else:
-                trunk_h = None
                 old_values = value(lay["ids"], key_mask=lay["key_mask"], per_token=True)[:, P - 1:P + R - 1]
             del h
         # 3. rewards per token
         kl_tok = KL_ESTIMATORS[a.kl_estimator](old_logp, ref_logp) * mask
-        penalised = score + a.unfinished_penalty * (1.0 - finished)
+        ref_seq_logp = (ref_logp * mask).sum(1)
+        penalised = score + a.ref_logp_coef * ref_seq_logp + a.unfinished_penalty * (1.0 - finished)
+        terminal = group_centered(penalised, k, a.group_scale) if a.baseline != "value" else penalised
         rewards = -kl_ctl.beta * kl_tok
-        rewards[torch.arange(B, device=device), lay["lengths"] - 1] += penalised
-        # 4. advantages
-        adv, returns = gae(rewards, old_values * mask, mask, a.gamma, a.lam)
+        rewards[torch.arange(B, device=device), lay["lengths"] - 1] += terminal
+        # 4. advantages (no value model: λ = 1 and V = 0 make GAE the sum of the rewards still to come)
+        adv, returns = gae(rewards, old_values * mask, mask, a.gamma, a.lam if value is not None else 1.0)
         if a.whiten_advantages:
             adv = whiten(adv, mask)
         t_score = time.perf_counter() - t1
 
         # 5. PPO epochs over minibatches
         t2 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "clipfrac",
+        stats: dict[str, list[float]] = {n: [] for n in ("policy_loss", "value_loss", "ptx_loss", "clipfrac",
                                                            "approx_kl", "value_clipfrac")}
         trained_tokens = 0
         entropies: list[float] = []
@@ -376,11 +420,13 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                         with torch.no_grad():
                             entropies.append(masked_mean(entropy_from_logits(logits.detach()), m).item())
                     pl, pst = ppo_policy_loss(logp, old_logp[mb], adv[mb], m, a.clip)
-                    if a.value_on_reward_trunk:
-                        v = fwd_value(trunk_h[mb])
-                    else:
-                        v = fwd_value(sub["ids"], key_mask=sub["key_mask"], per_token=True)[:, P - 1:P + R - 1]
-                    vl, vst = ppo_value_loss(v, old_values[mb], returns[mb], m, a.value_clip)
+                    vl, vst = torch.zeros(()), {}
+                    if value is not None:
+                        if a.value_on_reward_trunk:
+                            v = fwd_value(trunk_h[mb])
+                        else:
+                            v = fwd_value(sub["ids"], key_mask=sub["key_mask"], per_token=True)[:, P - 1:P + R - 1]
+                        vl, vst = ppo_value_loss(v, old_values[mb], returns[mb], m, a.value_clip)
                     loss = pl + a.vf_coef * vl
                     xl = ptx_loss(ptx_logits, ptx_y, a.ptx_coef) if ptx is not None else torch.zeros(())
                     loss = loss + xl
@@ -397,24 +443,28 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                 opt.step()
                 trained_tokens += int(sub["key_mask"].sum()) + (extra_rows.numel() if extra_rows is not None else 0)
                 stats["policy_loss"].append(float(pl.detach()))
-                stats["value_loss"].append(float(vl.detach()))
+                if value is not None:
+                    stats["value_loss"].append(float(vl.detach()))
                 stats["ptx_loss"].append(float(xl.detach()))
-                for k, val in {**pst, **vst}.items():
-                    stats[k].append(float(val))
+                for n, val in {**pst, **vst}.items():
+                    stats[n].append(float(val))
         t_train = time.perf_counter() - t2
         # 6. EMA, KL controller, metrics, checkpoints
         if ema is not None:
             with torch.no_grad():
                 sd = policy.state_dict()
-                for k, v in ema.items():
-                    v.mul_(a.ema).add_(sd[k].float(), alpha=1.0 - a.ema)
+                for n, v in ema.items():
+                    v.mul_(a.ema).add_(sd[n].float(), alpha=1.0 - a.ema)
         seq_kl = float((kl_tok.sum(1)).mean())
-        row = {k: sum(v) / len(v) for k, v in stats.items()}
+        row = {n: sum(v) / len(v) for n, v in stats.items() if v}
         row.update(reward=float(score.mean()), reward_penalised=float(penalised.mean()), kl=seq_kl,
+                   ref_logp=float(ref_seq_logp.mean()),
                    entropy=sum(entropies) / len(entropies), answer_len=float(lay["lengths"].float().mean()),
                    unfinished=float(1.0 - finished.mean()), kl_coef=kl_ctl.beta)
+        if k > 1:  # how far apart the answers to one prompt score: the signal a group baseline works with
+            row["reward_group_std"] = float(score.view(-1, k).std(1, unbiased=False).mean())
         keys = sorted(row)
-        row = dict(zip(keys, _all_mean([row[k] for k in keys], dist, device)))
+        row = dict(zip(keys, _all_mean([row[n] for n in keys], dist, device)))
         kl_ctl.update(row["kl"], a.rollout_batch)
         it += 1
         row.update(stage="ppo", iteration=it, rollout_tokens_per_s=n_gen * dist.world / max(t_roll, 1e-9),
@@ -445,8 +495,8 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
 def _sample(policy, tok, prompts, a: PPOAlgoConfig, seed: int):
     from minichat.rollout import sample
 
-    return sample(policy, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=seed,
-                  logprobs=a.temperature == 1.0)
+    return sample(policy, tok, prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
+                  temperature=a.temperature, seed=seed, logprobs=a.temperature == 1.0)
 
 
 def _barrier(dist: runtime.Dist) -> None:

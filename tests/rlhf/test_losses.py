@@ -72,6 +72,23 @@ def test_whiten():
     assert w.tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], rel=1e-5)
 
 
+def test_group_centered_leave_one_out_by_hand():
+    # prompt A's answers score (1, 2, 6): 1 − (2+6)/2 = −3, 2 − (1+6)/2 = −1.5, 6 − (1+2)/2 = 4.5
+    # prompt B's (0, 0, 3): −1.5, −1.5, 3; a constant added to one prompt's scores changes nothing
+    s = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    assert L.group_centered(s, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    assert L.group_centered(s + torch.tensor([10.0] * 3 + [-7.0] * 3), 3).tolist() == pytest.approx(
+        [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    # scaled: prompt B's population std is √2, so (−1.5, −1.5, 3)/√2
+    r2 = math.sqrt(2.0)
+    assert L.group_centered(s, 3, scale=True)[3:].tolist() == pytest.approx([-1.5 / r2, -1.5 / r2, 3 / r2], rel=1e-5)
+    # k = 2: each answer minus the other; k = 1 leaves the scores alone; groups must divide the batch
+    assert L.group_centered(torch.tensor([1.0, 4.0]), 2).tolist() == [-3.0, 3.0]
+    assert L.group_centered(s, 1).tolist() == s.tolist()
+    with pytest.raises(ValueError):
+        L.group_centered(s, 4)
+
+
 def test_ppo_policy_loss_clips():
     # ratio 1.5, A = +1: min(1.5, 1.2) = 1.2 (clipped); ratio 1.5, A = −1: min(−1.5, −1.2) = −1.5 (not clipped)
     # ratio 0.5, A = −1: min(−0.5, −0.8) = −0.8 (clipped). Loss = −mean = (−1.2 + 1.5 + 0.8)/3

@@ -256,6 +256,46 @@ def test_ppo_iteration_improves_reward_of_a_trivial_task(tiny_lm, reward_run, pr
     assert late > early + 1.0
 
 
+def test_ppo_group_baseline_without_value_model(tiny_lm, reward_run, prompts_file, tmp_path):
+    """k answers per prompt and a leave-one-out group baseline: no value model is trained or saved, the
+    first update is on-policy, and the run resumes."""
+    from minichat.checkpoint import load_model
+    from minichat.train import ppo
+
+    _, d, _, _ = reward_run
+    cfg = ppo.preset_tiny()
+    cfg.policy_from, cfg.reward_from, cfg.prompts = str(tiny_lm), str(d / "run"), str(prompts_file)
+    cfg.out_dir, cfg.progress, cfg.save_every = str(tmp_path / "ppo4"), False, 1
+    cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.minibatch, cfg.ppo.epochs = 1, 8, 8, 1
+    cfg.ppo.samples_per_prompt, cfg.ppo.baseline = 4, "group"
+    res = ppo.run(cfg)
+    assert res["approx_kl"] < 1e-6 and res["clipfrac"] == 0.0
+    assert "value_loss" not in res and res["reward_group_std"] >= 0
+    cfg.ppo.iterations = 2
+    res = ppo.run(cfg)
+    assert res["iteration"] == 2
+    ckpt = sorted((tmp_path / "ppo4" / "checkpoints").glob("step_*"))[-1]
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert not [n for n in f.keys() if n.startswith("value.")]
+    load_model(tmp_path / "ppo4")
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"baseline": "group"}, "samples_per_prompt >= 2"),
+    ({"baseline": "mean"}, "ppo.baseline must be one of"),
+    ({"samples_per_prompt": 3}, "divide"),
+    ({"samples_per_prompt": 4, "baseline": "group", "value_on_reward_trunk": True}, "no value model"),
+])
+def test_ppo_group_options_are_validated(change, msg):
+    from minichat.errors import ConfigError
+    from minichat.train.ppo import PPOAlgoConfig
+
+    with pytest.raises(ConfigError, match=msg):
+        PPOAlgoConfig(rollout_batch=8, **change).validate()
+
+
 def test_best_of_n_picks_the_highest_reward(tiny_lm, reward_run):
     from minichat.bestofn import best_of_n
     from minichat.gguf_import import load
