@@ -1,11 +1,13 @@
-"""Fused element-wise kernels for the engine's decode step (kernels.c), compiled on first use.
+"""Fused kernels for the engine's decode step (kernels.c), compiled on first use.
 
-The C file is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into the user
-cache directory, named by a hash of the source and flags, and loaded with ctypes. Where no compiler is
-found, or MINICHAT_KERNELS=0, `load()` returns None and the engine runs the same math as torch ops.
+The C file is compiled once per machine with the system C compiler (`cc -O3 -march=native`, with `-fopenmp`
+when it can) into the user cache directory, named by a hash of the source and flags, and loaded with ctypes.
+Where no compiler is found, or MINICHAT_KERNELS=0, `load()` returns None and the engine runs the same math as
+torch ops.
 
 Each wrapper takes torch tensors, checks what the C side assumes (CPU, contiguous, dtype) and allocates
-its outputs; the C functions run single-threaded over rows that are small enough to stay in cache.
+its outputs. Big loops split over the calling thread's torch threads, but only when the library shares torch's
+OpenMP runtime (checked at load); otherwise everything runs on the calling thread.
 """
 from __future__ import annotations
 
