@@ -215,11 +215,16 @@ class PrefixCache:
             keys.append(h)
         return keys
 
-    def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def keys(self, prompt: Sequence[int]) -> list[bytes]:
+        """The keys of the prompt's full blocks (for lookup and insert, computed once)."""
+        return self._keys(prompt, len(prompt) // PREFIX_BLOCK)
+
+    def lookup(self, prompt: Sequence[int], keys: list[bytes] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cached blocks that start `prompt`, leaving at least its last token to compute (its logits)."""
         self.lookups += 1
         found = []
-        for key in self._keys(prompt, (len(prompt) - 1) // PREFIX_BLOCK):
+        keys = self.keys(prompt) if keys is None else keys
+        for key in keys[:(len(prompt) - 1) // PREFIX_BLOCK]:
             kv = self.blocks.get(key)
             if kv is None:
                 break
@@ -228,9 +233,9 @@ class PrefixCache:
         self.reused_tokens += len(found) * PREFIX_BLOCK
         return found
 
-    def insert(self, prompt: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    def insert(self, prompt: Sequence[int], k: torch.Tensor, v: torch.Tensor, keys: list[bytes] | None = None) -> None:
         """Store the full blocks of `prompt` from one cache row: k, v (n_layer, n_kv, >= len(prompt), hd)."""
-        for b, key in enumerate(self._keys(prompt, len(prompt) // PREFIX_BLOCK)):
+        for b, key in enumerate(self.keys(prompt) if keys is None else keys):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 continue
@@ -663,9 +668,10 @@ class Engine:
         activation memory while keeping every matmul big."""
         pc = self.prefix_cache
         starts = [0] * len(prompts)
+        keys = [pc.keys(p) for p in prompts] if pc is not None else []
         if pc is not None:
             for i, (p, row) in enumerate(zip(prompts, rows)):
-                blocks = pc.lookup(p)
+                blocks = pc.lookup(p, keys[i])
                 if blocks:
                     n = len(blocks) * PREFIX_BLOCK
                     self._k[:, row, :, :n] = torch.cat([k for k, _ in blocks], 2)
@@ -681,8 +687,8 @@ class Engine:
             i = j
         self.prefill_tokens += sum(len(p) - s0 for p, s0 in zip(prompts, starts))
         if pc is not None:
-            for p, row in zip(prompts, rows):
-                pc.insert(p, self._k[:, row], self._v[:, row])
+            for p, row, ks in zip(prompts, rows, keys):
+                pc.insert(p, self._k[:, row], self._v[:, row], ks)
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _prefill_packed(self, prompts: list[list[int]], rows: list[int], done: list[int] | None = None) -> torch.Tensor:
