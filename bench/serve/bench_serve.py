@@ -191,7 +191,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="model to serve ([NAME=]PATH or smollm2)")
     ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--requests", type=int, default=4,
+                    help="requests per client, one after another (4: a 1-client level of 2 moved by ±10%%)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
