@@ -202,7 +202,7 @@ class PrefixCache:
 
         self.max_blocks = capacity // PREFIX_BLOCK
         self.blocks: "OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
-        self.lookups = self.reused_tokens = 0
+        self.reused_tokens = 0
 
     @staticmethod
     def _keys(tokens: Sequence[int], n: int) -> list[bytes]:
@@ -221,7 +221,6 @@ class PrefixCache:
 
     def lookup(self, prompt: Sequence[int], keys: list[bytes] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cached blocks that start `prompt`, leaving at least its last token to compute (its logits)."""
-        self.lookups += 1
         found = []
         keys = self.keys(prompt) if keys is None else keys
         for key in keys[:(len(prompt) - 1) // PREFIX_BLOCK]:
@@ -243,9 +242,6 @@ class PrefixCache:
             self.blocks[key] = (k[:, :, sl].clone(), v[:, :, sl].clone())
         while len(self.blocks) > self.max_blocks:
             self.blocks.popitem(last=False)
-
-    def clear(self) -> None:
-        self.blocks.clear()
 GROUP = 32  # int4 group size along the input dimension (llama.cpp's Q4_1 block size)
 
 
@@ -590,11 +586,11 @@ class Engine:
         self._running: list[Request] = []  # row i of the batch is _running[i]
         self._k = self._v = None  # KV cache (n_layer, slots, n_kv, capacity, hd)
         # fast mode keeps keys and values in bf16: decode attention at big batch is bound by reading the
-        # cache (~200 MB per step at batch 32), and SDPA's bf16 kernel reads half of it (30 layers: 13 vs 19 ms)
+        # cache (~200 MB per step at batch 32), and reading bf16 halves that (30 layers: 13 vs 19 ms with SDPA)
         self.kv_dtype = torch.bfloat16 if weights == "fast" and self.device.type == "cpu" else torch.float32
-        # decode batches this big attend with SDPA (the fused paths: any cache dtype; the torch-ops path: bf16
-        # caches only); smaller ones with matmul + softmax on fp32 (copies). SDPA wins at every batch size
-        # here: batch 1, 400 positions, bf16 cache: 39 vs 69 µs per layer, fp32 cache: 31 vs 39 (2 threads)
+        # the torch-ops decode path (no compiled kernels; the fused paths attend in kernels.c): batches this big
+        # attend with SDPA on a bf16 cache, smaller ones with matmul + softmax on fp32 copies. SDPA wins at every
+        # batch size here: batch 1, 400 positions, bf16 cache: 39 vs 69 µs per layer, fp32 cache: 31 vs 39
         self.sdpa_min_batch = 1
         self._counts: torch.Tensor | None = None  # (slots, V) output-token counts, for penalties
         self._seen: torch.Tensor | None = None  # (slots, V) prompt+output membership, for repetition penalty

@@ -255,10 +255,9 @@ class Kernels:
         if max_pos >= kc.shape[2] or M > kc.shape[0]:
             raise ValueError("attend_decode: position or row outside the cache")
         out = torch.empty(M, H, D)
-        # torch's thread count (the calling thread's), when the library shares torch's OpenMP runtime and there
-        # are enough (row, kv head) pairs to split
-        # (from ~1,000 cached key rows to read: below, waking the second thread costs more than it saves, and in
-        # the server one stream's decode ran at 82 tok/s with it against ~92 without)
+        # torch's thread count (the calling thread's) when the library shares torch's OpenMP runtime and there are
+        # ~1,000 cached key rows to read: below that, waking the second thread costs more than it saves (in the
+        # server one stream's decode ran at 82 tok/s with it against ~92 without)
         threads = torch.get_num_threads() if self.openmp and M * Hkv > 1 and M * Hkv * (max_pos + 1) >= 1024 else 1
         stride = (H // Hkv) * (max_pos + 1)
         scratch = torch.empty(threads * stride)
