@@ -1,6 +1,7 @@
 """The moderator: rules + learned scorer -> per-category scores, flags, refusals, streaming guard, audit log."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -269,6 +270,13 @@ class Moderator:
         """The configured refusal for the result's strongest flagged category ('default' if none is set)."""
         return refusal_for(result, self.rules.refusals)
 
+    async def acheck(self, text: str, *, source: str = "input", audit: bool = True) -> ModerationResult:
+        """check() for an event loop: the milliseconds of Python run in a worker thread."""
+        return await asyncio.to_thread(self.check, text, source=source, audit=audit)
+
+    async def acheck_many(self, texts: Iterable[str], *, source: str = "input") -> list[ModerationResult]:
+        return await asyncio.to_thread(self.check_many, texts, source=source)
+
     def stream_guard(self, source: str = "output") -> "StreamGuard":
         return StreamGuard(self, source)
 
@@ -312,6 +320,15 @@ class StreamGuard:
         self.text += delta
         return self._check() if due else None
 
+    async def afeed(self, delta: str) -> ModerationResult | None:
+        """feed() for an event loop: a due check is awaited through the moderator's acheck()."""
+        if self.result is not None or not isinstance(delta, str) or not self.due(delta):
+            return self.feed(delta)
+        self.text += delta
+        window = self._window()
+        r = await self.moderator.acheck(window, source=self.source, audit=False)
+        return self._verdict(r)
+
     def due(self, delta: str) -> bool:
         """Whether feed(delta) will run a check (the slow part), so a caller can run only those off its
         event loop and feed the other deltas inline."""
@@ -327,9 +344,13 @@ class StreamGuard:
         return self.result
 
     def _check(self) -> ModerationResult | None:
-        window = self.text[-self.moderator.settings.stream_window:]
+        return self._verdict(self.moderator.check(self._window(), source=self.source, audit=False))
+
+    def _window(self) -> str:
         self._checked_upto = len(self.text)
-        r = self.moderator.check(window, source=self.source, audit=False)
+        return self.text[-self.moderator.settings.stream_window:]
+
+    def _verdict(self, r: ModerationResult) -> ModerationResult | None:
         if r.flagged:
             self.result = r
             if self.moderator.audit is not None:

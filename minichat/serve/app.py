@@ -193,7 +193,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         from minichat.moderation import moderation_response
 
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        results = await asyncio.to_thread(moderator.check_many, texts, source="api")
+        results = await moderator.acheck_many(texts, source="api")
         return moderation_response(results)
 
     # ---------------------------------------------------------------- chat completions

@@ -7,9 +7,10 @@ The output guard reads each choice's text as it streams; once it flags, that cho
 engine, the flagged delta is withheld, a Moderated event carries the refusal, and its Finish says
 "content_filter". When a choice ends, its whole text is checked once more (the guard only re-reads a
 trailing window), which also gives the verdict reported in the response. In "score" mode (a request's
-moderation policy) verdicts are reported but nothing is blocked. Checks run in worker threads: the learned
-scorer takes milliseconds, and the event loop must keep serving other streams meanwhile; deltas that do not
-trigger a check are fed inline (a thread hop per token cost more than the feed itself).
+moderation policy) verdicts are reported but nothing is blocked. Checks are awaited (`acheck`: in the child
+process of a ModeratorProcess, or in a worker thread for an in-process Moderator): the learned scorer takes
+milliseconds, and the event loop must keep serving other streams meanwhile; deltas that do not trigger a check
+are fed inline (a hop per token cost more than the feed itself).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ async def check_input(moderator, texts: list[str]) -> InputVerdict:
     texts = [t for t in texts if t]
     if moderator is None or not texts:
         return InputVerdict()
-    results = await asyncio.to_thread(moderator.check_many, texts)
+    results = await moderator.acheck_many(texts)
     return InputVerdict(results, next((r for r in results if r.flagged), None))
 
 
@@ -78,8 +79,8 @@ async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None 
                 if guards is not None and ev.text:
                     g = guards[i]
                     # most deltas only extend the guard's text; the few that trigger a check (milliseconds of
-                    # rules and learned scorer) run in a thread so the loop keeps serving other streams
-                    hit = await asyncio.to_thread(g.feed, ev.text) if g.due(ev.text) else g.feed(ev.text)
+                    # rules and learned scorer) are awaited, so the loop keeps serving other streams meanwhile
+                    hit = await g.afeed(ev.text)
                     if hit is not None:
                         flagged[i] = Moderated(i, hit, moderator.refusal_for(hit), "output")
                         verdicts[i] = hit
@@ -89,7 +90,7 @@ async def moderated_events(moderator, job: Job, verdicts: dict[int, Any] | None 
                 yield ev
             else:
                 if moderator is not None and i not in flagged and ev.reason not in ("cancelled", "error"):
-                    result = await asyncio.to_thread(moderator.check, texts[i], source="output")
+                    result = await moderator.acheck(texts[i], source="output")
                     verdicts[i] = result
                     if result.flagged and block:
                         flagged[i] = Moderated(i, result, moderator.refusal_for(result), "output")

@@ -1,4 +1,5 @@
 """ModeratorProcess: the same verdicts as the local Moderator, with checks in a child process."""
+import asyncio
 import json
 
 import pytest
@@ -54,16 +55,57 @@ def test_bad_input_is_a_clear_error(pair):
         remote.check_many("one text")
 
 
+def test_async_checks_batch_in_the_child_and_keep_their_order(pair):
+    """Many acheck() calls at once reach the child together (it answers them as one batch); each caller gets
+    its own text's verdict, the same as in-process."""
+    local, remote, audit = pair
+    texts = TEXTS * 5
+
+    async def main():
+        one = await asyncio.gather(*(remote.acheck(t, audit=False) for t in texts))
+        many = await remote.acheck_many(texts[:4])
+        return one, many
+
+    one, many = asyncio.run(main())
+    for t, r in zip(texts, one):
+        _same(r, local.check(t, audit=False))
+    for t, r in zip(texts[:4], many):
+        _same(r, local.check(t, audit=False))
+    with pytest.raises(MinichatError, match="string"):
+        asyncio.run(remote.acheck(123))
+
+
+def test_async_stream_guard_flags_like_the_sync_one(pair):
+    local, remote, _ = pair
+    pieces = ["Sure. ", "I will ", "kill you", " now."]
+
+    async def run(guard):
+        return [await guard.afeed(p) for p in pieces]
+
+    hits = asyncio.run(run(remote.stream_guard()))
+    sync = local.stream_guard()
+    assert [h is not None for h in hits] == [sync.feed(p) is not None for p in pieces]
+    assert hits[-1] is not None and hits[-1].flagged
+
+
 def test_a_dead_child_falls_back_to_this_process(caplog):
     local = Moderator.load(learned=False)
     remote = ModeratorProcess(local)
     try:
-        for p in remote._pool._processes.values():
-            p.kill()
-            p.join()
+        remote._proc.kill()
+        remote._proc.join()
         with caplog.at_level("WARNING"):
             r = remote.check("I will kill you", audit=False)
-        assert r.flagged and remote._pool is None and "moderation process died" in caplog.text
+            assert asyncio.run(remote.acheck("I will kill you", audit=False)).flagged
+        assert r.flagged and not remote.alive and "moderation process stopped" in caplog.text
         assert not remote.check("What a lovely day.").flagged
     finally:
         remote.close()
+
+
+def test_close_stops_the_child():
+    remote = ModeratorProcess(Moderator.load(learned=False))
+    assert remote.alive and not remote.check("What a lovely day.", audit=False).flagged
+    remote.close()
+    assert not remote._proc.is_alive() and not remote.alive
+    assert remote.check("I will kill you", audit=False).flagged  # closed: checked here
