@@ -44,7 +44,10 @@ _SIGNATURES = {
                           _i64, _i64],
     "mc_allow_threads": [_i32],
     "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32],
+    "mc_gemm_s8": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _i32],
+    "mc_has_vnni": [],
 }
+_RESTYPES = {"mc_int4_groups": ctypes.c_double, "mc_gemm_s8": ctypes.c_int, "mc_has_vnni": ctypes.c_int}
 
 
 def _compiler() -> str | None:
@@ -132,7 +135,7 @@ def load() -> "Kernels | None":
                 else:
                     for name, args in _SIGNATURES.items():
                         getattr(lib, name).argtypes = args
-                        getattr(lib, name).restype = ctypes.c_double if name == "mc_int4_groups" else None
+                        getattr(lib, name).restype = _RESTYPES.get(name)
                     lib.mc_openmp.restype = ctypes.c_int
                     # threads only when the library shares torch's OpenMP runtime: a second runtime would bring
                     # a second thread team to the same cores, and each would wait for the other at barriers
@@ -264,6 +267,37 @@ class Kernels:
         self.lib.mc_attend_decode(q.data_ptr(), M, H, Hkv, D, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
                                   kc.stride(0), kc.stride(1), pos.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                                   stride, threads)
+        return out
+
+    @property
+    def vnni(self) -> bool:
+        """Whether this build has the AVX-512 VNNI int8 matmul (else pack_s8 returns None)."""
+        return bool(self.lib.mc_has_vnni())
+
+    def pack_s8(self, q: torch.Tensor):
+        """int8 weight rows q (N, K) prepacked for gemm_s8: (panels (N/64, K/4, 64, 4) int8, 128·Σ_k q (N,)
+        int32), or None where the VNNI kernel cannot take them (no VNNI, N not a multiple of 64, K of 4)."""
+        _check(q, torch.int8)
+        N, K = q.shape
+        if not self.vnni or N % 64 or K % 4:
+            return None
+        panels = q.t().reshape(K // 4, 4, N // 64, 64).permute(2, 0, 3, 1).contiguous()
+        return panels, (128 * q.sum(1, dtype=torch.int32)).contiguous()
+
+    def gemm_s8(self, a: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+        """a (M, K) int8 times the packed weights: (M, N) int32, equal to torch._int_mm(a, q.t())."""
+        _check(a, torch.int8)
+        M, K = a.shape
+        N = comp.shape[0]
+        if panels.shape != (N // 64, K // 4, 64, 4):
+            raise ValueError(f"gemm_s8: activations (M, {K}) do not fit weights packed as {tuple(panels.shape)}")
+        out = torch.empty(M, N, dtype=torch.int32)
+        scratch = torch.empty((min(M, 128) + 5) // 6 * 6 * K, dtype=torch.uint8)
+        # torch's threads (when shared) from ~1M multiply-adds: smaller ones finish before a second thread wakes
+        threads = torch.get_num_threads() if self.openmp and N > 64 and M * N * K >= 1 << 20 else 1
+        if not self.lib.mc_gemm_s8(a.data_ptr(), M, K, panels.data_ptr(), N, comp.data_ptr(), out.data_ptr(),
+                                   scratch.data_ptr(), threads):
+            raise ValueError("gemm_s8: this build has no VNNI kernel")
         return out
 
     def int4_groups(self, w: torch.Tensor):

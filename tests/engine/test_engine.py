@@ -530,6 +530,34 @@ def test_fused_decode_matches_the_torch_ops_path(tiny, weights, batch):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < (0.02 if weights == "auto" else 0.15)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vnni_matmul_equals_int_mm(threads):
+    """kernels.gemm_s8 on prepacked weights returns exactly torch._int_mm's integers: rows in tiles of 6 with a
+    ragged last tile, blocks of 128 rows, extreme values (-128 and 127 in both operands), one thread or two."""
+    from minichat import kernels
+
+    K = kernels.load()
+    if K is None or not K.vnni:
+        pytest.skip("no compiled VNNI kernel on this machine (the engine uses torch._int_mm)")
+    g = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for M, Kd, N in [(1, 64, 64), (5, 576, 128), (6, 8, 64), (13, 192, 384), (32, 1536, 576), (131, 64, 256)]:
+            q = torch.randint(-128, 128, (N, Kd), dtype=torch.int8, generator=g)
+            a = torch.randint(-128, 128, (M, Kd), dtype=torch.int8, generator=g)
+            a[0], q[0] = -128, -128  # the largest products: no saturation anywhere
+            panels, comp = K.pack_s8(q)
+            assert panels.shape == (N // 64, Kd // 4, 64, 4)
+            assert torch.equal(K.gemm_s8(a, panels, comp), torch._int_mm(a, q.t().contiguous())), (M, Kd, N)
+    finally:
+        torch.set_num_threads(old)
+    assert K.pack_s8(torch.zeros(300, 64, dtype=torch.int8)) is None  # N not a multiple of 64: _int_mm instead
+    assert K.pack_s8(torch.zeros(64, 30, dtype=torch.int8)) is None
+    with pytest.raises(ValueError, match="do not fit"):
+        K.gemm_s8(torch.zeros(2, 32, dtype=torch.int8), *K.pack_s8(torch.zeros(64, 64, dtype=torch.int8)))
+
+
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_smoothing_moves_outlier_channels_into_the_weights(use_kernels):
     """SmoothQuant in the W8A8 kernel: x·Wᵀ = (x/c)·(W·c)ᵀ, so with one outlier input channel the int8
