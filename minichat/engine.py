@@ -367,6 +367,32 @@ class _W8A8Fbgemm:
         return y.mul_(r)
 
 
+def _nucleus(probs: torch.Tensor, tp: torch.Tensor, k0: int = 256) -> torch.Tensor:
+    """Top-p: each row keeps its most likely tokens while the mass of the strictly more likely ones is below
+    tp (B, 1) times the row's total; rows with tp >= 1 keep everything. Sorting 49k probabilities per row cost
+    ~2 ms a row (61 ms of a batch-32 step at top_p 0.95, twice the model's own time), and a nucleus nearly
+    always lies within the k0 most likely tokens: those come from topk, and only rows whose top k0 hold less
+    than tp of the mass are sorted in full. Same result as sorting every row (up to the order of ties)."""
+    B, V = probs.shape
+    k0 = min(k0, V)
+    total = probs.sum(-1, keepdim=True)
+    limit = tp * total
+    out = torch.zeros_like(probs)
+    tv, ti = probs.topk(k0, dim=-1)  # descending
+    before = tv.cumsum(-1) - tv  # mass of strictly more likely tokens
+    out.scatter_(1, ti, tv.masked_fill(before >= limit, 0.0))
+    wide = (tv.sum(-1, keepdim=True) < limit)[:, 0]  # the nucleus reaches beyond the top k0
+    if bool(wide.any()):
+        w = wide.nonzero()[:, 0]
+        sp, si = probs[w].sort(dim=-1, descending=True)
+        sp = sp.masked_fill(sp.cumsum(-1) - sp >= limit[w], 0.0)
+        out[w] = torch.zeros_like(sp).scatter_(1, si, sp)
+    keep_all = (tp >= 1.0)[:, 0]
+    if bool(keep_all.any()):
+        out[keep_all] = probs[keep_all]
+    return out
+
+
 class _W8A8IntMM:
     """int8 weights (per row) times int8 activations quantized per row with an offset, with int32 accumulation:
     minichat.kernels.gemm_s8 (AVX-512 VNNI, prepacked weights) where the CPU has it, else torch._int_mm
@@ -1115,12 +1141,7 @@ class Engine:
             probs = probs.masked_fill(probs < mp * probs.amax(-1, keepdim=True), 0.0)
         top_p = [r.params.top_p for r in reqs]
         if any(p < 1.0 for p in top_p):
-            sp, si = probs.sort(dim=-1, descending=True)
-            before = sp.cumsum(-1) - sp  # mass of strictly more likely tokens
-            tp = torch.tensor(top_p, device=dev)[:, None]
-            drop = (before >= tp * sp.sum(-1, keepdim=True)) & (tp < 1.0)
-            sp = sp.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, si, sp)
+            probs = _nucleus(probs, torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None])
         # inverse-CDF sampling: one uniform number per row (from the request's own generator when it has a
         # seed, so seeded requests are reproducible whatever else is in the batch) against the row's cumulative
         # probabilities. torch.multinomial draws one exponential per vocabulary entry instead: ~0.5 ms per row

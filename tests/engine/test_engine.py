@@ -530,6 +530,31 @@ def test_fused_decode_matches_the_torch_ops_path(tiny, weights, batch):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < (0.02 if weights == "auto" else 0.15)
 
 
+def test_nucleus_from_topk_equals_the_full_sort():
+    """Top-p keeps each row's most likely tokens while the mass of the strictly more likely ones is below
+    top_p; the engine takes them from topk(256) and sorts in full only rows whose nucleus is wider. Peaked
+    rows (within the top 256), flat rows (the full sort), rows without top-p, and a row's mass below 1
+    (after min_p) all match sorting every row."""
+    from minichat.engine import _nucleus
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5000, generator=g) * torch.tensor([8.0, 8.0, 0.3, 0.3, 8.0, 2.0, 5.0, 0.1])[:, None]
+    probs = torch.softmax(logits, -1)
+    probs[6] *= 0.5  # a row whose mass is not 1
+    tp = torch.tensor([0.9, 0.5, 0.9, 1.0, 1.0, 0.95, 0.8, 0.05])[:, None]
+    sp, si = probs.sort(dim=-1, descending=True)
+    drop = (sp.cumsum(-1) - sp >= tp * sp.sum(-1, keepdim=True)) & (tp < 1.0)
+    expect = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
+    got = _nucleus(probs, tp)
+    assert torch.equal(got, expect)
+    kept = (got > 0).sum(-1)
+    assert kept[2] > 256 and kept[0] < 256 and kept[3] == 5000  # both paths taken; no top-p keeps all
+    # the kept mass reaches top_p, and dropping the least likely kept token would fall short
+    for i in (0, 1, 2, 5, 6):
+        assert got[i].sum() >= tp[i, 0] * probs[i].sum() - 1e-6
+        assert got[i].sum() - got[i][got[i] > 0].min() < tp[i, 0] * probs[i].sum()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_vnni_matmul_equals_int_mm(threads):
     """kernels.gemm_s8 on prepacked weights returns exactly torch._int_mm's integers: rows in tiles of 6 with a
