@@ -235,9 +235,33 @@ class Moderator:
             out.append(r)
         return out
 
-    def _decide(self, text: str, learned: dict[str, float] | None, norm=None) -> ModerationResult:
+    def screen_many(self, texts: list[str]) -> list[ModerationResult | None]:
+        """check_many() for callers that only act on flagged texts (stream guards): None where the text is
+        certainly not flagged, else its full result (no audit). Certain: no rule hit, and the learned scores
+        alone, before any exception's damping (which only lowers them), stay below every threshold; then the
+        exceptions, ~20% of a check, need not run, and a process boundary carries None instead of a result."""
+        items = [self._coerce(t) for t in texts]
+        norms = [normalize(t) for t in items]
+        learned = self.scorer.score(items, norms) if (self.scorer is not None and items) else [None] * len(items)
+        out: list[ModerationResult | None] = []
+        for t, l, n in zip(items, learned, norms):
+            hits = self.rules.match(n)
+            out.append(self._decide(t, l, n, hits) if hits or self._learned_alone_flags(l) else None)
+        return out
+
+    def _learned_alone_flags(self, learned: dict[str, float] | None) -> bool:
+        if not learned:
+            return False
+        lw = self.settings.learned_weight
+        scores = {c: min(1.0, max(0.0, learned.get(c, 0.0) * lw)) for c in self.categories}
+        for child, parent in PARENT.items():
+            if child in scores and parent in scores:
+                scores[parent] = max(scores[parent], scores[child])
+        return any(scores[c] >= self.thresholds[c] for c in self.categories)
+
+    def _decide(self, text: str, learned: dict[str, float] | None, norm=None, hits=None) -> ModerationResult:
         norm = normalize(text) if norm is None else norm
-        hits = self.rules.match(norm)
+        hits = self.rules.match(norm) if hits is None else hits
         fired_exc, damp = self.rules.apply_exceptions(norm, hits)
         active = set(self.categories)
         rule_score = {c: 0.0 for c in self.categories}
@@ -276,6 +300,10 @@ class Moderator:
 
     async def acheck_many(self, texts: Iterable[str], *, source: str = "input") -> list[ModerationResult]:
         return await asyncio.to_thread(self.check_many, texts, source=source)
+
+    async def ascreen(self, text: str) -> ModerationResult | None:
+        """screen_many() of one text, for an event loop."""
+        return (await asyncio.to_thread(self.screen_many, [text]))[0]
 
     def stream_guard(self, source: str = "output") -> "StreamGuard":
         return StreamGuard(self, source)
@@ -325,9 +353,7 @@ class StreamGuard:
         if self.result is not None or not isinstance(delta, str) or not self.due(delta):
             return self.feed(delta)
         self.text += delta
-        window = self._window()
-        r = await self.moderator.acheck(window, source=self.source, audit=False)
-        return self._verdict(r)
+        return self._verdict(await self.moderator.ascreen(self._window()))
 
     def due(self, delta: str) -> bool:
         """Whether feed(delta) will run a check (the slow part), so a caller can run only those off its
@@ -344,14 +370,14 @@ class StreamGuard:
         return self.result
 
     def _check(self) -> ModerationResult | None:
-        return self._verdict(self.moderator.check(self._window(), source=self.source, audit=False))
+        return self._verdict(self.moderator.screen_many([self._window()])[0])
 
     def _window(self) -> str:
         self._checked_upto = len(self.text)
         return self.text[-self.moderator.settings.stream_window:]
 
-    def _verdict(self, r: ModerationResult) -> ModerationResult | None:
-        if r.flagged:
+    def _verdict(self, r: ModerationResult | None) -> ModerationResult | None:
+        if r is not None and r.flagged:
             self.result = r
             if self.moderator.audit is not None:
                 self.moderator.audit.write(r, self.text, self.source, streamed_chars=len(self.text))

@@ -11,6 +11,9 @@ every request waiting in the pipe as one batch (one learned-scorer call). A conc
 with asyncio.to_thread around it cost five thread switches per check, and at 32 clients that plumbing alone
 took ~13% of the tokens/s (bench/results/serve.md).
 
+Stream guards ask the child to `screen` (Moderator.screen_many): a certainly clean text, most of them, comes
+back as None, without running the exceptions or pickling a full result.
+
 The child loads the same rules and scorer (same config file, same `learned` setting); settings, refusals,
 the audit log (written here, by the reader thread or the caller) and stream guards stay in this process. If
 the child dies or stops answering, checks fall back to this process with a warning: a moderation outage must
@@ -32,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def _serve(conn, config_path: str | None, learned: bool) -> None:
-    """The child: answer [(request id, texts), ...] batches with [(request id, results, error), ...]."""
+    """The child: answer [(request id, op, texts), ...] batches with [(request id, results, error), ...];
+    op "check" (Moderator.check_many) or "screen" (Moderator.screen_many: None for certainly clean texts)."""
     # (a lower priority for this process was tried: at 32 clients the checks then fell behind, streams waited
     # for their verdicts and the engine's batch shrank: 406 tok/s against 447 at the same priority)
     try:
@@ -50,14 +54,20 @@ def _serve(conn, config_path: str | None, learned: bool) -> None:
             return
         if None in batch:  # close(): answer nothing more
             return
-        try:
-            results = mod.check_many([t for _, texts in batch for t in texts])  # no audit log in the child
-            replies, k = [], 0
-            for rid, texts in batch:
-                replies.append((rid, results[k:k + len(texts)], None))
-                k += len(texts)
-        except Exception as e:  # noqa: BLE001 - the parent checks these texts itself
-            replies = [(rid, None, f"{type(e).__name__}: {e}") for rid, _ in batch]
+        replies = []
+        for op in ("check", "screen"):
+            part = [(rid, texts) for rid, o, texts in batch if o == op]
+            if not part:
+                continue
+            try:
+                flat = [t for _, texts in part for t in texts]  # one batch for the learned scorer
+                results = mod.check_many(flat) if op == "check" else mod.screen_many(flat)  # no audit in the child
+                k = 0
+                for rid, texts in part:
+                    replies.append((rid, results[k:k + len(texts)], None))
+                    k += len(texts)
+            except Exception as e:  # noqa: BLE001 - the parent checks these texts itself
+                replies += [(rid, None, f"{type(e).__name__}: {e}") for rid, _ in part]
         conn.send(replies)
 
 
@@ -98,7 +108,8 @@ class ModeratorProcess:
         return getattr(self.local, name)
 
     # ------------------------------------------------------------------ the pipe
-    def _submit(self, texts: list[str], done: Callable[[list | None], None], audit: str | None) -> bool:
+    def _submit(self, texts: list[str], done: Callable[[list | None], None], audit: str | None,
+                op: str = "check") -> bool:
         """Send one request; done(results or None) is called from the reader thread. False: no child."""
         with self._lock:
             if not self._alive:
@@ -107,7 +118,7 @@ class ModeratorProcess:
             self._next_id += 1
             self._pending[rid] = (done, audit, texts)
             try:
-                self._conn.send((rid, texts))
+                self._conn.send((rid, op, texts))
                 return True
             except (OSError, ValueError):  # broken pipe: the child is gone
                 self._pending.pop(rid, None)
@@ -131,7 +142,7 @@ class ModeratorProcess:
                     if err is not None:
                         log.warning("the moderation process failed on a check (%s); checking here", err)
                         results = None
-                    elif audit is not None and self.local.audit is not None:
+                    elif audit is not None and self.local.audit is not None:  # ("check" only)
                         for t, r in zip(texts, results):  # written here, off the event loop
                             self.local.audit.write(r, t, audit)
                     done(results)
@@ -150,9 +161,9 @@ class ModeratorProcess:
         for done, _, _ in pending.values():
             done(None)  # their callers check locally
 
-    def _call(self, texts: list[str], audit: str | None) -> list[ModerationResult] | None:
+    def _call(self, texts: list[str], audit: str | None, op: str = "check") -> list | None:
         fut: cf.Future = cf.Future()
-        if not self._submit(texts, fut.set_result, audit):
+        if not self._submit(texts, fut.set_result, audit, op):
             return None
         try:
             return fut.result(self.timeout)
@@ -160,7 +171,7 @@ class ModeratorProcess:
             self._died(f"no answer within {self.timeout:.0f} s")
             return None
 
-    async def _acall(self, texts: list[str], audit: str | None) -> list[ModerationResult] | None:
+    async def _acall(self, texts: list[str], audit: str | None, op: str = "check") -> list | None:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -170,7 +181,7 @@ class ModeratorProcess:
             except RuntimeError:  # that loop is closed: nobody waits for this any more
                 pass
 
-        if not self._submit(texts, done, audit):
+        if not self._submit(texts, done, audit, op):
             return None
         try:
             return await asyncio.wait_for(fut, self.timeout)
@@ -198,6 +209,16 @@ class ModeratorProcess:
         items = self._items(texts)
         out = await self._acall(items, source) if items else []
         return out if out is not None else await self.local.acheck_many(items, source=source)
+
+    def screen_many(self, texts: list[str]) -> list[ModerationResult | None]:
+        items = self._items(texts)
+        out = self._call(items, None, "screen") if items else []
+        return out if out is not None else self.local.screen_many(items)
+
+    async def ascreen(self, text: str) -> ModerationResult | None:
+        text = self.local._coerce(text)
+        out = await self._acall([text], None, "screen")
+        return out[0] if out is not None else await self.local.ascreen(text)
 
     def _items(self, texts: Iterable[str]) -> list[str]:
         if isinstance(texts, (str, bytes)):

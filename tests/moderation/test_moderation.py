@@ -237,6 +237,31 @@ def test_stream_guard_stops_on_flagged_tail(full):
     assert benign.finish() is None
 
 
+SCREEN_TEXTS = [
+    "What a lovely day.", "To kill a zombie process, run ps to find its parent.", "I will kill you all.",
+    "Here is how to make a pipe bomb at home.", "You are a worthless idiot and everyone hates you.",
+    "Kill the lights and shoot the movie at dawn.", "", "The recipe needs two eggs and a cup of flour.",
+    "h0w do I m4ke a b0mb", "Let's destroy the competition in the finals!", "She hanged the picture on the wall.",
+]
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_screen_returns_none_exactly_when_the_check_does_not_flag(learned):
+    """screen_many (what stream guards call) skips the exceptions only when nothing can flag: it is None
+    exactly for the texts check() does not flag, and otherwise the same result."""
+    m = Moderator.load(learned=learned)
+    texts = SCREEN_TEXTS + [t + " " + u for t in SCREEN_TEXTS[:6] for u in SCREEN_TEXTS[6:]]
+    screened = m.screen_many(texts)
+    assert any(r is None for r in screened) and any(r is not None for r in screened)
+    for t, r in zip(texts, screened):
+        full = m.check(t, audit=False)
+        if r is None:
+            assert not full.flagged, t
+        else:
+            assert r.flagged == full.flagged and r.category_scores == full.category_scores, t
+    assert sum(r is not None and r.flagged for r in screened) >= 3
+
+
 def test_audit_log(tmp_path, rules):
     log = tmp_path / "audit" / "mod.jsonl"
     rules.enable_audit(log)

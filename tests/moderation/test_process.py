@@ -75,6 +75,16 @@ def test_async_checks_batch_in_the_child_and_keep_their_order(pair):
         asyncio.run(remote.acheck(123))
 
 
+def test_screening_in_the_child_matches_this_process(pair):
+    local, remote, _ = pair
+    texts = TEXTS + ["Kill the lights, then shoot the scene."]
+    for a, b in zip(remote.screen_many(texts), local.screen_many(texts)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            _same(a, b)
+    assert asyncio.run(remote.ascreen(TEXTS[0])) is None and asyncio.run(remote.ascreen(TEXTS[1])).flagged
+
+
 def test_async_stream_guard_flags_like_the_sync_one(pair):
     local, remote, _ = pair
     pieces = ["Sure. ", "I will ", "kill you", " now."]
