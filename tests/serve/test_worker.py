@@ -72,13 +72,13 @@ def test_logprobs_ride_with_their_text(worker):
 
 
 def test_guard_due_predicts_which_feeds_check():
-    """The server feeds a delta inline unless StreamGuard.due() says feed() will run a check (in a thread)."""
+    """The server feeds a delta inline unless StreamGuard.due() says feed() will run a check (awaited)."""
     from minichat.moderation import Moderator
 
     m = Moderator.load(learned=False)
     checks = []
-    real = m.check
-    m.check = lambda *a, **k: checks.append(1) or real(*a, **k)  # count the guard's checks on a real moderator
+    real = m.screen_many
+    m.screen_many = lambda *a, **k: checks.append(1) or real(*a, **k)  # count the guard's checks on a real moderator
     guard = m.stream_guard()
     answer = "Sure, here is a plan for the day. First we walk to the park and look at the ducks. " * 3
     pieces = [answer[i:i + 5] for i in range(0, len(answer), 5)]
