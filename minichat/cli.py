@@ -14,6 +14,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("minichat.sample:main", "sample text from a checkpoint"),
     "sft": ("minichat.train.sft:main", "supervised fine-tuning on demonstrations"),
     "reward": ("minichat.train.reward:main", "train a reward model on rankings"),
+    "rsft": ("minichat.train.rejection:main", "rejection-sampling fine-tuning (best of K by the RM)"),
     "ppo": ("minichat.train.ppo:main", "PPO-ptx against a reward model"),
     "dpo": ("minichat.train.dpo:main", "direct preference optimisation"),
     "bestofn": ("minichat.bestofn:main", "sample N answers, keep the reward model's favourite"),

@@ -1,7 +1,7 @@
 """`minichat pipeline`: InstructGPT's whole recipe in one command, into one run folder.
 
     world -> tokenizer -> pretrain -> demos -> sft -> comparisons -> reward (+ reward_hinge)
-          -> ppo (PPO-ptx; + ppo_noptx) -> eval -> report
+          -> rsft (rejection-sampling fine-tuning) -> ppo (PPO-ptx; + ppo_noptx) -> eval -> report
 
     minichat pipeline                              # the built-in world, CPU-sized (about 15 minutes on 2 cores)
     minichat pipeline --preset tiny --out_dir /tmp/t   # seconds: a smoke test
@@ -15,7 +15,9 @@ resumes from its own checkpoints. Each stage's data can be swapped for your file
 text), --data.sft (demonstrations), --data.comparisons (rankings), --data.prompts (PPO prompts),
 --data.eval_tasks (held-out tasks with ground truth, as minichat.data.world writes them). The `hinge` reward
 model and PPO without the pretraining mix are ablations that answer the design questions; --ablations false
-skips them.
+skips them. The rsft stage (Llama 2's rejection sampling: the SFT model fine-tuned on the best of K of its own
+answers per PPO prompt) gives PPO its starting point when --rsft.samples K is set; by default (0) it is skipped
+and PPO starts from SFT, as in InstructGPT. PPO's KL reference is the SFT model either way.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from minichat.model import ModelConfig
 from minichat.train.loop import TrainConfig
 from minichat.train.ppo import PPOAlgoConfig
 
-STAGES = ["world", "tokenizer", "pretrain", "demos", "sft", "comparisons", "reward", "reward_hinge", "ppo",
-          "ppo_noptx", "eval", "report"]
+STAGES = ["world", "tokenizer", "pretrain", "demos", "sft", "comparisons", "reward", "reward_hinge", "rsft",
+          "ppo", "ppo_noptx", "eval", "report"]
 ABLATIONS = {"reward_hinge", "ppo_noptx"}
 
 
@@ -103,6 +105,31 @@ class EvalSettings:
 
 
 @dataclass
+class RSFTSettings:
+    """Rejection-sampling fine-tuning before PPO (minichat.train.rejection): K samples of the SFT model per PPO
+    prompt, the best by PPO's own score (RM + ppo.ref_logp_coef·log π_SFT, ppo.unfinished_penalty if it never
+    ended), SFT fine-tuned on those with SFT's pretraining mix."""
+
+    # K per prompt; 0 (the default) = no rsft stage, PPO starts from SFT. Off because it did not help reliably:
+    # with K = 16, PPO after it won 59.5 / 58.2 / 55.3 / 53.2% on 1,100 dev prompts (four runs) against 57.4 /
+    # 56.9 / 55.2% for PPO from SFT (three seeds), K = 32 and two rounds no better, and it costs 145 s
+    # (bench/results/pipeline.md, sixth session)
+    samples: int = 0
+    temperature: float = 1.0
+    max_prompts: int = 0  # sample for only the first N PPO prompts (0 = all)
+    # 150 steps at 5e-4 -> 5e-5 (batch 16) on the 2,000 selected answers; out_dir is ignored
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=150, batch_size=16, lr=5e-4, min_lr=5e-5, warmup_steps=10, weight_decay=0.0, eval_every=150,
+        eval_batches=10, save_every=150, log_every=10))
+
+    def validate(self) -> None:
+        if self.samples < 0 or self.max_prompts < 0:
+            raise ConfigError("rsft.samples and rsft.max_prompts must be >= 0 (rsft.samples 0 skips the stage)")
+        if self.temperature <= 0:
+            raise ConfigError("rsft.temperature must be > 0")
+
+
+@dataclass
 class PipelineConfig:
     out_dir: str = "runs/pipeline"
     vocab_size: int = 1024
@@ -142,6 +169,7 @@ class PipelineConfig:
     # ref_logp_coef 1: the score is RM + log π_SFT(answer). On held-out comparisons the SFT model's likelihood
     # orders answers like the held-out labelers 66% of the time, the reward model 58%; win rate vs SFT on dev
     # 54.4% / 53.7% -> 57.4% / 56.9% (seeds 0 / 1), evaluation 54.2% -> 55.9%, refusals of harmful requests kept
+    rsft: RSFTSettings = field(default_factory=RSFTSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     # one thread: models this small gain little from a second one, and on a busy 2-core machine two threads
     # collapsed (pretraining measured 1.7k tokens/s with 2 threads vs 11k with 1); --runtime.threads 0 = all
@@ -164,6 +192,7 @@ def preset_tiny() -> PipelineConfig:
     cfg.reward = TrainConfig(max_steps=3, lr=1e-3, min_lr=1e-4, weight_decay=0.0, **small)
     cfg.ppo = PPOAlgoConfig(iterations=2, rollout_batch=4, max_new_tokens=8, minibatch=4, epochs=1, lr=1e-4,
                             value_lr=1e-4, ptx_coef=0.5, ptx_data="corpus", ptx_batch=2, ptx_seq_len=16)
+    cfg.rsft = RSFTSettings(samples=2, train=TrainConfig(max_steps=3, lr=1e-3, min_lr=1e-4, weight_decay=0.0, **small))
     cfg.eval = EvalSettings(max_new_tokens=8, best_of_n=2, ppl_batches=1)
     return cfg
 
@@ -183,6 +212,9 @@ def preset_gpu() -> PipelineConfig:
     cfg.ppo = PPOAlgoConfig(iterations=300, rollout_batch=128, max_new_tokens=48, minibatch=32, epochs=2, lr=2e-5,
                             value_lr=1e-4, warmup_iterations=10, kl_coef=0.05, ptx_coef=0.5, ptx_data="corpus", ptx_batch=16,
                             ptx_seq_len=128)
+    cfg.rsft = RSFTSettings(train=TrainConfig(  # off, as the default; --rsft.samples 16 switches it on
+        max_steps=500, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0, eval_every=250,
+        eval_batches=20, save_every=250, log_every=20))
     cfg.eval = EvalSettings(best_of_n=16, ppl_batches=20)
     cfg.runtime.threads = 0
     return cfg
@@ -495,16 +527,39 @@ def _reward(cfg: PipelineConfig, P: Paths, stage: str, loss: str) -> dict:
     return run(rc)
 
 
+def stage_rsft(cfg: PipelineConfig, P: Paths) -> dict:
+    """Rejection-sampling fine-tuning: the SFT model on the best of rsft.samples of its answers per PPO prompt,
+    chosen by the score PPO will maximise; PPO then starts from it."""
+    from minichat.train.rejection import RSFTConfig, run
+
+    _require_ckpt(P.stage_dir("sft"), "the SFT model", "rsft")
+    _require_ckpt(P.stage_dir("reward"), "the reward model", "rsft")
+    _require(P.prompts, "the PPO prompts", "rsft")
+    r = cfg.rsft
+    rc = RSFTConfig(policy_from=str(P.stage_dir("sft")), reward_from=str(P.stage_dir("reward")),
+                    prompts=str(P.prompts), out_dir=str(P.stage_dir("rsft")), samples=r.samples,
+                    temperature=r.temperature, max_new_tokens=cfg.ppo.max_new_tokens,
+                    ref_logp_coef=cfg.ppo.ref_logp_coef, unfinished_penalty=cfg.ppo.unfinished_penalty,
+                    max_prompts=r.max_prompts, train=dataclasses.replace(r.train, out_dir=str(P.stage_dir("rsft"))),
+                    ptx_coef=cfg.sft_ptx_coef, ptx_data=str(P.corpus) if cfg.sft_ptx_coef > 0 else "",
+                    ptx_batch=cfg.ppo.ptx_batch, ptx_seq_len=cfg.ppo.ptx_seq_len, runtime=copy.deepcopy(cfg.runtime))
+    return run(rc)
+
+
 def _ppo(cfg: PipelineConfig, P: Paths, stage: str, ptx: bool) -> dict:
     from minichat.train.ppo import PPOConfig, run
 
     _require_ckpt(P.stage_dir("sft"), "the SFT model", stage)
+    # PPO starts from the rsft model when that stage is on; the SFT model stays the KL reference
+    start = P.stage_dir("rsft") if cfg.rsft.samples > 0 else P.stage_dir("sft")
+    if cfg.rsft.samples > 0:
+        _require_ckpt(start, "the rejection-sampling fine-tuned model (stage rsft)", stage)
     _require_ckpt(P.stage_dir("reward"), "the reward model", stage)
     _require(P.prompts, "the PPO prompts", stage)
     ptx_data = str(P.corpus) if cfg.ppo.ptx_data in ("", "corpus") else cfg.ppo.ptx_data
     algo = dataclasses.replace(cfg.ppo, ptx_data=ptx_data if ptx else "",
                                ptx_coef=cfg.ppo.ptx_coef if ptx else 0.0)
-    pc = PPOConfig(policy_from=str(P.stage_dir("sft")), reward_from=str(P.stage_dir("reward")),
+    pc = PPOConfig(policy_from=str(start), ref_from=str(P.stage_dir("sft")), reward_from=str(P.stage_dir("reward")),
                    prompts=str(P.prompts), out_dir=str(P.stage_dir(stage)), save_every=max(1, algo.iterations // 3),
                    ppo=algo, runtime=copy.deepcopy(cfg.runtime))
     return run(pc)
@@ -516,7 +571,9 @@ def stage_eval(cfg: PipelineConfig, P: Paths) -> dict:
     _require(P.eval_tasks, "the held-out tasks", "eval")
     _require_ckpt(P.stage_dir("sft"), "the SFT model", "eval")
     e = cfg.eval
+    rsft = P.stage_dir("rsft") if cfg.rsft.samples > 0 and (P.stage_dir("rsft") / "final").exists() else None
     ec = EvalConfig(run=str(P.out), tasks=str(P.eval_tasks), out_dir=str(P.stage_dir("eval")),
+                    rsft=str(rsft) if rsft else "",
                     temperature=e.temperature, max_new_tokens=e.max_new_tokens, best_of_n=e.best_of_n,
                     ppl_batches=e.ppl_batches, unfinished_penalty=cfg.ppo.unfinished_penalty,
                     runtime=copy.deepcopy(cfg.runtime))
@@ -541,7 +598,7 @@ RUNNERS = {
     "world": stage_world, "tokenizer": stage_tokenizer, "pretrain": stage_pretrain, "demos": stage_demos,
     "sft": stage_sft, "comparisons": stage_comparisons,
     "reward": lambda c, p: _reward(c, p, "reward", "logsigmoid"),
-    "reward_hinge": lambda c, p: _reward(c, p, "reward_hinge", "hinge"),
+    "reward_hinge": lambda c, p: _reward(c, p, "reward_hinge", "hinge"), "rsft": stage_rsft,
     "ppo": lambda c, p: _ppo(c, p, "ppo", ptx=True), "ppo_noptx": lambda c, p: _ppo(c, p, "ppo_noptx", ptx=False),
     "eval": stage_eval, "report": stage_report,
 }
@@ -552,7 +609,9 @@ def _outputs(stage: str, P: Paths) -> list[Path]:
         "world": [P.eval_tasks, P.rm_tasks], "tokenizer": [P.tokenizer / "tokenizer.json"],
         "pretrain": [P.stage_dir("pretrain") / "final"], "demos": [P.sft_data], "sft": [P.stage_dir("sft") / "final"],
         "comparisons": [P.comparisons, P.comparisons_heldout], "reward": [P.stage_dir("reward") / "final"],
-        "reward_hinge": [P.stage_dir("reward_hinge") / "final"], "ppo": [P.stage_dir("ppo") / "final"],
+        "reward_hinge": [P.stage_dir("reward_hinge") / "final"],
+        "rsft": [P.stage_dir("rsft") / "final", P.stage_dir("rsft") / "selected.jsonl"],
+        "ppo": [P.stage_dir("ppo") / "final"],
         "ppo_noptx": [P.stage_dir("ppo_noptx") / "final"], "eval": [P.stage_dir("eval") / "metrics.json"],
         "report": [P.stage_dir("report") / "report.md"],
     }[stage]
@@ -589,6 +648,11 @@ def check_user_data(cfg: PipelineConfig) -> None:
         load_tasks(d.eval_tasks)
 
 
+def active_stages(cfg: PipelineConfig) -> list[str]:
+    """The stages this config runs, in order (ablations and rsft can be switched off)."""
+    return [s for s in STAGES if (cfg.ablations or s not in ABLATIONS) and (s != "rsft" or cfg.rsft.samples > 0)]
+
+
 def run(cfg: PipelineConfig, force: bool = False, from_stage: str | None = None,
         until: str | None = None) -> dict:
     """Run (or resume) the pipeline; returns the state: per stage its result and wall time."""
@@ -610,9 +674,11 @@ def run(cfg: PipelineConfig, force: bool = False, from_stage: str | None = None,
         torch.set_num_threads(cfg.runtime.threads)  # so the machine record shows the threads the stages use
     state.data.setdefault("machine_start", machine_info())
     state.save()
-    stages = [s for s in STAGES if cfg.ablations or s not in ABLATIONS]
-    redo = set(stages) if force else set(stages[stages.index(from_stage):]) if from_stage else set()
-    last = stages.index(until) if until else len(stages) - 1
+    stages = active_stages(cfg)
+    # a switched-off stage named by --from/--until stands for its place in the order
+    first = next(s for s in STAGES[STAGES.index(from_stage):] if s in stages) if from_stage else None
+    redo = set(stages) if force else set(stages[stages.index(first):]) if first else set()
+    last = max(i for i, s in enumerate(stages) if STAGES.index(s) <= STAGES.index(until)) if until else len(stages) - 1
     t_total = time.perf_counter()
     for i, stage in enumerate(stages[:last + 1]):
         head = f"[pipeline {i + 1}/{len(stages)}] {stage}"

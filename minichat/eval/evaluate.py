@@ -1,7 +1,8 @@
 """Evaluation as InstructGPT did it, on held-out prompts judged by held-out labelers.
 
 For each model (the pretrained one prompted in its own "Q: ... A:" format, SFT, PPO-ptx, PPO without ptx,
-best-of-N over SFT samples with the reward model choosing):
+best-of-N over SFT samples with the reward model choosing, and the rejection-sampling fine-tuned model PPO
+started from when the run has one):
   * Likert 1-7 quality from every held-out labeler, and the distribution
   * win rate against SFT (each held-out labeler compares the two answers; ties count half), with a bootstrap CI
   * accuracy per use-case category (the ground-truth rubric's `correct`, no labeler noise)
@@ -35,6 +36,9 @@ class EvalConfig:
     sft: str = ""
     ppo: str = ""
     ppo_noptx: str = ""
+    # the rejection-sampling fine-tuned model PPO started from (the pipeline's rsft stage passes it; not filled
+    # from --run: a run folder may hold one PPO no longer starts from)
+    rsft: str = ""
     reward: str = ""  # the reward model (also best-of-N's selector)
     reward_hinge: str = ""
     comparisons_heldout: str = ""  # held-out prompts ranked by held-out labelers: reward-model accuracy
@@ -68,8 +72,9 @@ class EvalConfig:
             self.out_dir = str(r / "eval")
 
 
-MODEL_ORDER = ["pretrained", "sft", "best_of_n", "ppo_noptx", "ppo"]
+MODEL_ORDER = ["pretrained", "sft", "best_of_n", "rsft", "ppo_noptx", "ppo"]
 LABELS = {"pretrained": "pretrained (prompted)", "sft": "SFT", "best_of_n": "best-of-N (SFT + RM)",
+          "rsft": "rejection-sampling FT",
           "ppo_noptx": "PPO (no ptx)", "ppo": "PPO-ptx"}
 
 
@@ -275,7 +280,7 @@ def run(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     record("sft", generate(sft, tok, chat_prompts, cfg.max_new_tokens, cfg.temperature, seed + 2,
                            desc="eval sft", progress=cfg.progress), chat_prompts, t0)
-    for name in ("ppo", "ppo_noptx"):
+    for name in ("ppo", "ppo_noptx", "rsft"):
         path = getattr(cfg, name)
         if not path:
             continue
@@ -283,7 +288,9 @@ def run(cfg: EvalConfig) -> dict:
         if mtok.vocab_size != tok.vocab_size:
             raise MinichatError(f"{path} and the SFT model {cfg.sft} use different tokenizers")
         t0 = time.perf_counter()
-        record(name, generate(m, tok, chat_prompts, cfg.max_new_tokens, cfg.temperature, seed + 3,
+        # the rsft model samples with its own seed, so the PPO models' samples are what they were without it
+        s_gen = seed + (5 if name == "rsft" else 3)
+        record(name, generate(m, tok, chat_prompts, cfg.max_new_tokens, cfg.temperature, s_gen,
                               desc=f"eval {name}", progress=cfg.progress), chat_prompts, t0)
         models[name] = m
 
@@ -328,7 +335,7 @@ def run(cfg: EvalConfig) -> dict:
         results[name] = res
 
     # KL from SFT on each model's own samples (chat models only)
-    for name in ("ppo", "ppo_noptx"):
+    for name in ("ppo", "ppo_noptx", "rsft"):
         if name in answers:
             pairs = [(a["prompt"], a["ids"]) for a in answers[name]]
             lp = sequence_logprobs(models[name], pairs, tok.pad_id, cfg.batch_size)
@@ -343,7 +350,7 @@ def run(cfg: EvalConfig) -> dict:
     if rm is not None:
         from minichat.heads import score_sequences
 
-        for name in ("sft", "best_of_n", "ppo_noptx", "ppo"):
+        for name in ("sft", "best_of_n", "rsft", "ppo_noptx", "ppo"):
             if name in answers:
                 seqs = [(a["prompt"] + (a["ids"] if a["ids"] and a["ids"][-1] == tok.im_end_id
                                         else a["ids"] + [tok.im_end_id]))[-rm.cfg.max_seq_len:] for a in answers[name]]

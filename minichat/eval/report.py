@@ -319,7 +319,8 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     doc = Doc()
     doc.h(1, f"minichat report card: {run.name}")
     doc.p("InstructGPT's recipe on the built-in world: tokenizer → pretraining → SFT on labelers' demonstrations → "
-          "reward model on labelers' rankings → PPO-ptx → evaluation on held-out prompts (new templates, new "
+          "reward model on labelers' rankings → " + ("rejection-sampling fine-tuning → " if "rsft" in models else "")
+          + "PPO-ptx → evaluation on held-out prompts (new templates, new "
           f"entities) by held-out labelers ({', '.join(metrics['labelers'])}), who never contributed training "
           f"data. {metrics['n_tasks']} held-out prompts; every model samples at temperature "
           f"{metrics['temperature']}.")
@@ -429,6 +430,15 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
               f"once for {_num(ppo_train, '.0f')} s and then answers with one sample "
               f"({_num(p.get('gen_time_s'), '.1f')} s for the same prompts). KL from SFT: best-of-{n} ≤ "
               f"{_num(b.get('kl_from_sft'))}, PPO-ptx {_num(p.get('kl_from_sft'))} nats.")
+    rs = stages.get("rsft") if "rsft" in models else None  # the stage ran and PPO started from it
+    if rs:
+        r, k = rs.get("result", {}), (state.get("config") or {}).get("rsft", {}).get("samples", "K")
+        doc.p(f"**Rejection sampling before PPO (Llama 2).** Stage rsft ({rs.get('wall_s', 0):.0f} s): {k} samples "
+              f"of the SFT model for each of {r.get('prompts', '?')} PPO prompts "
+              f"({_num(r.get('distinct_per_prompt'), '.1f')} distinct on average), the best by PPO's score (RM + "
+              f"c·log π_SFT) kept: mean score {_num(r.get('mean_best_score'))} vs {_num(r.get('mean_first_score'))} "
+              f"for one sample; the SFT model fine-tuned on those {r.get('selected', '?')} answers is where PPO "
+              "(and PPO without ptx) started, with the SFT model as KL reference.")
     if "ppo" in models and "ppo_noptx" in models:
         p, q = models["ppo"], models["ppo_noptx"]
         doc.p(f"**PPO with vs without the pretraining mix.** Validation perplexity on pretraining text: SFT "

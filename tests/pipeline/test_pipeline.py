@@ -28,7 +28,7 @@ def test_every_stage_finishes_and_leaves_its_artefacts(tiny_run):
               "report/plots/attention.png", "report/plots/losses.png", "report/plots/ppo.png"):
         assert (out / p).exists(), p
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    assert set(m["models"]) == {"pretrained", "sft", "best_of_n", "ppo", "ppo_noptx"}
+    assert set(m["models"]) == {"pretrained", "sft", "best_of_n", "rsft", "ppo", "ppo_noptx"}
     assert set(m["reward_models"]) == {"logsigmoid", "hinge"}
     assert all(0 <= r["accuracy_train_prompts"] <= 1 for r in m["reward_models"].values())
     for name, r in m["models"].items():
