@@ -150,7 +150,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(t: torch.Tensor, *dtypes: torch.dtype) -> None:
-    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in dtypes:
+    if not (t.is_cpu and t.dtype in dtypes and t.is_contiguous()):  # ~600 calls a decode step: the cheap form
         raise ValueError(f"kernel input must be a contiguous CPU tensor of {dtypes}, got {t.dtype} "
                          f"{t.device} contiguous={t.is_contiguous()}")
 
