@@ -198,7 +198,9 @@ void mc_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out) {
 void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const float *col, int64_t M,
                        int64_t H, int64_t Hkv, int64_t D, const float *cos_tab, const float *sin_tab,
                        const int64_t *pos, float q_scale, void *q_out, int qtype, void *kc, void *vc, int ctype,
-                       int64_t row_stride, int64_t head_stride) {
+                       int64_t row_stride, int64_t head_stride, const int64_t *slots) {
+    /* row m's keys and values go to cache slot slots[m] (slot m when slots is NULL): a prompt's tokens, all
+     * in one slot at consecutive positions, are then written like a decode step's rows */
     const int64_t W = (H + 2 * Hkv) * D, half = D / 2;
 #pragma omp parallel for schedule(static) if (PAR(M, M * W))
     for (int64_t m = 0; m < M; m++) {
@@ -222,7 +224,7 @@ void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const floa
                 continue;
             }
             int64_t kvh = h < H + Hkv ? h - H : h - H - Hkv;
-            int64_t at = m * row_stride + kvh * head_stride + pos[m] * D;
+            int64_t at = (slots ? slots[m] : m) * row_stride + kvh * head_stride + pos[m] * D;
             void *cache = h < H + Hkv ? kc : vc;
             if (ctype == 0) memcpy((float *)cache + at, o, D * sizeof(float));
             else for (int64_t j = 0; j < D; j++) ((uint16_t *)cache)[at + j] = f32_to_bf16(o[j]);
@@ -376,7 +378,9 @@ static inline __attribute__((always_inline)) void attend_pair_avx512(
 
 void mc_attend_decode(const float *q, int64_t M, int64_t H, int64_t Hkv, int64_t D, const void *kc,
                       const void *vc, int ctype, int64_t row_stride, int64_t head_stride, const int64_t *pos,
-                      float *out, float *scratch, int64_t scratch_stride, int nthreads) {
+                      float *out, float *scratch, int64_t scratch_stride, int nthreads, const int64_t *slots) {
+    /* row m attends to positions 0..pos[m] of cache slot slots[m] (slot m when slots is NULL): rows of one
+     * prompt in one slot at consecutive positions attend causally, which is how a prefill uses this kernel */
     const int64_t G = H / Hkv;
     /* (row, kv head) pairs split over the caller's threads (torch's own OpenMP runtime: the library links the
      * libgomp that torch has loaded, so no second thread team competes for the cores) */
@@ -387,13 +391,14 @@ void mc_attend_decode(const float *q, int64_t M, int64_t H, int64_t Hkv, int64_t
 #ifdef _OPENMP
         sc += omp_get_thread_num() * scratch_stride;
 #endif
-        const int64_t base = m * row_stride + kh * head_stride;
+        const int64_t base = (slots ? slots[m] : m) * row_stride + kh * head_stride;
         const float *qg = q + (m * H + kh * G) * D;
         float *o = out + (m * H + kh * G) * D;
 #if defined(__AVX512F__)
         if (D % 16 == 0 && D / 16 <= ATT_MAXC && G <= ATT_MAXG) {
             /* constant vector counts, so that the compiler unrolls and keeps everything in registers */
-            const int64_t nm = kh + 1 < Hkv ? m : m + 1, nb = nm * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
+            const int64_t nm = kh + 1 < Hkv ? m : m + 1;
+            const int64_t nb = (nm < M && slots ? slots[nm] : nm) * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
             const int64_t nn = nm < M ? pos[nm] + 1 : 0;
             if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
             else if (D == 32) attend_pair_avx512(qg, G, 2, kc, vc, ctype, base, n, sc, o, nb, nn);

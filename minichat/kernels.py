@@ -41,9 +41,9 @@ _SIGNATURES = {
     "mc_int4_groups": [_p, _i64, _i64, _p, _p],
     "mc_int8_rows": [_p, _i64, _i64, _p, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
-                          _i64, _i64],
+                          _i64, _i64, _p],
     "mc_allow_threads": [_i32],
-    "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32],
+    "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32, _p],
     "mc_gemm_s8": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _i32],
     "mc_has_vnni": [],
 }
@@ -223,28 +223,39 @@ class Kernels:
 
     def qkv_rope_cache(self, y: torch.Tensor, rs, cs, H: int, Hkv: int, cos: torch.Tensor, sin: torch.Tensor,
                        pos: torch.Tensor, max_pos: int, q_scale: float, kc: torch.Tensor, vc: torch.Tensor,
-                       q_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       q_dtype: torch.dtype = torch.float32, slots: torch.Tensor | None = None,
+                       max_slot: int = -1) -> torch.Tensor:
         """Rotate queries and keys of rows 0..M-1 (positions `pos`), write keys and values into the layer's
-        cache kc/vc (slots, Hkv, capacity, D) at [m, :, pos[m]], return the queries (M, H, D). `max_pos` is
-        max(pos), known to the caller without reading the tensor, and bounds-checked here."""
+        cache kc/vc (slots, Hkv, capacity, D) at [m, :, pos[m]] (at [slots[m], :, pos[m]] when `slots` is
+        given, with max_slot its largest), return the queries (M, H, D). `max_pos` is max(pos), known to the
+        caller without reading the tensor, and bounds-checked here."""
         _check(y, *_YTYPE)
         _check(pos, torch.int64)
+        self._check_slots(slots, max_slot, y.shape[0], kc)
         for t in (kc, vc):
             _check(t, torch.float32, torch.bfloat16)
         M, D = y.shape[0], kc.shape[-1]
         if y.shape[1] != (H + 2 * Hkv) * D or cos.shape[-1] != D or pos.shape != (M,):
             raise ValueError("qkv_rope_cache: shapes do not agree")
-        if max_pos >= kc.shape[2] or max_pos >= cos.shape[0] or M > kc.shape[0]:
+        if max_pos >= kc.shape[2] or max_pos >= cos.shape[0] or (slots is None and M > kc.shape[0]):
             raise ValueError("qkv_rope_cache: position or row outside the cache")
         q = torch.empty(M, H, D, dtype=q_dtype)
         self.lib.mc_qkv_rope_cache(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, H, Hkv, D,
                                    cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), q_scale, q.data_ptr(),
                                    _YTYPE[q_dtype], kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
-                                   kc.stride(0), kc.stride(1))
+                                   kc.stride(0), kc.stride(1), _ptr(slots))
         return q
 
+    @staticmethod
+    def _check_slots(slots, max_slot: int, M: int, kc: torch.Tensor) -> None:
+        if slots is None:
+            return
+        _check(slots, torch.int64)
+        if slots.shape != (M,) or not 0 <= max_slot < kc.shape[0]:
+            raise ValueError("slots: one per row, each a slot of the cache (max_slot their largest)")
+
     def attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
-                      max_pos: int) -> torch.Tensor:
+                      max_pos: int, slots: torch.Tensor | None = None, max_slot: int = -1) -> torch.Tensor:
         """One decode step's attention: query heads q (M, H, D) float32, already scaled, of rows 0..M-1 attend
         to their own cached positions 0..pos[m] of kc/vc (slots, Hkv, capacity, D); returns (M, H, D) float32."""
         _check(q, torch.float32)
@@ -255,8 +266,9 @@ class Kernels:
         Hkv = kc.shape[1]
         if kc.shape != vc.shape or kc.dtype != vc.dtype or kc.shape[-1] != D or H % Hkv or pos.shape != (M,):
             raise ValueError("attend_decode: shapes do not agree")
-        if max_pos >= kc.shape[2] or M > kc.shape[0]:
+        if max_pos >= kc.shape[2] or (slots is None and M > kc.shape[0]):
             raise ValueError("attend_decode: position or row outside the cache")
+        self._check_slots(slots, max_slot, M, kc)
         out = torch.empty(M, H, D)
         # torch's thread count (the calling thread's) when the library shares torch's OpenMP runtime and there are
         # ~1,000 cached key rows to read: below that, waking the second thread costs more than it saves (in the
@@ -266,7 +278,7 @@ class Kernels:
         scratch = torch.empty(threads * stride)
         self.lib.mc_attend_decode(q.data_ptr(), M, H, Hkv, D, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
                                   kc.stride(0), kc.stride(1), pos.data_ptr(), out.data_ptr(), scratch.data_ptr(),
-                                  stride, threads)
+                                  stride, threads, _ptr(slots))
         return out
 
     @property

@@ -485,6 +485,37 @@ def test_prefix_cache_reuses_prefixes_with_the_same_result(tiny):
         Engine(model, tok, weights="fp32", prefix_cache=-1)
 
 
+def test_fast_prefill_after_a_cached_prefix_runs_fused_and_agrees(tiny):
+    """In fast mode a prompt that continues a cached prefix is prefilled through the fused decode path (its
+    tokens as rows at consecutive positions of one cache slot, attending causally through the cache), several
+    prompts at once included; its next-token distribution agrees with the ops path's to int8 rounding."""
+    from minichat import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler here: no fused path")
+    model, tok = tiny
+    base = tok.encode("System: you are a helpful assistant. Answer briefly and kindly. ")
+    ps = [base + tok.encode(t) for t in (" User: hello there, how are you today?", " User: what is two plus two?",
+                                         " User: name a cat and a dog and a bird")]
+    fused = Engine(model, tok, weights="fast", stop_token_ids=[], prefix_cache=1024)
+    plain = Engine(model, tok, weights="fast", stop_token_ids=[], prefix_cache=1024)
+    plain._fuse_big = False  # the ops path for prefills (and decodes) of more than small_rows rows
+    taken = []
+    orig = fused._decode_fused
+    fused._decode_fused = lambda *a: taken.append(len(a) > 2 and a[2] is not None) or orig(*a)
+    sp = SamplingParams(temperature=0, max_tokens=1, logprobs=True, top_logprobs=5)
+    for eng in (fused, plain):
+        eng.generate([base + tok.encode(" warm")], sp)  # caches the shared start
+    a, b = fused.generate(ps, sp), plain.generate(ps, sp)  # three prompts prefilled together
+    assert any(taken) and fused.prefix_cache.reused_tokens > 0
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert abs(x.logprobs[0] - y.logprobs[0]) < 0.15  # W8A8 rounding on both sides, in different places
+        tx, ty = dict(x.top_logprobs[0]), dict(y.top_logprobs[0])
+        shared = set(tx) & set(ty)
+        assert len(shared) >= 4 and all(abs(tx[t] - ty[t]) < 0.15 for t in shared)
+
+
 def test_score_many_is_score_of_each(tiny):
     model, tok = tiny
     seqs = [tok.encode(t) for t in ("The capital of France is Paris.", "A cat", "def add(a, b):\n    return a + b")]
