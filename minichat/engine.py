@@ -722,24 +722,46 @@ class Engine:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _prefill_packed(self, prompts: list[list[int]], rows: list[int], done: list[int] | None = None) -> torch.Tensor:
+        """Prefill prompts (prompt i into cache row rows[i], from position done[i]: before it, a reused prefix);
+        returns each prompt's next-token logits (n, V).
+
+        Fast mode (the fused decode path available): the token at position 0 runs through the ops path (the
+        attention sink's activations, ~1,700x the others', need its exact rows: W8A8 cannot hold them); every
+        later token runs as a row of the fused decode path, at its own position of the prompt's slot,
+        attending causally through the cache. Each row's arithmetic then depends only on its own input and the
+        cache, so a prompt gives bit-identical logits whether its prefix came from the prefix cache or not (a
+        repeated request at temperature 0 repeats its answer), and a served prompt's ~20 new tokens take ~15
+        ms instead of ~24."""
+        done = list(done or [0] * len(prompts))
+        if not self._fuse_big:
+            return self._prefill_ops(prompts, rows, done)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        fresh = [i for i, d in enumerate(done) if d == 0]
+        if fresh:
+            sink = self._prefill_ops([prompts[i][:1] for i in fresh], [rows[i] for i in fresh], [0] * len(fresh))
+            for j, i in enumerate(fresh):
+                out[i], done[i] = sink[j], 1
+        rest = [i for i, (p, d) in enumerate(zip(prompts, done)) if len(p) > d]
+        if rest:
+            lens = [len(prompts[i]) - done[i] for i in rest]
+            ends = list(itertools.accumulate(lens))
+            ids = torch.tensor([t for i in rest for t in prompts[i][done[i]:]], device=self.device)
+            logits = self._decode_fused(ids, [q for i in rest for q in range(done[i], len(prompts[i]))],
+                                        [rows[i] for i, P in zip(rest, lens) for _ in range(P)], [e - 1 for e in ends])
+            for j, i in enumerate(rest):
+                out[i] = logits[j]
+        return torch.stack(out)
+
+    def _prefill_ops(self, prompts: list[list[int]], rows: list[int], done: list[int]) -> torch.Tensor:
         """All prompts' new tokens as one (T, D) matrix: every linear is one matmul over all their tokens;
         attention runs per prompt (causal, within the prompt), writing each prompt's keys into its row. done[i]:
         positions of prompt i already in its cache row (a reused prefix); its tokens from there are computed."""
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        done = done or [0] * len(prompts)
         lens = [len(p) - d for p, d in zip(prompts, done)]
         starts = list(itertools.accumulate(lens, initial=0))
         T = starts[-1]
         dev = self.device
-        ids = torch.tensor([t for p, d in zip(prompts, done) for t in p[d:]], device=dev)
-        if self._fuse_big and all(done) and T > self.head.small_rows:
-            # every prompt continues a cached prefix (no attention-sink row at position 0, which W8A8 cannot
-            # represent): its tokens run as rows of the fused decode path, each at its own position of the
-            # prompt's slot, attending causally through the cache. A served prompt's ~20 new tokens took ~24
-            # ms through the ops below, about as long as a 32-row decode step
-            return self._decode_fused(ids, [q for d, P in zip(done, lens) for q in range(d, d + P)],
-                                      [r for r, P in zip(rows, lens) for _ in range(P)], [e - 1 for e in starts[1:]])
-        x = self.embed[ids]  # (T, D)
+        x = self.embed[torch.tensor([t for p, d in zip(prompts, done) for t in p[d:]], device=dev)]  # (T, D)
         if len(prompts) == 1 and not done[0]:
             cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, hd)
         else:
@@ -873,8 +895,8 @@ class Engine:
         """_decode for fast mode's big batches: every linear is an int8 x int8 matmul (`_W8A8IntMM.mm`), and the
         chains between them are one compiled kernel each: RMSNorm + quantize; dequantize + RoPE + KV-cache
         write; SwiGLU + quantize; dequantize + residual add. ~12 ops per layer instead of ~35.
-        Also a prefill (`_prefill_packed`): row m is then token m of a prompt, at position lengths[m] of cache
-        slot slots[m], attending causally through the cache; `last` picks the rows that get logits."""
+        Also fast mode's prefill (`_prefill_packed`): row m is then a prompt's token at position lengths[m] of
+        cache slot slots[m], attending causally through the cache; `last` picks the rows that get logits."""
         K, B, H, Hkv, hd = self.kernels, len(lengths), self.H, self.Hkv, self.hd
         pos, top = torch.tensor(lengths), max(lengths)
         sl, top_slot = (None, -1) if slots is None else (torch.tensor(slots), max(slots))

@@ -486,9 +486,9 @@ def test_prefix_cache_reuses_prefixes_with_the_same_result(tiny):
 
 
 def test_fast_prefill_after_a_cached_prefix_runs_fused_and_agrees(tiny):
-    """In fast mode a prompt that continues a cached prefix is prefilled through the fused decode path (its
-    tokens as rows at consecutive positions of one cache slot, attending causally through the cache), several
-    prompts at once included; its next-token distribution agrees with the ops path's to int8 rounding."""
+    """In fast mode a prompt's tokens after position 0 are prefilled through the fused decode path (as rows at
+    consecutive positions of its cache slot, attending causally through the cache), several prompts at once
+    included; the next-token distribution agrees with the ops path's to int8 rounding."""
     from minichat import kernels
 
     if kernels.load() is None:
@@ -508,6 +508,12 @@ def test_fast_prefill_after_a_cached_prefix_runs_fused_and_agrees(tiny):
         eng.generate([base + tok.encode(" warm")], sp)  # caches the shared start
     a, b = fused.generate(ps, sp), plain.generate(ps, sp)  # three prompts prefilled together
     assert any(taken) and fused.prefix_cache.reused_tokens > 0
+    # each row's arithmetic depends only on its input and the cache: with or without the prefix cache, alone or
+    # packed with other prompts, a prompt gets bit-identical logits (a repeated request repeats its answer)
+    fresh = Engine(model, tok, weights="fast", stop_token_ids=[])
+    for p, x in zip(ps, a):
+        y = fresh.generate([p], sp)[0]
+        assert y.token_ids == x.token_ids and y.logprobs == x.logprobs and y.top_logprobs == x.top_logprobs
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert abs(x.logprobs[0] - y.logprobs[0]) < 0.15  # W8A8 rounding on both sides, in different places
@@ -547,7 +553,12 @@ def test_fused_decode_matches_the_torch_ops_path(tiny, weights, batch):
     taken = []
     for name in ("_decode_small_fused", "_decode_fused"):
         orig = getattr(fused, name)
-        setattr(fused, name, lambda *a, _o=orig, _n=name: taken.append(_n) or _o(*a))
+        def spy(*a, _o=orig, _n=name):
+            if len(a) == 2:  # a decode step (fast mode's prefills run through _decode_fused too, with slots)
+                taken.append(_n)
+            return _o(*a)
+
+        setattr(fused, name, spy)
     sp = SamplingParams(temperature=0, max_tokens=6, logprobs=True)
     a, b = fused.generate(ps, sp), plain.generate(ps, sp)
     if batch <= 4:
