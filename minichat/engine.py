@@ -474,6 +474,8 @@ class _Linear:
 
     def prefill(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """x: rows of whole prompts; `first` indexes the rows at position 0."""
+        if self.exact is not None and first is not None and len(first) == x.shape[0]:
+            return self.exact(x)  # only position-0 rows (fast mode's sink pass): exact however many there are
         if x.shape[0] <= self.small_rows:
             return self.small(x)
         y = self.big(x)

@@ -514,6 +514,11 @@ def test_fast_prefill_after_a_cached_prefix_runs_fused_and_agrees(tiny):
     for p, x in zip(ps, a):
         y = fresh.generate([p], sp)[0]
         assert y.token_ids == x.token_ids and y.logprobs == x.logprobs and y.top_logprobs == x.top_logprobs
+    six = [tok.encode(t) for t in ("A cat sat on", "The dog ran to the", "Hello there my", "One two three four",
+                                   "Red green blue and", "Paris is the capital of")]
+    together = Engine(model, tok, weights="fast", stop_token_ids=[]).generate(six, sp)  # more than small_rows
+    for p, x in zip(six, together):
+        assert Engine(model, tok, weights="fast", stop_token_ids=[]).generate([p], sp)[0].logprobs == x.logprobs
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert abs(x.logprobs[0] - y.logprobs[0]) < 0.15  # W8A8 rounding on both sides, in different places
