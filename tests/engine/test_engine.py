@@ -527,6 +527,29 @@ def test_fast_prefill_after_a_cached_prefix_runs_fused_and_agrees(tiny):
         assert len(shared) >= 4 and all(abs(tx[t] - ty[t]) < 0.15 for t in shared)
 
 
+def test_fast_prefill_of_many_new_tokens_takes_the_ops_path(tiny, monkeypatch):
+    """Beyond FUSED_PREFILL_MAX new tokens a prompt is prefilled by the ops path (SDPA beats the decode kernel
+    on long prompts), alone or packed with short ones, and agrees with the fused path to int8 rounding."""
+    from minichat import engine as E, kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler here: no fused path")
+    model, tok = tiny
+    ps = [tok.encode("A cat sat on the mat and the dog sat on the log"), tok.encode("Hi there")]
+    sp = SamplingParams(temperature=0, max_tokens=1, logprobs=True, top_logprobs=5)
+    fused = Engine(model, tok, weights="fast", stop_token_ids=[]).generate(ps, sp)
+    monkeypatch.setattr(E, "FUSED_PREFILL_MAX", 4)
+    eng = Engine(model, tok, weights="fast", stop_token_ids=[])
+    calls = []
+    orig = eng._prefill_ops
+    eng._prefill_ops = lambda pr, *a: calls.append([len(p) for p in pr]) or orig(pr, *a)
+    ops = eng.generate(ps, sp)
+    assert [len(ps[0])] in calls  # the long prompt whole; the short one's position 0 only
+    for x, y in zip(fused, ops):
+        assert x.token_ids == y.token_ids and abs(x.logprobs[0] - y.logprobs[0]) < 0.15
+    assert ops[1].logprobs == fused[1].logprobs  # the short prompt still took the fused path
+
+
 def test_score_many_is_score_of_each(tiny):
     model, tok = tiny
     seqs = [tok.encode(t) for t in ("The capital of France is Paris.", "A cat", "def add(a, b):\n    return a + b")]
