@@ -225,8 +225,7 @@ class Moderator:
         if isinstance(texts, (str, bytes)):
             raise MinichatError("check_many() takes a list of texts; use check() for one text")
         items = [self._coerce(t) for t in texts]
-        norms = [normalize(t) for t in items]
-        learned = self.scorer.score(items, norms) if (self.scorer is not None and items) else [None] * len(items)
+        norms, learned = self._featurize(items)
         out = []
         for t, l, n in zip(items, learned, norms):
             r = self._decide(t, l, n)
@@ -235,14 +234,19 @@ class Moderator:
             out.append(r)
         return out
 
+    def _featurize(self, items: list[str]) -> tuple[list, list]:
+        """Each text normalized once (for the rules and the scorer), and the learned scores as one batch."""
+        norms = [normalize(t) for t in items]
+        learned = self.scorer.score(items, norms) if (self.scorer is not None and items) else [None] * len(items)
+        return norms, learned
+
     def screen_many(self, texts: list[str]) -> list[ModerationResult | None]:
         """check_many() for callers that only act on flagged texts (stream guards): None where the text is
         certainly not flagged, else its full result (no audit). Certain: no rule hit, and the learned scores
         alone, before any exception's damping (which only lowers them), stay below every threshold; then the
         exceptions, ~20% of a check, need not run, and a process boundary carries None instead of a result."""
         items = [self._coerce(t) for t in texts]
-        norms = [normalize(t) for t in items]
-        learned = self.scorer.score(items, norms) if (self.scorer is not None and items) else [None] * len(items)
+        norms, learned = self._featurize(items)
         out: list[ModerationResult | None] = []
         for t, l, n in zip(items, learned, norms):
             hits = self.rules.match(n)
