@@ -120,13 +120,23 @@ class LearnedScorer:
 
         if self._analyzers is None:
             self._analyzers = [v.build_analyzer() for v in vectorizers()]
+            self._index_cache = [{}, {}]  # per vectoriser: n-gram -> its hashed index (answers repeat n-grams)
         z = self.bias.astype(np.float64).copy()
         for k, analyze in enumerate(self._analyzers):
             grams = analyze(prepared)
             if not grams:
                 continue
-            h = np.fromiter((murmurhash3_32(g, 0) for g in grams), dtype=np.int64, count=len(grams))
-            idx = np.where(h == -2**31, (2**31 - 1 - (N_FEATURES - 1)) % N_FEATURES, np.abs(h) % N_FEATURES)
+            cache = self._index_cache[k]
+            get = cache.get
+            idx = np.fromiter((get(g, -1) for g in grams), dtype=np.int64, count=len(grams))
+            miss = np.flatnonzero(idx < 0)
+            if len(miss):
+                if len(cache) >= 200_000:  # bounded
+                    cache.clear()
+                for i in miss.tolist():
+                    g = grams[i]
+                    h = murmurhash3_32(g, 0)
+                    idx[i] = cache[g] = (2**31 - 1 - (N_FEATURES - 1)) % N_FEATURES if h == -2**31 else abs(h) % N_FEATURES
             idx, counts = np.unique(idx, return_counts=True)
             vals = counts / np.sqrt(np.dot(counts, counts))
             rows = self._row[idx + k * N_FEATURES]

@@ -58,8 +58,14 @@ class Normalized:
     changed: bool = False  # whether evasion-style rewriting (leet, spacing, repeats, confusables) happened
 
 
+# ASCII's control characters (category Cc) except newline and tab, as clean() maps them
+_ASCII_CONTROL = {c: " " for c in [*range(0, 9), *range(11, 32), 127]}
+
+
 def clean(text: str) -> str:
     """Replace lone surrogates and control characters; drop invisible format characters."""
+    if text.isascii():  # the common case, without a category look-up per character (ASCII has no Cf)
+        return text.translate(_ASCII_CONTROL)
     if any("\ud800" <= ch <= "\udfff" for ch in text):
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     out = []
@@ -76,6 +82,8 @@ def clean(text: str) -> str:
 
 def fold(text: str) -> str:
     """Compatibility-fold, strip accents, casefold and map look-alike letters."""
+    if text.isascii():  # NFKD changes no ASCII character, and casefold() is lower() there
+        return text.lower().translate(_CONFUSABLE_TABLE)
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
     return text.casefold().translate(_CONFUSABLE_TABLE)
@@ -96,6 +104,24 @@ def _deleet(tok: str) -> str:
     return core
 
 
+def _token(raw: str) -> tuple[str, str | None, bool]:
+    """One token's normal form, its fully squeezed form (if elongated) and whether rewriting happened."""
+    if raw in ".?;:":
+        return raw, None, False
+    tok = _deleet(raw.replace("'", ""))  # "don't" -> "dont": rules never need to spell apostrophes
+    changed = tok != raw
+    sq = None
+    if tok and _RUN3.search(tok):
+        changed = True
+        sq = _RUN2.sub(r"\1", tok)
+        tok = _RUN3.sub(lambda m: m.group(1) * (2 if m.group(1) in _DOUBLED else 1), tok)
+    return tok, sq, changed
+
+
+# _token() of the tokens seen so far: answers repeat their words, and a stream guard re-reads its window
+_TOKEN_CACHE: dict[str, tuple[str, str | None, bool]] = {}
+
+
 def normalize(text: str) -> Normalized:
     """Normalise `text` (a str) for matching; see the module docstring."""
     folded = fold(clean(text))
@@ -103,22 +129,17 @@ def normalize(text: str) -> Normalized:
     changed = joined != folded or folded != text.casefold()
     tokens: list[str] = []
     squeezed: list[str | None] = []
-    for m in _TOKEN.finditer(joined):
-        raw = m.group(0)
-        if raw in ".?;:":
-            tokens.append(raw)
-            squeezed.append(None)
-            continue
-        tok = _deleet(raw.replace("'", ""))  # "don't" -> "dont": rules never need to spell apostrophes
+    for raw in _TOKEN.findall(joined):
+        hit = _TOKEN_CACHE.get(raw)
+        if hit is None:
+            hit = _token(raw)
+            if len(_TOKEN_CACHE) >= 100_000:  # bounded: a stream of random tokens must not grow it forever
+                _TOKEN_CACHE.clear()
+            _TOKEN_CACHE[raw] = hit
+        tok, sq, tok_changed = hit
         if not tok:
             continue
-        if tok != raw:
-            changed = True
-        sq = None
-        if _RUN3.search(tok):
-            changed = True
-            sq = _RUN2.sub(r"\1", tok)
-            tok = _RUN3.sub(lambda m: m.group(1) * (2 if m.group(1) in _DOUBLED else 1), tok)
+        changed = changed or tok_changed
         tokens.append(tok)
         squeezed.append(sq)
     offsets = []

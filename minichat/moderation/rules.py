@@ -27,6 +27,7 @@ import yaml
 from minichat.errors import MinichatError
 from minichat.moderation.categories import CATEGORIES
 from minichat.moderation.normalize import Normalized, squeeze
+from minichat.moderation.prefilter import TextView, literal_prefixes, may_match
 
 _LINE = "__line__"
 _VOCAB_REF = regex.compile(r"\{([a-z_][a-z0-9_]*)\}")
@@ -114,6 +115,7 @@ class _Pattern:
     weights: dict[str, float]
     regex: Any
     source: str
+    prefixes: Any = None  # prefilter.Prefixes: what every match starts with; None: unknown
 
 
 @dataclass
@@ -124,6 +126,7 @@ class _Exception:
     damp_learned: float
     scope: str  # "span": clears hits overlapping the match; "text": clears hits anywhere in the text
     source: str
+    prefixes: Any = None
 
 
 @dataclass
@@ -157,7 +160,8 @@ class RuleSet:
             rs._merge(data, source, raw_patterns, raw_exceptions)
         # Regexes are compiled after all vocab is known, so a user can extend a word list the defaults use.
         for rid, (item, where) in raw_patterns.items():
-            rs.patterns[rid] = _Pattern(rid, rs._weights(item, where), rs._compile(item, where), where)
+            rx = rs._compile(item, where)
+            rs.patterns[rid] = _Pattern(rid, rs._weights(item, where), rx, where, literal_prefixes(rx.pattern))
         for rid, (item, where) in raw_exceptions.items():
             cats = item.get("categories")
             if cats is not None:
@@ -171,7 +175,8 @@ class RuleSet:
                 raise RulesError(f"{where}: exception {rid!r}: damp_learned must be a number in [0, 1]")
             if scope not in ("span", "text"):
                 raise RulesError(f"{where}: exception {rid!r}: scope must be 'span' or 'text'")
-            rs.exceptions[rid] = _Exception(rid, rs._compile(item, where), cats, float(damp), scope, where)
+            rx = rs._compile(item, where)
+            rs.exceptions[rid] = _Exception(rid, rx, cats, float(damp), scope, where, literal_prefixes(rx.pattern))
         rs._index()
         return rs
 
@@ -341,8 +346,9 @@ class RuleSet:
                     for rid in ids:
                         hits.append(Hit(rid, "lexicon", self.lexicons[rid].weights, (offs[i], end), " ".join(gram)))
         text = norm.text
+        view = TextView(text)
         for pat in self.patterns.values():
-            if pat.id in self.disabled:
+            if pat.id in self.disabled or not may_match(pat.prefixes, view):
                 continue
             try:
                 for m in pat.regex.finditer(text, timeout=self.timeout):
@@ -364,8 +370,9 @@ class RuleSet:
         """Mark hits cleared by exceptions; return the exception ids that fired and per-category learned damping."""
         fired: list[str] = []
         damp: dict[str, float] = {}
+        view = TextView(norm.text)
         for exc in self.exceptions.values():
-            if exc.id in self.disabled:
+            if exc.id in self.disabled or not may_match(exc.prefixes, view):
                 continue
             try:
                 spans = [m.span() for m in exc.regex.finditer(norm.text, timeout=self.timeout)]
