@@ -1173,9 +1173,38 @@ class Engine:
 
     def _draw(self, reqs: list[Request], logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         dev = self.device
+        u = self._uniforms(reqs, greedy)
+        top_k = [r.params.top_k for r in reqs]
+        min_p = [r.params.min_p for r in reqs]
+        top_p = [r.params.top_p for r in reqs]
+        if (self.kernels is not None and logits.dtype == torch.float32 and logits.is_contiguous()
+                and not any(top_k) and not any(min_p) and all(p >= 1.0 for p in top_p)):
+            # plain temperature sampling, the same inverse CDF in one C pass per row (~3x faster at 32 rows)
+            inv = torch.tensor([1.0 / (r.params.temperature or 1.0) for r in reqs], dtype=torch.float32)
+            out = self.kernels.sample(logits, inv, u)
+        else:
+            out = self._draw_torch(reqs, logits, u, top_k, min_p, top_p)
+        if any(greedy):
+            rows = [i for i in range(len(reqs)) if greedy[i]]
+            out[rows] = self._argmax(logits[rows].contiguous())
+        return out
+
+    def _uniforms(self, reqs: list[Request], greedy: list[bool]) -> torch.Tensor:
+        """One uniform number per row, from the request's own generator when it has a seed (so seeded requests
+        are reproducible whatever else is in the batch)."""
+        u = torch.zeros(len(reqs))
+        plain = [i for i, r in enumerate(reqs) if r.generator is None and not greedy[i]]
+        if plain:
+            u[plain] = torch.rand(len(plain), generator=self._rng)
+        for i, r in enumerate(reqs):
+            if r.generator is not None and not greedy[i]:
+                u[i] = torch.rand(1, generator=r.generator)[0]
+        return u
+
+    def _draw_torch(self, reqs, logits, u, top_k, min_p, top_p) -> torch.Tensor:
+        dev = self.device
         temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=dev)[:, None]
         x = logits / temps
-        top_k = [r.params.top_k for r in reqs]
         if any(top_k):
             kmax = min(max(top_k), x.shape[-1])
             kth = x.topk(kmax, dim=-1).values  # (B, kmax) descending
@@ -1184,30 +1213,16 @@ class Engine:
             thresh = torch.where(torch.tensor(top_k, device=dev)[:, None] > 0, thresh, torch.full_like(thresh, -math.inf))
             x = x.masked_fill(x < thresh, -math.inf)
         probs = torch.softmax(x, dim=-1)
-        min_p = [r.params.min_p for r in reqs]
         if any(min_p):
             mp = torch.tensor(min_p, device=dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.amax(-1, keepdim=True), 0.0)
-        top_p = [r.params.top_p for r in reqs]
         if any(p < 1.0 for p in top_p):
             probs = _nucleus(probs, torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None])
-        # inverse-CDF sampling: one uniform number per row (from the request's own generator when it has a
-        # seed, so seeded requests are reproducible whatever else is in the batch) against the row's cumulative
-        # probabilities. torch.multinomial draws one exponential per vocabulary entry instead: ~0.5 ms per row
-        # for 49k tokens, 40% of a serving step at 32 streams (measured with py-spy)
-        u = torch.empty(len(reqs))
-        plain = [i for i, r in enumerate(reqs) if r.generator is None and not greedy[i]]
-        if plain:
-            u[plain] = torch.rand(len(plain), generator=self._rng)
-        for i, r in enumerate(reqs):
-            if r.generator is not None and not greedy[i]:
-                u[i] = torch.rand(1, generator=r.generator)[0]
+        # inverse-CDF sampling: the row's uniform number against its cumulative probabilities. torch.multinomial
+        # draws one exponential per vocabulary entry instead: ~0.5 ms per row for 49k tokens, 40% of a serving
+        # step at 32 streams (measured with py-spy)
         cdf = probs.cumsum(-1)
-        out = torch.searchsorted(cdf, (u.to(dev) * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
-        if any(greedy):
-            rows = [i for i in range(len(reqs)) if greedy[i]]
-            out[rows] = self._argmax(logits[rows].contiguous())
-        return out
+        return torch.searchsorted(cdf, (u.to(dev) * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
     # ---------------------------------------------------------------------------------------- convenience
 

@@ -38,6 +38,7 @@ _SIGNATURES = {
     "mc_dequant": [_p, _i32, _p, _p, _i64, _i64, _p, _i32],
     "mc_swiglu": [_p, _i32, _p, _p, _i64, _i64, _p, _p, _p, _p, _i32],
     "mc_argmax_rows": [_p, _i64, _i64, _p],
+    "mc_sample_rows": [_p, _i64, _i64, _p, _p, _p],
     "mc_int4_groups": [_p, _i64, _i64, _p, _p],
     "mc_int8_rows": [_p, _i64, _i64, _p, _p],
     "mc_qkv_rope_cache": [_p, _i32, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _f32, _p, _i32, _p, _p, _i32,
@@ -219,6 +220,19 @@ class Kernels:
         _check(x, torch.float32)
         out = torch.empty(x.shape[0], dtype=torch.int64)
         self.lib.mc_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        return out
+
+    def sample(self, x: torch.Tensor, inv_temp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One token per row of float32 logits x (M, V), drawn from softmax(x * inv_temp[m]) by the inverse CDF
+        at u[m] in [0, 1): what softmax, cumsum and searchsorted compute, in three passes over the logits."""
+        _check(x, torch.float32)
+        _check(inv_temp, torch.float32)
+        _check(u, torch.float32)
+        M = x.shape[0]
+        if x.dim() != 2 or inv_temp.shape != (M,) or u.shape != (M,):
+            raise ValueError("sample: x must be (M, V), inv_temp and u (M,)")
+        out = torch.empty(M, dtype=torch.int64)
+        self.lib.mc_sample_rows(x.data_ptr(), M, x.shape[1], inv_temp.data_ptr(), u.data_ptr(), out.data_ptr())
         return out
 
     def qkv_rope_cache(self, y: torch.Tensor, rs, cs, H: int, Hkv: int, cos: torch.Tensor, sin: torch.Tensor,

@@ -165,6 +165,43 @@ def test_argmax_matches_torch_including_ties():
     assert torch.equal(K.argmax(x), x.argmax(-1))
 
 
+def test_sample_is_the_inverse_cdf_of_the_tempered_softmax():
+    g = torch.Generator().manual_seed(2)
+    M, V = 12, 1003  # a ragged last block of 16
+    x = torch.randn(M, V, generator=g) * 3
+    inv = torch.rand(M, generator=g) + 0.5
+    u = torch.rand(M, generator=g)
+    cdf = torch.softmax(x.double() * inv.double()[:, None], -1).cumsum(-1)
+    lo = torch.searchsorted(cdf, (u.double() - 1e-5)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    hi = torch.searchsorted(cdf, (u.double() + 1e-5)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    got = K.sample(x, inv, u)
+    assert ((got >= lo) & (got <= hi)).all()  # the same place, up to float rounding of the cumulative sum
+
+
+def test_sample_frequencies_and_forbidden_tokens():
+    g = torch.Generator().manual_seed(3)
+    row = torch.randn(40, generator=g) * 2
+    row[[3, 17, 39]] = float("-inf")  # e.g. stop tokens before min_tokens: never drawn
+    N = 100_000
+    ids = K.sample(row.expand(N, 40).contiguous(), torch.full((N,), 1 / 0.7), torch.rand(N, generator=g))
+    freq = torch.bincount(ids, minlength=40).double() / N
+    p = torch.softmax(row.double() / 0.7, -1)
+    assert freq[[3, 17, 39]].sum() == 0
+    assert (freq - p).abs().max() < 0.01  # ~5 standard errors at these sizes
+
+
+def test_sample_edge_rows():
+    x = torch.full((4, 33), float("-inf"))
+    x[0, 5] = 1.0  # one possible token, whatever u is
+    x[2, 31] = 2.0  # the last block's tail
+    x[3] = 0.0  # uniform; u close to 1 takes the last token
+    u = torch.tensor([0.999999, 0.5, 0.0, 0.99999994])
+    got = K.sample(x, torch.ones(4), u)
+    assert got[0] == 5 and got[1] == 0 and got[2] == 31 and got[3] == 32  # row 1 (all -inf): 0
+    with pytest.raises(ValueError):
+        K.sample(x, torch.ones(3), u)
+
+
 def test_int4_groups_match_the_torch_version():
     from minichat.engine import _int4_groups
 

@@ -712,3 +712,27 @@ def test_sampling_follows_the_distribution_and_seeds_reproduce(tiny):
     flat = torch.zeros(V)  # uniform: any difference between the twins would show
     out = [eng._draw([a, b] + reqs[:3], flat.expand(5, V).clone(), [False] * 5) for _ in range(20)]
     assert all(o[0] == o[1] for o in out) and len({int(o[0]) for o in out}) > 5
+
+
+def test_fast_mode_sampler_follows_the_distribution_and_seeds_reproduce(tiny):
+    """Fast mode draws plain temperature samples in one compiled pass (kernels.sample); same contract."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fast", stop_token_ids=[])
+    if eng.kernels is None:
+        pytest.skip("no C compiler: fast mode samples with the torch ops tested above")
+    V = model.cfg.vocab_size
+    reqs = [eng.submit([1, 2], SamplingParams(temperature=0.8, max_tokens=1)) for _ in range(48)]
+    logits = torch.full((V,), -4.0)
+    logits[:5] = torch.tensor([2.0, 1.0, 0.0, 0.5, -1.0])
+    logits[5] = float("-inf")  # a forbidden token (a stop token before min_tokens)
+    want = torch.softmax(logits / 0.8, -1)
+    counts = torch.zeros(V)
+    for _ in range(60):
+        counts += torch.bincount(eng._draw(reqs, logits.expand(48, V).clone(), [False] * 48), minlength=V).float()
+    freq = counts / counts.sum()
+    assert (freq[:5] - want[:5]).abs().max() < 0.03 and freq[5] == 0
+    a = eng.submit([1, 2], SamplingParams(temperature=1.0, max_tokens=1), seed=7)
+    b = eng.submit([1, 2], SamplingParams(temperature=1.0, max_tokens=1), seed=7)
+    flat = torch.zeros(V)
+    out = [eng._draw([a, b] + reqs[:3], flat.expand(5, V).clone(), [False] * 5) for _ in range(20)]
+    assert all(o[0] == o[1] for o in out) and len({int(o[0]) for o in out}) > 5
