@@ -640,6 +640,8 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache >= PREFIX_BLOCK else None
         self.prefill_tokens = 0  # prompt tokens prefilled (computed), not counting reused prefixes
         self.prefill_seconds = 0.0  # time step() spent prefilling
+        # fast mode at big batch: new prompts' tokens join the running rows' decode pass (see step())
+        self.mix_prefill = True
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -697,11 +699,13 @@ class Engine:
         """Run a whole prompt for the sequence in `row`; fills its cache columns [0, P); returns (V,) logits."""
         return self._prefill_many([ids], [row])[0]
 
-    def _prefill_many(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+    def _prefill_many(self, prompts: list[list[int]], rows: list[int], decode=None):
         """Prefill several prompts (prompt i into cache row rows[i]); returns (n, V) next-token logits.
         A prompt's cached prefix (prefix_cache) is copied into its row and only the rest is computed. Prompts are
         packed into chunks of at most PREFILL_CHUNK new tokens (a longer prompt goes alone), which bounds
-        activation memory while keeping every matmul big."""
+        activation memory while keeping every matmul big. With `decode` (the running rows' tokens and lengths)
+        the running rows' decode joins the (single) chunk's fused pass: returns (prompt logits, decode logits)."""
+        t0 = time.perf_counter()
         pc = self.prefix_cache
         starts = [0] * len(prompts)
         keys = [pc.keys(p) for p in prompts] if pc is not None else []
@@ -713,21 +717,35 @@ class Engine:
                     self._k[:, row, :, :n] = torch.cat([k for k, _ in blocks], 2)
                     self._v[:, row, :, :n] = torch.cat([v for _, v in blocks], 2)
                     starts[i] = n
-        out, i = [], 0
+        out, i, dec = [], 0, None
+        merged_rows = len(decode[1]) if decode is not None else 0
+        if decode is not None and sum(len(p) - s0 for p, s0 in zip(prompts, starts)) > PREFILL_CHUNK:
+            dec, decode = self._decode(*decode), None  # several chunks: the decode goes alone, first
         while i < len(prompts):
             j, T = i + 1, len(prompts[i]) - starts[i]
             while j < len(prompts) and T + len(prompts[j]) - starts[j] <= PREFILL_CHUNK:
                 T += len(prompts[j]) - starts[j]
                 j += 1
-            out.append(self._prefill_packed(prompts[i:j], rows[i:j], starts[i:j]))
+            if decode is not None:  # the only chunk
+                logits, dec = self._prefill_packed(prompts[i:j], rows[i:j], starts[i:j], decode)
+                out.append(logits)
+            else:
+                out.append(self._prefill_packed(prompts[i:j], rows[i:j], starts[i:j]))
             i = j
-        self.prefill_tokens += sum(len(p) - s0 for p, s0 in zip(prompts, starts))
+        new_tokens = sum(len(p) - s0 for p, s0 in zip(prompts, starts))
+        self.prefill_tokens += new_tokens
         if pc is not None:
             for p, row, ks in zip(prompts, rows, keys):
                 pc.insert(p, self._k[:, row], self._v[:, row], ks)
-        return out[0] if len(out) == 1 else torch.cat(out)
+        logits = out[0] if len(out) == 1 else torch.cat(out)
+        if not merged_rows:
+            return logits  # (step() times this call)
+        # with the running rows' decode: the prompts' share of the time, by rows, counts as prefill time
+        self.prefill_seconds += (time.perf_counter() - t0) * new_tokens / (new_tokens + merged_rows)
+        return logits, dec
 
-    def _prefill_packed(self, prompts: list[list[int]], rows: list[int], done: list[int] | None = None) -> torch.Tensor:
+    def _prefill_packed(self, prompts: list[list[int]], rows: list[int], done: list[int] | None = None,
+                        decode=None):
         """Prefill prompts (prompt i into cache row rows[i], from position done[i]: before it, a reused prefix);
         returns each prompt's next-token logits (n, V).
 
@@ -737,10 +755,13 @@ class Engine:
         attending causally through the cache. Each row's arithmetic then depends only on its own input and the
         cache, so a prompt gives bit-identical logits whether its prefix came from the prefix cache or not (a
         repeated request at temperature 0 repeats its answer), and a served prompt's ~20 new tokens take ~15
-        ms instead of ~24. A prompt with more than FUSED_PREFILL_MAX new tokens takes the ops path instead."""
+        ms instead of ~24. A prompt with more than FUSED_PREFILL_MAX new tokens takes the ops path instead.
+        `decode` (tokens, lengths of running rows 0..B-1): their decode step runs as the first B rows of the
+        same fused pass; returns (prompt logits, decode logits) then."""
         done = list(done or [0] * len(prompts))
         if not self._fuse_big:
-            return self._prefill_ops(prompts, rows, done)
+            logits = self._prefill_ops(prompts, rows, done)
+            return logits if decode is None else (logits, self._decode(*decode))
         out: list[torch.Tensor | None] = [None] * len(prompts)
         long = [i for i, (p, d) in enumerate(zip(prompts, done)) if len(p) - d > FUSED_PREFILL_MAX]
         if long:  # many new tokens: the ops path (so their logits may differ in the last bits from a cached run)
@@ -753,15 +774,28 @@ class Engine:
             for j, i in enumerate(fresh):
                 out[i], done[i] = sink[j], 1
         rest = [i for i, (p, d) in enumerate(zip(prompts, done)) if len(p) > d]  # (a long prompt has none left)
+        dec = None
         if rest:
             lens = [len(prompts[i]) - done[i] for i in rest]
             ends = list(itertools.accumulate(lens))
             ids = torch.tensor([t for i in rest for t in prompts[i][done[i]:]], device=self.device)
-            logits = self._decode_fused(ids, [q for i in rest for q in range(done[i], len(prompts[i]))],
-                                        [rows[i] for i, P in zip(rest, lens) for _ in range(P)], [e - 1 for e in ends])
+            positions = [q for i in rest for q in range(done[i], len(prompts[i]))]
+            slots = [rows[i] for i, P in zip(rest, lens) for _ in range(P)]
+            last = [e - 1 for e in ends]
+            B = 0
+            if decode is not None:  # running row b is slot b at its own length; its logits come first
+                B = len(decode[1])
+                ids = torch.cat([decode[0].to(ids.device), ids])
+                positions, slots = list(decode[1]) + positions, list(range(B)) + slots
+                last = list(range(B)) + [B + e for e in last]
+            logits = self._decode_fused(ids, positions, slots, last)
+            if decode is not None:
+                dec, logits = logits[:B], logits[B:]
             for j, i in enumerate(rest):
                 out[i] = logits[j]
-        return torch.stack(out)
+        elif decode is not None:
+            dec = self._decode(*decode)
+        return torch.stack(out) if decode is None else (torch.stack(out), dec)
 
     def _prefill_ops(self, prompts: list[list[int]], rows: list[int], done: list[int]) -> torch.Tensor:
         """All prompts' new tokens as one (T, D) matrix: every linear is one matmul over all their tokens;
@@ -1023,20 +1057,38 @@ class Engine:
             self._finish(req, FINISH_CANCELLED)
             events.append(TokenEvent(req, -1, finished=True, finish_reason=FINISH_CANCELLED))
         old = list(self._running)
+        decode = None
         if old:
             lengths = [r.length - 1 for r in old]  # the last output token is not in the cache yet
             tokens = torch.tensor([r.output[-1] for r in old], device=self.device)
-            logits = self._decode(tokens, lengths)
-            events += self._sample_and_advance(old, logits)
+            decode = (tokens, lengths)
+        # fast mode at big batch: new prompts' tokens ride along as extra rows of the running rows' decode pass
+        # (the weights are read once for both; each row's numbers are the same as in separate passes). The new
+        # requests are admitted before the running ones sample, so a slot freed in this step is reused from
+        # the next one; requests that arrive during a step wait for the next step's pass.
+        mix = bool(old) and self.mix_prefill and self._fuse_big and len(old) > self.head.small_rows
+        if mix and self._waiting:
+            new = self._admit()
+            if new:
+                prompt_logits, logits = self._prefill_groups(new, decode)
+                events += self._sample_and_advance(old, logits)
+                return events + self._sample_new(new, prompt_logits)
+        if old:
+            events += self._sample_and_advance(old, self._decode(*decode))
+        if mix and self._running:
+            return events
         new = self._admit()
         if new:
             t0 = time.perf_counter()
             logits = self._prefill_groups(new)  # one row per distinct prompt
             self.prefill_seconds += time.perf_counter() - t0
-            reqs = [r for g in new for r in g]
-            rows = torch.tensor([i for i, g in enumerate(new) for _ in g], device=self.device)
-            events += self._sample_and_advance(reqs, logits[rows])
+            events += self._sample_new(new, logits)
         return events
+
+    def _sample_new(self, groups: list[list[Request]], logits: torch.Tensor) -> list[TokenEvent]:
+        reqs = [r for g in groups for r in g]
+        rows = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=self.device)
+        return self._sample_and_advance(reqs, logits[rows])
 
     def _admit(self) -> list[list[Request]]:
         """Move waiting requests into free slots; group identical prompts so each is prefilled once."""
@@ -1067,15 +1119,19 @@ class Engine:
             groups.setdefault(tuple(r.prompt), []).append(r)
         return list(groups.values())
 
-    def _prefill_groups(self, groups: list[list[Request]]) -> torch.Tensor:
-        """Prefill every new distinct prompt in one packed pass; n samples of one prompt share its prefill."""
-        logits = self._prefill_many([g[0].prompt for g in groups], [g[0].row for g in groups])
+    def _prefill_groups(self, groups: list[list[Request]], decode=None):
+        """Prefill every new distinct prompt in one packed pass; n samples of one prompt share its prefill.
+        With `decode` (tokens, lengths of the running rows): also that step's decode, in the same pass where
+        possible; returns (prompt logits, decode logits) then."""
+        logits = self._prefill_many([g[0].prompt for g in groups], [g[0].row for g in groups], decode)
+        if decode is not None:
+            logits, dec = logits
         for g in groups:
             first, P = g[0], len(g[0].prompt)
             for r in g[1:]:
                 self._k[:, r.row, :, :P] = self._k[:, first.row, :, :P]
                 self._v[:, r.row, :, :P] = self._v[:, first.row, :, :P]
-        return logits
+        return logits if decode is None else (logits, dec)
 
     def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
         req.finish_reason = reason

@@ -736,3 +736,41 @@ def test_fast_mode_sampler_follows_the_distribution_and_seeds_reproduce(tiny):
     flat = torch.zeros(V)
     out = [eng._draw([a, b] + reqs[:3], flat.expand(5, V).clone(), [False] * 5) for _ in range(20)]
     assert all(o[0] == o[1] for o in out) and len({int(o[0]) for o in out}) > 5
+
+
+def test_fast_mode_new_prompts_join_the_running_decode_pass_with_the_same_results(tiny):
+    """At big batch in fast mode a new prompt's tokens run as extra rows of the running rows' decode pass
+    (mix_prefill); every row's numbers are its own, so the tokens and logprobs equal separate passes', for the
+    running requests and the joining ones, sampled or greedy, with or without a cached prefix."""
+    from minichat import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler here: no fused path")
+    model, tok = tiny
+    base = tok.encode("System: be brief. ")
+    first = [base + tok.encode(t) for t in ("A cat sat on", "The dog ran to the", "Hello there my", "One two three",
+                                            "Red green blue and", "Paris is the capital of")]
+    later = [base + tok.encode(t) for t in (" User: hi", " User: what is two plus two?", " Tell me a story")]
+
+    def run(mix: bool):
+        eng = Engine(model, tok, weights="fast", stop_token_ids=[], prefix_cache=1024)
+        eng.mix_prefill = mix
+        passes = []
+        orig = eng._decode_fused
+        eng._decode_fused = lambda *a: passes.append(len(a[1])) or orig(*a)
+        reqs = [eng.submit(p, SamplingParams(temperature=0.8, max_tokens=12, logprobs=True), seed=i)
+                for i, p in enumerate(first)]
+        for _ in range(3):
+            eng.step()
+        reqs += [eng.submit(p, SamplingParams(temperature=0.0 if i else 0.9, max_tokens=10, logprobs=True,
+                                              top_logprobs=3), seed=50 + i) for i, p in enumerate(later)]
+        reqs.append(eng.submit(later[0], SamplingParams(temperature=0.7, max_tokens=6), seed=9))  # a twin prompt
+        while eng.has_unfinished():
+            eng.step()
+        return [(r.output, r.logprobs, r.top_logprobs) for r in reqs], passes
+
+    mixed, mixed_passes = run(True)
+    apart, apart_passes = run(False)
+    assert mixed == apart
+    # the joining prompts' rows (their tokens after the cached "System: be brief. ") rode in a decode pass
+    assert len(mixed_passes) < len(apart_passes) and max(mixed_passes) > len(first)
