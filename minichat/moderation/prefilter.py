@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - older Pythons
 MAX_LEN = 6  # characters per prefix: long enough to be rare in text, short enough to keep the sets small
 # more strings than this, and checking them costs about what the search they save costs (substring search
 # is per string; word-start look-ups are set intersections, cheap at any size)
-MAX_SET, MAX_SET_ANCHORED = 256, 4096
+MAX_SET, MAX_SET_ANCHORED, MAX_FACTORS = 256, 4096, 64
 _SET_SPELL = 10  # a character class of at most this many characters (e.g. [0-9]) is spelled out
 
 _WORD = regex.compile(r"\w")
@@ -41,7 +41,7 @@ _UNSAFE = ("{e", "{i", "{d", "{s", "[[:", "(?V1", "(?f", "(?r", "(?w")
 
 
 def literal_prefixes(pattern: str) -> "Prefixes | None":
-    """What every match of `pattern` starts with, or None when nothing certain is known."""
+    """What every match of `pattern` starts with (and contains), or None when nothing certain is known."""
     if any(u in pattern for u in _UNSAFE):
         return None
     try:
@@ -52,46 +52,85 @@ def literal_prefixes(pattern: str) -> "Prefixes | None":
         return None
     items = list(tree)
     try:
-        out = _seq(items)
+        minimal = _minimal({s for s, _ in _seq(items)})
+        factors = _factors(items)
     except _GiveUp:
         return None
-    prefixes = {s for s, _ in out}
-    if not prefixes or "" in prefixes:
-        return None
-    # a prefix that starts with another is redundant: keep the shortest ones (fewer checks, same answer)
-    minimal: list[str] = []
-    for s in sorted(prefixes, key=len):
-        if not any(s.startswith(m) for m in minimal):
-            minimal.append(s)
     # \b before a word character: every match starts where a word starts, so only word starts need looking at
     lead = []
     for op, av in items:
         if op not in (_c.AT, _c.ASSERT, _c.ASSERT_NOT):
             break
         lead.append((op, av))
-    anchored = (_c.AT, _c.AT_BOUNDARY) in lead and all(_WORD.match(m[0]) for m in minimal)
-    if len(minimal) > (MAX_SET_ANCHORED if anchored else MAX_SET):
+    anchored = bool(minimal) and (_c.AT, _c.AT_BOUNDARY) in lead and all(_WORD.match(m[0]) for m in minimal)
+    if minimal is not None and len(minimal) > (MAX_SET_ANCHORED if anchored else MAX_SET):
+        minimal = None
+    if minimal is None and factors is None:
         return None
-    return Prefixes(frozenset(minimal), anchored)
+    return Prefixes(None if minimal is None else frozenset(minimal), anchored, factors)
+
+
+def _minimal(strings: set[str]) -> list[str] | None:
+    """The set without strings that start with another of it (same answer, fewer checks); None if it has ""."""
+    if not strings or "" in strings:
+        return None
+    out: list[str] = []
+    for s in sorted(strings, key=len):
+        if not any(s.startswith(m) for m in out):
+            out.append(s)
+    return out
+
+
+def _factors(items: list) -> frozenset[str] | None:
+    """Strings one of which occurs in every match: the start of a piece every match contains (a later word of
+    the pattern, often far rarer than its first, as "kill|hurt|..." after "i |we |..."). The most selective
+    such set: longest shortest string, then fewest strings."""
+    best, best_key = None, None
+    for op, av in _mandatory(items):
+        strings = _minimal({s for s, _ in _item(op, av)})
+        if strings is None or len(strings) > MAX_FACTORS:
+            continue
+        key = (min(map(len, strings)), -len(strings))
+        if key[0] >= 3 and (best_key is None or key > best_key):
+            best, best_key = frozenset(strings), key
+    return best
+
+
+def _mandatory(items: list):
+    """The pieces of a sequence that every match contains, looking inside groups and required repeats."""
+    for op, av in items:
+        if op is _c.SUBPATTERN:
+            if not av[1] & (_c.SRE_FLAG_IGNORECASE | _c.SRE_FLAG_VERBOSE | _c.SRE_FLAG_LOCALE):
+                yield from _mandatory(list(av[3]))
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
+            if av[0] >= 1:
+                yield from _mandatory(list(av[2]))
+        elif op not in (_c.AT, _c.ASSERT, _c.ASSERT_NOT):
+            yield op, av
 
 
 @dataclass(frozen=True)
 class Prefixes:
-    strings: frozenset[str]
-    anchored: bool  # every match starts at a word start (a \\b, then a word character)
+    strings: frozenset[str] | None  # every match starts with one of these (None: not known)
+    anchored: bool  # ... at a word start (a \\b, then a word character)
+    factors: frozenset[str] | None = None  # every match contains one of these (None: not known)
 
     def __post_init__(self):
         by_len: dict[int, set[str]] = {}
-        for s in self.strings:
+        for s in self.strings or ():
             by_len.setdefault(len(s), set()).add(s)
         object.__setattr__(self, "by_len", {n: frozenset(v) for n, v in by_len.items()})
 
     def may_match(self, text: "TextView") -> bool:
         """False only when no match is possible in the text."""
-        if self.anchored:
-            return any(not strs.isdisjoint(text.word_starts(n)) for n, strs in self.by_len.items())
         t = text.text
-        return any(s in t for s in self.strings)
+        if self.strings is not None:  # first: at word starts it is a few set intersections
+            if self.anchored:
+                if all(strs.isdisjoint(text.word_starts(n)) for n, strs in self.by_len.items()):
+                    return False
+            elif not any(s in t for s in self.strings):
+                return False
+        return self.factors is None or any(f in t for f in self.factors)
 
 
 class TextView:

@@ -32,6 +32,16 @@ def test_skips_only_certain_misses():
     assert may_match(None, TextView("anything"))
 
 
+def test_a_later_required_word_rules_out_texts_the_first_one_lets_through():
+    pat = r"\b(?:i|we) (?:\S+ ){0,2}?(?:kill|hurt)\b"
+    p = literal_prefixes(pat)
+    assert p.factors == {"kill", "hurt"}
+    assert not may_match(p, TextView("i will help you"))  # "i " starts a word, but no verb of the pattern
+    assert may_match(p, TextView("we will hurt them")) and regex.search(pat, "we will hurt them")
+    assert literal_prefixes(r"(?:\S+ )?(?:kill|harm)").factors == {"kill", "harm"}  # no known start, a known word
+    assert literal_prefixes(r"ab(?:cd)?") .factors is None  # nothing of 3 or more characters is required
+
+
 _WORDS = ["how", "to", "do", "i", "kill", "make", "a", "bomb", "the", "women", "are", "kids", "you", "im",
           "going", "hurt", "write", "mean", "message", "17", "yo", "sex", "hate", "all", "shoot", "photo", "x"]
 
