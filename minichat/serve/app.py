@@ -56,11 +56,13 @@ class Services:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def services(request: Request) -> Services:
+# Dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency in a worker
+# thread, a thread hop per request for microseconds of work.
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def require_key(request: Request) -> str | None:
+async def require_key(request: Request) -> str | None:
     """Bearer API key check (when keys are configured); returns a short fingerprint of the key (the store's
     owner of web conversations), or None when the server has no keys."""
     keys = request.app.state.api_keys
