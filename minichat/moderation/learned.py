@@ -116,30 +116,53 @@ class LearnedScorer:
         """featurize([text]) @ weights + bias, for one text without sklearn's per-call overhead (sparse matrices,
         validation: ~0.8 ms of a 1 ms score): the same analyzers and the same hash, index = |murmur3(gram)| mod
         N_FEATURES, counts L2-normalised per vectoriser, as HashingVectorizer(alternate_sign=False) computes."""
-        from sklearn.utils import murmurhash3_32
-
         if self._analyzers is None:
             self._analyzers = [v.build_analyzer() for v in vectorizers()]
-            self._index_cache = [{}, {}]  # per vectoriser: n-gram -> its hashed index (answers repeat n-grams)
+            # char_wb n-grams never cross whitespace (sklearn pads and slices each word of text.split()), so a
+            # text's char features are its words' features: cached per word (a stream guard re-reads the same
+            # words every check); word n-grams, few, are cached per n-gram
+            self._word_cache: dict[str, np.ndarray] = {}
+            self._gram_cache: dict[str, int] = {}
         z = self.bias.astype(np.float64).copy()
         for k, analyze in enumerate(self._analyzers):
-            grams = analyze(prepared)
-            if not grams:
+            if k == 0:
+                cache, parts = self._word_cache, []
+                for w in prepared.split():
+                    a = cache.get(w)
+                    if a is None:
+                        if len(cache) >= 100_000:  # bounded
+                            cache.clear()
+                        a = cache[w] = _hashed(analyze(w), {})
+                    parts.append(a)
+                if not parts:
+                    continue
+                idx = np.concatenate(parts)
+            else:
+                grams = analyze(prepared)
+                if not grams:
+                    continue
+                if len(self._gram_cache) >= 200_000:
+                    self._gram_cache.clear()
+                idx = _hashed(grams, self._gram_cache)
+            if not len(idx):
                 continue
-            cache = self._index_cache[k]
-            get = cache.get
-            idx = np.fromiter((get(g, -1) for g in grams), dtype=np.int64, count=len(grams))
-            miss = np.flatnonzero(idx < 0)
-            if len(miss):
-                if len(cache) >= 200_000:  # bounded
-                    cache.clear()
-                for i in miss.tolist():
-                    g = grams[i]
-                    h = murmurhash3_32(g, 0)
-                    idx[i] = cache[g] = (2**31 - 1 - (N_FEATURES - 1)) % N_FEATURES if h == -2**31 else abs(h) % N_FEATURES
             idx, counts = np.unique(idx, return_counts=True)
             vals = counts / np.sqrt(np.dot(counts, counts))
             rows = self._row[idx + k * N_FEATURES]
             keep = rows >= 0
             z += vals[keep] @ self._dense[rows[keep]].astype(np.float64)
         return z
+
+
+def _hashed(grams: list[str], cache: dict[str, int]) -> np.ndarray:
+    """HashingVectorizer's feature index of each n-gram: |murmur3(gram, seed 0)| mod N_FEATURES (-2^31 maps as
+    sklearn maps it), memoised in `cache`."""
+    from sklearn.utils import murmurhash3_32
+
+    get = cache.get
+    idx = np.fromiter((get(g, -1) for g in grams), dtype=np.int64, count=len(grams))
+    for i in np.flatnonzero(idx < 0).tolist():
+        g = grams[i]
+        h = murmurhash3_32(g, 0)
+        idx[i] = cache[g] = (2**31 - 1 - (N_FEATURES - 1)) % N_FEATURES if h == -2**31 else abs(h) % N_FEATURES
+    return idx

@@ -288,6 +288,20 @@ def test_packaged_artefact_is_small_and_scores(full):
     assert s[1]["hate"] > s[0]["hate"] and s[1]["violence"] > s[0]["violence"]
 
 
+def test_fast_scorer_equals_sklearns_featurize(full):
+    """The scorer's own feature path (per-word and per-n-gram caches) gives sklearn's HashingVectorizer features."""
+    import numpy as np
+
+    from minichat.moderation.learned import featurize, prepare
+
+    sc = full.scorer
+    texts = ["I love my grandmother", "  tabs\tand\n\nnew lines  ", "a", "", "Ünïcödé wörds, @someone http://x.y",
+             "the the the the dog dog", "those people are filthy animals and should all die"] * 2  # repeats: cached
+    for t in texts:
+        want = np.asarray(featurize([t]) @ sc.weights.todense()).ravel() + sc.bias
+        assert np.allclose(sc._logits(prepare(t)), want, rtol=1e-5, atol=1e-6), t
+
+
 def test_training_pipeline_on_tiny_data(tmp_path):
     from minichat.moderation.learned import LearnedScorer
     from minichat.moderation.train import train
