@@ -47,15 +47,13 @@ def _serve(conn, config_path: str | None, learned: bool) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            msgs = [conn.recv()]
+            batch = [conn.recv()]
             while conn.poll():
-                msgs.append(conn.recv())
+                batch.append(conn.recv())
         except (EOFError, OSError):  # the server went away: exit quietly
             return
-        if None in msgs:  # close(): answer nothing more
+        if None in batch:  # close(): answer nothing more
             return
-        # a message is a list of requests: an event loop sends its checks of one loop iteration together
-        batch = [req for m in msgs for req in m]
         replies = []
         for op in ("check", "screen"):
             part = [(rid, texts) for rid, o, texts in batch if o == op]
@@ -83,7 +81,6 @@ class ModeratorProcess:
         self.timeout = timeout  # a check takes milliseconds; a child silent this long is treated as dead
         self._lock = threading.Lock()  # guards the pipe's send side, the pending table and _alive
         self._pending: dict[int, tuple[Callable, str | None, list[str]]] = {}
-        self._outgoing: dict[Any, list[tuple[int, str, list[str]]]] = {}  # per event loop: not sent yet
         self._next_id = 0
         ctx = multiprocessing.get_context("spawn")  # never fork a process whose torch threads are running
         self._conn, child = ctx.Pipe()
@@ -121,24 +118,12 @@ class ModeratorProcess:
             self._next_id += 1
             self._pending[rid] = (done, audit, texts)
             try:
-                self._conn.send([(rid, op, texts)])
+                self._conn.send((rid, op, texts))
                 return True
             except (OSError, ValueError):  # broken pipe: the child is gone
                 self._pending.pop(rid, None)
         self._died("its pipe is broken")
         return False
-
-    def _send_outgoing(self, loop) -> None:
-        with self._lock:
-            out = self._outgoing.pop(loop, None)
-            if not out or not self._alive:
-                return
-            try:
-                self._conn.send(out)
-                return
-            except (OSError, ValueError):  # broken pipe: the child is gone (its requests fail over below)
-                pass
-        self._died("its pipe is broken")
 
     def _read(self) -> None:
         while True:
@@ -147,7 +132,6 @@ class ModeratorProcess:
             except (EOFError, OSError):
                 self._died("it exited")
                 return
-            by_loop: dict[Any, list] = {}
             for rid, results, err in replies:
                 with self._lock:
                     entry = self._pending.pop(rid, None)
@@ -161,17 +145,9 @@ class ModeratorProcess:
                     elif audit is not None and self.local.audit is not None:  # ("check" only)
                         for t, r in zip(texts, results):  # written here, off the event loop
                             self.local.audit.write(r, t, audit)
-                    if isinstance(done, _LoopDone):
-                        by_loop.setdefault(done.loop, []).append((done.fut, results))
-                    else:
-                        done(results)
+                    done(results)
                 except Exception:  # noqa: BLE001 - one caller's trouble must not stop the reader
                     log.exception("delivering a moderation result failed")
-            for loop, items in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_resolve_all, items)
-                except RuntimeError:  # that loop is closed: nobody waits for these any more
-                    pass
 
     def _died(self, why: str) -> None:
         with self._lock:
@@ -184,8 +160,6 @@ class ModeratorProcess:
             self._proc.kill()
         for done, _, _ in pending.values():
             done(None)  # their callers check locally
-        with self._lock:
-            self._outgoing.clear()
 
     def _call(self, texts: list[str], audit: str | None, op: str = "check") -> list | None:
         fut: cf.Future = cf.Future()
@@ -198,23 +172,17 @@ class ModeratorProcess:
             return None
 
     async def _acall(self, texts: list[str], audit: str | None, op: str = "check") -> list | None:
-        """Queue the request and await its results. Requests queued in one iteration of the event loop go to
-        the child as one message (at 32 streams a decode step's deltas wake ~6 stream guards at once), and the
-        reader hands each loop its results with one call_soon_threadsafe: fewer wake-ups of the child and of
-        the loop, each of which costs the engine's two OpenMP threads on a 2-core machine."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        with self._lock:
-            if not self._alive:
-                return None
-            rid = self._next_id
-            self._next_id += 1
-            self._pending[rid] = (_LoopDone(loop, fut), audit, texts)
-            queue = self._outgoing.setdefault(loop, [])
-            queue.append((rid, op, texts))
-            first = len(queue) == 1
-        if first:
-            loop.call_soon(self._send_outgoing, loop)
+
+        def done(results):
+            try:
+                loop.call_soon_threadsafe(_resolve, fut, results)
+            except RuntimeError:  # that loop is closed: nobody waits for this any more
+                pass
+
+        if not self._submit(texts, done, audit, op):
+            return None
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
@@ -286,24 +254,3 @@ class ModeratorProcess:
 def _resolve(fut: asyncio.Future, results: list[ModerationResult] | None) -> None:
     if not fut.done():  # its awaiter may have been cancelled (client gone)
         fut.set_result(results)
-
-
-def _resolve_all(items: list[tuple[asyncio.Future, list | None]]) -> None:
-    for fut, results in items:
-        _resolve(fut, results)
-
-
-class _LoopDone:
-    """The completion of an event loop's request: the reader resolves `fut` on `loop` (batched per loop);
-    called directly (the child died, or close()) it resolves it with that result."""
-
-    __slots__ = ("loop", "fut")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
-        self.loop, self.fut = loop, fut
-
-    def __call__(self, results: list | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.fut, results)
-        except RuntimeError:  # that loop is closed: nobody waits for this any more
-            pass
