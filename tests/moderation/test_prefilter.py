@@ -1,4 +1,6 @@
 """The literal-prefix prefilter must never skip a pattern that matches (it may only skip certain misses)."""
+import functools
+
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,6 +44,11 @@ def test_a_later_required_word_rules_out_texts_the_first_one_lets_through():
     assert literal_prefixes(r"ab(?:cd)?") .factors is None  # nothing of 3 or more characters is required
 
 
+@functools.lru_cache(maxsize=1)
+def default_rules():
+    return Moderator.load(None, learned=False).rules
+
+
 _WORDS = ["how", "to", "do", "i", "kill", "make", "a", "bomb", "the", "women", "are", "kids", "you", "im",
           "going", "hurt", "write", "mean", "message", "17", "yo", "sex", "hate", "all", "shoot", "photo", "x"]
 
@@ -50,7 +57,7 @@ _WORDS = ["how", "to", "do", "i", "kill", "make", "a", "bomb", "the", "women", "
 @given(st.lists(st.sampled_from(_WORDS + [".", "?", "*", "k1ll", "a*b"]), min_size=1, max_size=14))
 def test_default_rules_never_skip_a_match(words):
     # texts made of the rules' own words, so that matches happen; every match must pass the prefilter
-    rules = Moderator.load(None, learned=False).rules
+    rules = default_rules()
     text = normalize(" ".join(words)).text
     view = TextView(text)
     for pat in list(rules.patterns.values()) + list(rules.exceptions.values()):
@@ -59,6 +66,6 @@ def test_default_rules_never_skip_a_match(words):
 
 
 def test_default_rules_are_mostly_prefiltered():
-    rules = Moderator.load(None, learned=False).rules
+    rules = default_rules()
     pats = list(rules.patterns.values())
     assert sum(p.prefixes is not None for p in pats) >= len(pats) - 2
