@@ -719,7 +719,8 @@ class Engine:
                     starts[i] = n
         out, i, dec = [], 0, None
         merged_rows = len(decode[1]) if decode is not None else 0
-        if decode is not None and sum(len(p) - s0 for p, s0 in zip(prompts, starts)) > PREFILL_CHUNK:
+        new_tokens = sum(len(p) - s0 for p, s0 in zip(prompts, starts))
+        if decode is not None and new_tokens > PREFILL_CHUNK:
             dec, decode = self._decode(*decode), None  # several chunks: the decode goes alone, first
         while i < len(prompts):
             j, T = i + 1, len(prompts[i]) - starts[i]
@@ -732,7 +733,6 @@ class Engine:
             else:
                 out.append(self._prefill_packed(prompts[i:j], rows[i:j], starts[i:j]))
             i = j
-        new_tokens = sum(len(p) - s0 for p, s0 in zip(prompts, starts))
         self.prefill_tokens += new_tokens
         if pc is not None:
             for p, row, ks in zip(prompts, rows, keys):
