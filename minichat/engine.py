@@ -642,6 +642,8 @@ class Engine:
         self.prefill_seconds = 0.0  # time step() spent prefilling
         # fast mode at big batch: new prompts' tokens join the running rows' decode pass (see step())
         self.mix_prefill = True
+        # fast mode: the fused pass's layers in one compiled call (False: one call per kernel, the same numbers)
+        self.use_layers_c = True
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -680,6 +682,21 @@ class Engine:
         lins = [lin for L in self.layers for lin in (L.qkv, L.wo, L.gate_up, L.down)]
         self._fuse_small = self.kernels is not None and all(hasattr(lin.small, "raw") for lin in lins)
         self._fuse_big = self.kernels is not None and all(isinstance(lin.big, _W8A8IntMM) for lin in lins + [self.head])
+        # the whole layer stack of the fused big-batch pass as one compiled call, where every matrix is prepacked
+        self._layers_c = None
+        if self._fuse_big and getattr(self.kernels, "nogil", None) is not None \
+                and all(lin.big.packed is not None for lin in lins):
+            from minichat.kernels import LayerW8A8
+
+            def ptr(t):
+                return None if t is None else t.data_ptr()
+
+            self._layers_c = (LayerW8A8 * len(self.layers))(*[LayerW8A8(
+                ptr(L.attn_norm_big), ptr(L.wo.big.inv_c), ptr(L.mlp_norm_big), ptr(L.down.big.inv_c),
+                *(ptr(lin.big.packed[0]) for lin in (L.qkv, L.wo, L.gate_up, L.down)),
+                *(ptr(lin.big.packed[1]) for lin in (L.qkv, L.wo, L.gate_up, L.down)),
+                *(ptr(lin.big.scale) for lin in (L.qkv, L.wo, L.gate_up, L.down))) for L in self.layers])
+            self._ffn = self.layers[0].gate_up.big.scale.shape[1] // 2
         cos, sin = model.rope_cos.float().to(dev), model.rope_sin.float().to(dev)  # (max_len, hd/2)
         # rotate-half RoPE as x·cos + roll(x, hd/2)·sin_signed: pairs (x_i, x_{i+hd/2}) rotate together
         self.rope_cos = torch.cat([cos, cos], -1)
@@ -947,7 +964,10 @@ class Engine:
         sl, top_slot = (None, -1) if slots is None else (torch.tensor(slots), max(slots))
         scale = 1.0 / math.sqrt(hd)
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
-        for li, L in enumerate(self.layers):
+        if self._layers_c is not None and self.use_layers_c:
+            K.decode_layers(self._layers_c, x, H, Hkv, self._ffn, pos, top, self._k, self._v, self.rope_cos,
+                            self.rope_sin, scale, self.eps, sl, top_slot)
+        for li, L in enumerate(self.layers if self._layers_c is None or not self.use_layers_c else ()):
             qkv, wo, gu, down = L.qkv.big, L.wo.big, L.gate_up.big, L.down.big
             xq, xs = K.norm_quant(x, L.attn_norm_big, self.eps)
             q = K.qkv_rope_cache(qkv.mm(xq), xs, qkv.scale, H, Hkv, self.rope_cos, self.rope_sin,

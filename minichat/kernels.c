@@ -636,3 +636,72 @@ int mc_gemm_s8(const int8_t *A, int64_t M, int64_t K, const int8_t *Bp, int64_t 
     return 0;
 #endif
 }
+
+/* ---------------------------------------------------------------- a whole fused decode pass (W8A8, VNNI)
+ * Every layer of engine._decode_fused in one call: the same kernels in the same order, so the numbers are the
+ * same bit for bit. Why: from Python the pass is ~360 calls (12 per layer and the matmuls' wrappers), each
+ * paying ~4 µs of argument checks, allocation and ctypes conversion that the second core spends waiting at the
+ * next barrier; and in the server the call runs without the GIL (loaded through ctypes.CDLL), so the event
+ * loop streams tokens while the step runs instead of between its kernels. */
+typedef struct {
+    const float *attn_norm, *wo_inv, *mlp_norm, *down_inv;  /* norms with smoothing folded in; (K,) factors */
+    const int8_t *qkv_p, *wo_p, *gu_p, *down_p;             /* prepacked panels (gemm_s8) */
+    const int32_t *qkv_comp, *wo_comp, *gu_comp, *down_comp;
+    const float *qkv_cs, *wo_cs, *gu_cs, *down_cs;          /* (2, N): scale and row sums per output */
+} mc_layer_w8a8;
+
+static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* bytes of workspace mc_decode_w8a8 needs */
+int64_t mc_decode_w8a8_work(int64_t M, int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t F, int64_t max_pos,
+                            int nthreads) {
+    const int64_t W = (H + 2 * Hkv) * hd, K = D > F ? (D > H * hd ? D : H * hd) : (F > H * hd ? F : H * hd);
+    const int64_t Y = W > 2 * F ? (W > D ? W : D) : (2 * F > D ? 2 * F : D);
+    const int64_t mt = ((M < 128 ? M : 128) + 5) / 6 * 6;
+    return (int64_t)(align64(M * K) + align64(M * 2 * 4) + align64(M * Y * 4) + 2 * align64(M * H * hd * 4) +
+                     align64((size_t)nthreads * (H / Hkv) * (max_pos + 1) * 4) + align64(mt * K));
+}
+
+/* x (M, D) float32, the residual stream, updated in place through all nl layers; row m is at position pos[m]
+ * of cache slot slots[m] (slot m when slots is NULL). kc/vc: the whole cache (layers, slots, Hkv, capacity,
+ * hd) with strides in elements. Returns 0 when a matmul could not run (no VNNI build), else 1. */
+int mc_decode_w8a8(const mc_layer_w8a8 *L, int64_t nl, float *x, int64_t M, int64_t D, int64_t H, int64_t Hkv,
+                   int64_t hd, int64_t F, const int64_t *pos, const int64_t *slots, int64_t max_pos, void *kc,
+                   void *vc, int ctype, int64_t layer_stride, int64_t row_stride, int64_t head_stride,
+                   const float *cos_tab, const float *sin_tab, float q_scale, float eps, int nthreads, void *work) {
+    const int64_t W = (H + 2 * Hkv) * hd, K = D > F ? (D > H * hd ? D : H * hd) : (F > H * hd ? F : H * hd);
+    const int64_t Y = W > 2 * F ? (W > D ? W : D) : (2 * F > D ? 2 * F : D), G = H / Hkv;
+    char *w = (char *)work; /* carved as mc_decode_w8a8_work counts it */
+    int8_t *aq = (int8_t *)w;     w += align64(M * K);
+    float *as = (float *)w;       w += align64(M * 2 * 4);
+    int32_t *yi = (int32_t *)w;   w += align64(M * Y * 4);
+    float *q = (float *)w;        w += align64(M * H * hd * 4);
+    float *att = (float *)w;      w += align64(M * H * hd * 4);
+    float *scratch = (float *)w;  w += align64((size_t)nthreads * G * (max_pos + 1) * 4);
+    uint8_t *au = (uint8_t *)w;
+    /* the thread counts kernels.py picks for the same calls */
+    const int par = threads_allowed ? nthreads : 1;
+#define GT(N, KK) ((N) > 64 && M * (N) * (KK) >= (1 << 20) ? par : 1)
+    const int at = M * Hkv > 1 && M * Hkv * (max_pos + 1) >= 1024 ? par : 1;
+    const int64_t esz = ctype == 0 ? 4 : 2;
+    for (int64_t li = 0; li < nl; li++) {
+        const mc_layer_w8a8 *l = L + li;
+        char *kl = (char *)kc + li * layer_stride * esz, *vl = (char *)vc + li * layer_stride * esz;
+        mc_norm_quant(x, l->attn_norm, eps, 1, M, D, aq, as);
+        if (!mc_gemm_s8(aq, M, D, l->qkv_p, W, l->qkv_comp, yi, au, GT(W, D))) return 0;
+        mc_qkv_rope_cache(yi, 1, as, l->qkv_cs, M, H, Hkv, hd, cos_tab, sin_tab, pos, q_scale, q, 0, kl, vl, ctype,
+                          row_stride, head_stride, slots);
+        mc_attend_decode(q, M, H, Hkv, hd, kl, vl, ctype, row_stride, head_stride, pos, att, scratch,
+                         G * (max_pos + 1), at, slots);
+        mc_norm_quant(att, l->wo_inv, 0.f, 0, M, H * hd, aq, as);
+        if (!mc_gemm_s8(aq, M, H * hd, l->wo_p, D, l->wo_comp, yi, au, GT(D, H * hd))) return 0;
+        mc_dequant(yi, 1, as, l->wo_cs, M, D, x, 1);
+        mc_norm_quant(x, l->mlp_norm, eps, 1, M, D, aq, as);
+        if (!mc_gemm_s8(aq, M, D, l->gu_p, 2 * F, l->gu_comp, yi, au, GT(2 * F, D))) return 0;
+        mc_swiglu(yi, 1, as, l->gu_cs, M, F, l->down_inv, aq, as, NULL, 0);
+        if (!mc_gemm_s8(aq, M, F, l->down_p, D, l->down_comp, yi, au, GT(D, F))) return 0;
+        mc_dequant(yi, 1, as, l->down_cs, M, D, x, 1);
+    }
+#undef GT
+    return 1;
+}

@@ -47,8 +47,20 @@ _SIGNATURES = {
     "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32, _p],
     "mc_gemm_s8": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _i32],
     "mc_has_vnni": [],
+    "mc_decode_w8a8_work": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
 }
-_RESTYPES = {"mc_int4_groups": ctypes.c_double, "mc_gemm_s8": ctypes.c_int, "mc_has_vnni": ctypes.c_int}
+# called through ctypes.CDLL, which releases the GIL: a whole decode pass takes milliseconds
+_NOGIL = {"mc_decode_w8a8": [_p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i32, _i64,
+                             _i64, _i64, _p, _p, _f32, _f32, _i32, _p]}
+_RESTYPES = {"mc_int4_groups": ctypes.c_double, "mc_gemm_s8": ctypes.c_int, "mc_has_vnni": ctypes.c_int,
+             "mc_decode_w8a8_work": ctypes.c_int64, "mc_decode_w8a8": ctypes.c_int}
+
+
+class LayerW8A8(ctypes.Structure):
+    """One layer's weights for mc_decode_w8a8 (pointers into tensors the engine keeps alive)."""
+    _fields_ = [(n, ctypes.c_void_p) for n in (
+        "attn_norm", "wo_inv", "mlp_norm", "down_inv", "qkv_p", "wo_p", "gu_p", "down_p",
+        "qkv_comp", "wo_comp", "gu_comp", "down_comp", "qkv_cs", "wo_cs", "gu_cs", "down_cs")]
 
 
 def _compiler() -> str | None:
@@ -138,11 +150,15 @@ def load() -> "Kernels | None":
                         getattr(lib, name).argtypes = args
                         getattr(lib, name).restype = _RESTYPES.get(name)
                     lib.mc_openmp.restype = ctypes.c_int
+                    nogil = ctypes.CDLL(str(so))  # the same library; its calls release the GIL
+                    for name, args in _NOGIL.items():
+                        getattr(nogil, name).argtypes = args
+                        getattr(nogil, name).restype = _RESTYPES.get(name)
                     # threads only when the library shares torch's OpenMP runtime: a second runtime would bring
                     # a second thread team to the same cores, and each would wait for the other at barriers
                     openmp = bool(lib.mc_openmp()) and _openmp_runtimes() == before and bool(before)
                     lib.mc_allow_threads(int(openmp))
-                    _loaded["k"] = Kernels(lib, openmp=openmp)
+                    _loaded["k"] = Kernels(lib, openmp=openmp, nogil=nogil)
         return _loaded["k"]
 
 
@@ -161,9 +177,11 @@ class Kernels:
     int32 from int8 activations quantized per row as x ≈ s·q + z (`rs` (M, 2): s, z, as norm_quant returns)
     times int8 weights w ≈ t·p (`cs` (2, N): t and Σ_k w[n, k])."""
 
-    def __init__(self, lib, openmp: bool = False):
+    def __init__(self, lib, openmp: bool = False, nogil=None):
         self.lib = lib
+        self.nogil = nogil  # the same library through ctypes.CDLL (None: not loaded that way)
         self.openmp = openmp  # the library's OpenMP loops may use torch's threads
+        self._tls = threading.local()  # decode_layers' workspace, one per thread: its calls run without the GIL
 
     def norm_quant(self, x: torch.Tensor, w: torch.Tensor | None, eps: float = 0.0, norm: bool = True):
         """RMSNorm(x)·w (x·w with norm=False; x itself when w is None) as int8 (M, K) with a scale and an
@@ -325,6 +343,37 @@ class Kernels:
                                    scratch.data_ptr(), threads):
             raise ValueError("gemm_s8: this build has no VNNI kernel")
         return out
+
+    def decode_layers(self, layers, x: torch.Tensor, H: int, Hkv: int, F: int, pos: torch.Tensor, max_pos: int,
+                      kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: float,
+                      eps: float, slots: torch.Tensor | None = None, max_slot: int = -1) -> None:
+        """Every layer of the engine's fused W8A8 decode pass in one call without the GIL: x (M, D) float32 (the
+        residual stream) is updated in place; row m runs at position pos[m] of cache slot slots[m] (of row m
+        when slots is None). `layers`: a ctypes array of LayerW8A8; kc/vc the whole cache (layers, slots,
+        Hkv, capacity, D). The same kernels in the same order as the per-layer calls, so the same numbers."""
+        _check(x, torch.float32)
+        _check(pos, torch.int64)
+        for t in (kc, vc):
+            _check(t, torch.float32, torch.bfloat16)
+        M, Dm = x.shape
+        hd = kc.shape[-1]
+        if self.nogil is None or kc.shape != vc.shape or kc.dtype != vc.dtype or kc.shape[0] != len(layers) \
+                or kc.shape[2] != Hkv or H % Hkv or pos.shape != (M,) or cos.shape[-1] != hd:
+            raise ValueError("decode_layers: shapes do not agree")
+        if max_pos >= kc.shape[3] or max_pos >= cos.shape[0] or (slots is None and M > kc.shape[1]):
+            raise ValueError("decode_layers: position or row outside the cache")
+        self._check_slots(slots, max_slot, M, kc[0])
+        threads = torch.get_num_threads() if self.openmp else 1
+        need = self.lib.mc_decode_w8a8_work(M, Dm, H, Hkv, hd, F, max_pos, threads) + 64
+        buf = getattr(self._tls, "work", None)
+        if buf is None or buf.numel() < need:  # kept between calls: the next step needs about the same
+            buf = self._tls.work = torch.empty(need + need // 2, dtype=torch.uint8)
+        work = (buf.data_ptr() + 63) // 64 * 64
+        if not self.nogil.mc_decode_w8a8(layers, len(layers), x.data_ptr(), M, Dm, H, Hkv, hd, F, pos.data_ptr(),
+                                         _ptr(slots), max_pos, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
+                                         kc.stride(0), kc.stride(1), kc.stride(2), cos.data_ptr(), sin.data_ptr(),
+                                         q_scale, eps, threads, work):
+            raise ValueError("decode_layers: this build has no VNNI kernel")
 
     def int4_groups(self, w: torch.Tensor):
         """engine._int4_groups in one pass: (q int32 (N, K), scales and zeros bf16 (K/32, N, 2), relative error)."""

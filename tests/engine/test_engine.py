@@ -774,3 +774,46 @@ def test_fast_mode_new_prompts_join_the_running_decode_pass_with_the_same_result
     assert mixed == apart
     # the joining prompts' rows (their tokens after the cached "System: be brief. ") rode in a decode pass
     assert len(mixed_passes) < len(apart_passes) and max(mixed_passes) > len(first)
+
+
+def test_fast_mode_layer_stack_in_one_call_gives_the_same_numbers(tiny, monkeypatch):
+    """Fast mode runs all layers of its fused pass as one compiled call (kernels.decode_layers, without the
+    GIL): the same kernels in the same order as one call per kernel, so tokens, log-probs and the cache are
+    bit-identical, for decode steps, packed prefills (rows in cache slots) and mixed steps alike."""
+    from minichat import kernels
+
+    K = kernels.load()
+    if K is None or not K.vnni:
+        pytest.skip("no compiled VNNI kernels here: fast mode calls torch per layer")
+    model, tok = tiny
+    base = tok.encode("System: be brief. ")
+    first = [base + tok.encode(t) for t in ("A cat sat on", "The dog ran to the", "Hello there my", "One two three",
+                                            "Red green blue and", "Paris is the capital of")]
+    later = [base + tok.encode(t) for t in (" User: hi", " Tell me a story")]
+    calls = []
+    orig = K.decode_layers
+    monkeypatch.setattr(K, "decode_layers", lambda *a, **k: calls.append(a[1].shape[0]) or orig(*a, **k))
+
+    def run(one_call: bool):
+        eng = Engine(model, tok, weights="fast", stop_token_ids=[], prefix_cache=1024)
+        assert eng._layers_c is not None
+        eng.use_layers_c = one_call
+        reqs = [eng.submit(p, SamplingParams(temperature=0.8, max_tokens=10, logprobs=True, top_logprobs=3), seed=i)
+                for i, p in enumerate(first)]
+        for _ in range(3):
+            eng.step()
+        reqs += [eng.submit(p, SamplingParams(temperature=0.0, max_tokens=8, logprobs=True), seed=50 + i)
+                 for i, p in enumerate(later)]
+        while eng.has_unfinished():
+            eng.step()
+        return [(r.output, r.logprobs, r.top_logprobs) for r in reqs], eng._k.clone()
+
+    (one, k1), n_one = run(True), len(calls)
+    (per, k2) = run(False)
+    assert n_one > 5 and len(calls) == n_one  # the one-call path ran, the other did not call it
+    assert one == per and torch.equal(k1, k2)
+    with pytest.raises(ValueError, match="shapes"):
+        eng = Engine(model, tok, weights="fast", stop_token_ids=[])
+        eng._ensure_cache(2, 64)
+        K.decode_layers(eng._layers_c, torch.zeros(2, 64), eng.H, eng.Hkv, eng._ffn, torch.zeros(3, dtype=torch.long),
+                        0, eng._k, eng._v, eng.rope_cos, eng.rope_sin, 1.0, 1e-5)
