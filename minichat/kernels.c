@@ -493,58 +493,81 @@ static inline __attribute__((always_inline)) void attend_pair_avx512(
 }
 #endif
 
+#define ATT_PAIR_COST 8 /* a pair's fixed work (loading queries, softmax, stores) in keys' worth */
+static inline void attend_one_pair(const float *q, int64_t pair, int64_t M, int64_t H, int64_t Hkv, int64_t D,
+                                   const void *kc, const void *vc, int ctype, int64_t row_stride,
+                                   int64_t head_stride, const int64_t *pos, float *out, float *sc,
+                                   const int64_t *slots) {
+    const int64_t G = H / Hkv;
+    const int64_t m = pair / Hkv, kh = pair % Hkv, n = pos[m] + 1;
+    const int64_t base = (slots ? slots[m] : m) * row_stride + kh * head_stride;
+    const float *qg = q + (m * H + kh * G) * D;
+    float *o = out + (m * H + kh * G) * D;
+#if defined(__AVX512F__)
+    if (D % 16 == 0 && D / 16 <= ATT_MAXC && G <= ATT_MAXG) {
+        /* constant vector counts, so that the compiler unrolls and keeps everything in registers */
+        const int64_t nm = kh + 1 < Hkv ? m : m + 1;
+        const int64_t nb = (nm < M && slots ? slots[nm] : nm) * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
+        const int64_t nn = nm < M ? pos[nm] + 1 : 0;
+        if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
+        else if (D == 32) attend_pair_avx512(qg, G, 2, kc, vc, ctype, base, n, sc, o, nb, nn);
+        else if (D == 128) attend_pair_avx512(qg, G, 8, kc, vc, ctype, base, n, sc, o, nb, nn);
+        else attend_pair_avx512(qg, G, D / 16, kc, vc, ctype, base, n, sc, o, nb, nn);
+        return;
+    }
+#endif
+    float kv[D];
+    for (int64_t j = 0; j < n; j++) { /* scores s[g, j] = q_g · k_j */
+        load_kv_row(kc, ctype, base + j * D, D, kv);
+        for (int64_t g = 0; g < G; g++) {
+            const float *qq = qg + g * D;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; d++) acc += qq[d] * kv[d];
+            sc[g * n + j] = acc;
+        }
+    }
+    softmax_rows(sc, G, n);
+    memset(o, 0, G * D * sizeof(float)); /* out_g = Σ_j p[g, j] v_j */
+    for (int64_t j = 0; j < n; j++) {
+        load_kv_row(vc, ctype, base + j * D, D, kv);
+        for (int64_t g = 0; g < G; g++) {
+            const float p = sc[g * n + j];
+            float *og = o + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) og[d] += p * kv[d];
+        }
+    }
+}
+
 void mc_attend_decode(const float *q, int64_t M, int64_t H, int64_t Hkv, int64_t D, const void *kc,
                       const void *vc, int ctype, int64_t row_stride, int64_t head_stride, const int64_t *pos,
                       float *out, float *scratch, int64_t scratch_stride, int nthreads, const int64_t *slots) {
     /* row m attends to positions 0..pos[m] of cache slot slots[m] (slot m when slots is NULL): rows of one
-     * prompt in one slot at consecutive positions attend causally, which is how a prefill uses this kernel */
-    const int64_t G = H / Hkv;
-    /* (row, kv head) pairs split over the caller's threads (torch's own OpenMP runtime: the library links the
-     * libgomp that torch has loaded, so no second thread team competes for the cores) */
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t pair = 0; pair < M * Hkv; pair++) {
-        const int64_t m = pair / Hkv, kh = pair % Hkv, n = pos[m] + 1;
-        float *sc = scratch;
+     * prompt in one slot at consecutive positions attend causally, which is how a prefill uses this kernel.
+     * (row, kv head) pairs split over the caller's threads (torch's own OpenMP runtime: the library links the
+     * libgomp that torch has loaded, so no second thread team competes for the cores) in consecutive ranges of
+     * equal cost, cost = cached positions + a fixed part: in a server the rows' lengths differ, and an equal
+     * count of pairs left one thread waiting for the other */
+    const int64_t P = M * Hkv;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int64_t t = 0, T = 1;
 #ifdef _OPENMP
-        sc += omp_get_thread_num() * scratch_stride;
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
 #endif
-        const int64_t base = (slots ? slots[m] : m) * row_stride + kh * head_stride;
-        const float *qg = q + (m * H + kh * G) * D;
-        float *o = out + (m * H + kh * G) * D;
-#if defined(__AVX512F__)
-        if (D % 16 == 0 && D / 16 <= ATT_MAXC && G <= ATT_MAXG) {
-            /* constant vector counts, so that the compiler unrolls and keeps everything in registers */
-            const int64_t nm = kh + 1 < Hkv ? m : m + 1;
-            const int64_t nb = (nm < M && slots ? slots[nm] : nm) * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
-            const int64_t nn = nm < M ? pos[nm] + 1 : 0;
-            if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
-            else if (D == 32) attend_pair_avx512(qg, G, 2, kc, vc, ctype, base, n, sc, o, nb, nn);
-            else if (D == 128) attend_pair_avx512(qg, G, 8, kc, vc, ctype, base, n, sc, o, nb, nn);
-            else attend_pair_avx512(qg, G, D / 16, kc, vc, ctype, base, n, sc, o, nb, nn);
-            continue;
-        }
-#endif
-        float kv[D];
-        for (int64_t j = 0; j < n; j++) { /* scores s[g, j] = q_g · k_j */
-            load_kv_row(kc, ctype, base + j * D, D, kv);
-            for (int64_t g = 0; g < G; g++) {
-                const float *qq = qg + g * D;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t d = 0; d < D; d++) acc += qq[d] * kv[d];
-                sc[g * n + j] = acc;
-            }
-        }
-        softmax_rows(sc, G, n);
-        memset(o, 0, G * D * sizeof(float)); /* out_g = Σ_j p[g, j] v_j */
-        for (int64_t j = 0; j < n; j++) {
-            load_kv_row(vc, ctype, base + j * D, D, kv);
-            for (int64_t g = 0; g < G; g++) {
-                const float p = sc[g * n + j];
-                float *og = o + g * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) og[d] += p * kv[d];
-            }
+        int64_t total = 0;
+        for (int64_t m = 0; m < M; m++) total += (pos[m] + 1 + ATT_PAIR_COST) * Hkv;
+        const int64_t lo = total * t / T, hi = total * (t + 1) / T;
+        int64_t acc = 0;
+        for (int64_t pair = 0; pair < P; pair++) { /* a pair is this thread's when its cost midpoint is */
+            const int64_t c = pos[pair / Hkv] + 1 + ATT_PAIR_COST, mid = acc + c / 2;
+            acc += c;
+            if (mid < lo) continue;
+            if (mid >= hi) break;
+            attend_one_pair(q, pair, M, H, Hkv, D, kc, vc, ctype, row_stride, head_stride, pos, out,
+                            scratch + t * scratch_stride, slots);
         }
     }
 }
@@ -604,6 +627,23 @@ static void gemm_tile(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c,
             q3 = _mm512_loadu_si512(comp + 48);
     G_STORE(0) G_STORE(1) G_STORE(2) G_STORE(3) G_STORE(4) G_STORE(5)
 }
+
+/* the same for a last tile of at most 3 rows (32 rows = 5 x 6 + 2): half the multiply-adds of a padded tile */
+static void gemm_tile3(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c, int64_t ldc,
+                       const int32_t *comp, int mr, const int8_t *pf, int64_t npf) {
+    const uint8_t *a0 = a, *a1 = a + K, *a2 = a + 2 * K;
+    G_ZERO(0) G_ZERO(1) G_ZERO(2)
+    for (int64_t k4 = 0; k4 < K / 4; k4++) {
+        const int8_t *b = bp + k4 * 256;
+        __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64), b2 = _mm512_loadu_si512(b + 128),
+                b3 = _mm512_loadu_si512(b + 192), x;
+        if (k4 < npf) _mm_prefetch((const char *)(pf + 64 * k4), _MM_HINT_T0);
+        G_ROW(0) G_ROW(1) G_ROW(2)
+    }
+    __m512i q0 = _mm512_loadu_si512(comp), q1 = _mm512_loadu_si512(comp + 16), q2 = _mm512_loadu_si512(comp + 32),
+            q3 = _mm512_loadu_si512(comp + 48);
+    G_STORE(0) G_STORE(1) G_STORE(2)
+}
 #endif
 
 /* returns 0 when this build has no VNNI path (the caller uses torch._int_mm then); au: scratch of
@@ -618,16 +658,18 @@ int mc_gemm_s8(const int8_t *A, int64_t M, int64_t K, const int8_t *Bp, int64_t 
         for (int64_t i = 0; i < mb * K; i++) au[i] = (uint8_t)(A[m0 * K + i] ^ 0x80);
         memset(au + mb * K, 0, (T * 6 - mb) * K);
         const int64_t per = (lines + T - 1) / T; /* next-panel lines each tile prefetches */
-        /* static: a thread's next panel is (nearly always) its own, so the prefetch lands in its own cache */
+        /* (panel, tile) units split statically: a thread's units are consecutive, so it runs whole panels
+         * (the panel stays in its L1 across tiles, the next one is its own) and at most one panel is shared;
+         * split by panels alone, 9 panels (N = 576) left one thread 5 and the other 4 */
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t p = 0; p < P; p++) {
+        for (int64_t u = 0; u < P * T; u++) {
+            const int64_t p = u / T, t = u % T;
             const int8_t *bp = Bp + p * panel, *next = p + 1 < P ? bp + panel : NULL;
-            for (int64_t t = 0; t < T; t++) {
-                int64_t from = t * per, cnt = next == NULL || from >= lines ? 0 : (lines - from < per ? lines - from : per);
-                if (cnt > K / 4) cnt = K / 4;
-                gemm_tile(au + t * 6 * K, K, bp, C + (m0 + t * 6) * N + p * G_NR, N, comp + p * G_NR,
-                          (int)(mb - t * 6 < 6 ? mb - t * 6 : 6), cnt ? next + from * 64 : NULL, cnt);
-            }
+            int64_t from = t * per, cnt = next == NULL || from >= lines ? 0 : (lines - from < per ? lines - from : per);
+            if (cnt > K / 4) cnt = K / 4;
+            const int mr = (int)(mb - t * 6 < 6 ? mb - t * 6 : 6);
+            (mr <= 3 ? gemm_tile3 : gemm_tile)(au + t * 6 * K, K, bp, C + (m0 + t * 6) * N + p * G_NR, N,
+                                              comp + p * G_NR, mr, cnt ? next + from * 64 : NULL, cnt);
         }
     }
     return 1;
