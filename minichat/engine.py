@@ -982,6 +982,8 @@ class Engine:
         if last is not None:
             x = x[last]
         hq, hs = K.norm_quant(x, self.norm_big, self.eps)
+        if head.packed is not None:  # dequantized as the matmul stores it: one pass over (B, vocab), not three
+            return K.gemm_s8(hq, *head.packed, hs, head.scale)
         return K.dequant(head.mm(hq), hs, head.scale)
 
     # ---------------------------------------------------------------------------------------- cache

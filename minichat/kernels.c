@@ -602,18 +602,32 @@ int mc_has_vnni(void) {
     c##i##3 = _mm512_dpbusd_epi32(c##i##3, x, b3);
 #define G_STORE(i)                                                                                             \
     if (i < mr) {                                                                                              \
-        int32_t *o = c + (int64_t)i * ldc;                                                                     \
-        _mm512_storeu_si512(o, _mm512_sub_epi32(c##i##0, q0));                                                 \
-        _mm512_storeu_si512(o + 16, _mm512_sub_epi32(c##i##1, q1));                                            \
-        _mm512_storeu_si512(o + 32, _mm512_sub_epi32(c##i##2, q2));                                            \
-        _mm512_storeu_si512(o + 48, _mm512_sub_epi32(c##i##3, q3));                                            \
+        const __m512i r0 = _mm512_sub_epi32(c##i##0, q0), r1 = _mm512_sub_epi32(c##i##1, q1),                  \
+                      r2 = _mm512_sub_epi32(c##i##2, q2), r3 = _mm512_sub_epi32(c##i##3, q3);                  \
+        if (!rs) {                                                                                             \
+            int32_t *o = c + (int64_t)i * ldc;                                                                 \
+            _mm512_storeu_si512(o, r0);                                                                        \
+            _mm512_storeu_si512(o + 16, r1);                                                                   \
+            _mm512_storeu_si512(o + 32, r2);                                                                   \
+            _mm512_storeu_si512(o + 48, r3);                                                                   \
+        } else {                                                                                               \
+            float *o = (float *)c + (int64_t)i * ldc;                                                          \
+            const __m512 s = _mm512_set1_ps(rs[2 * i]), z = _mm512_set1_ps(rs[2 * i + 1]);                     \
+            G_DEQ(o, r0, 0) G_DEQ(o, r1, 16) G_DEQ(o, r2, 32) G_DEQ(o, r3, 48)                                 \
+        }                                                                                                      \
     }
+/* y·s·t + z·Σw in load_row's order of operations (no fused multiply-add), so the floats are the same */
+#define G_DEQ(o, r, j)                                                                                         \
+    _mm512_storeu_ps(o + j, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r), s),               \
+                                                        _mm512_loadu_ps(ct + j)),                              \
+                                          _mm512_mul_ps(z, _mm512_loadu_ps(csum + j))));
 
 /* rows a (6 of them, K apart; the caller pads) times one panel bp -> mr rows of c; meanwhile npf lines of the
  * next panel (pf) are prefetched, one per k step. Separate variables, not an array: GCC kept an array of
  * accumulators on the stack and stored it back every iteration. */
 static void gemm_tile(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c, int64_t ldc,
-                      const int32_t *comp, int mr, const int8_t *pf, int64_t npf) {
+                      const int32_t *comp, int mr, const int8_t *pf, int64_t npf, const float *rs, const float *ct,
+                      const float *csum) {
     const uint8_t *a0 = a, *a1 = a + K, *a2 = a + 2 * K, *a3 = a + 3 * K, *a4 = a + 4 * K, *a5 = a + 5 * K;
     G_ZERO(0) G_ZERO(1) G_ZERO(2) G_ZERO(3) G_ZERO(4) G_ZERO(5)
     for (int64_t k4 = 0; k4 < K / 4; k4++) {
@@ -630,7 +644,8 @@ static void gemm_tile(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c,
 
 /* the same for a last tile of at most 3 rows (32 rows = 5 x 6 + 2): half the multiply-adds of a padded tile */
 static void gemm_tile3(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c, int64_t ldc,
-                       const int32_t *comp, int mr, const int8_t *pf, int64_t npf) {
+                       const int32_t *comp, int mr, const int8_t *pf, int64_t npf, const float *rs,
+                       const float *ct, const float *csum) {
     const uint8_t *a0 = a, *a1 = a + K, *a2 = a + 2 * K;
     G_ZERO(0) G_ZERO(1) G_ZERO(2)
     for (int64_t k4 = 0; k4 < K / 4; k4++) {
@@ -649,7 +664,9 @@ static void gemm_tile3(const uint8_t *a, int64_t K, const int8_t *bp, int32_t *c
 /* returns 0 when this build has no VNNI path (the caller uses torch._int_mm then); au: scratch of
  * ceil(min(M, 128) / 6) · 6 · K bytes */
 int mc_gemm_s8(const int8_t *A, int64_t M, int64_t K, const int8_t *Bp, int64_t N, const int32_t *comp, int32_t *C,
-               uint8_t *au, int nthreads) {
+               uint8_t *au, int nthreads, const float *rs, const float *cs) {
+    /* with rs (M, 2) and cs (2, N) given, C is written as float32, dequantized as mc_dequant would: one pass
+     * over a big output (the head's 49,152 columns) instead of three */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
     if (K % 4 || N % G_NR) return 0;
     const int64_t P = N / G_NR, panel = K * G_NR, lines = panel / 64;
@@ -669,12 +686,15 @@ int mc_gemm_s8(const int8_t *A, int64_t M, int64_t K, const int8_t *Bp, int64_t 
             if (cnt > K / 4) cnt = K / 4;
             const int mr = (int)(mb - t * 6 < 6 ? mb - t * 6 : 6);
             (mr <= 3 ? gemm_tile3 : gemm_tile)(au + t * 6 * K, K, bp, C + (m0 + t * 6) * N + p * G_NR, N,
-                                              comp + p * G_NR, mr, cnt ? next + from * 64 : NULL, cnt);
+                                              comp + p * G_NR, mr, cnt ? next + from * 64 : NULL, cnt,
+                                              rs ? rs + 2 * (m0 + t * 6) : NULL, rs ? cs + p * G_NR : NULL,
+                                              rs ? cs + N + p * G_NR : NULL);
         }
     }
     return 1;
 #else
-    (void)A; (void)M; (void)K; (void)Bp; (void)N; (void)comp; (void)C; (void)au; (void)nthreads;
+    (void)A; (void)M; (void)K; (void)Bp; (void)N; (void)comp; (void)C; (void)au; (void)nthreads; (void)rs;
+    (void)cs;
     return 0;
 #endif
 }
@@ -730,18 +750,18 @@ int mc_decode_w8a8(const mc_layer_w8a8 *L, int64_t nl, float *x, int64_t M, int6
         const mc_layer_w8a8 *l = L + li;
         char *kl = (char *)kc + li * layer_stride * esz, *vl = (char *)vc + li * layer_stride * esz;
         mc_norm_quant(x, l->attn_norm, eps, 1, M, D, aq, as);
-        if (!mc_gemm_s8(aq, M, D, l->qkv_p, W, l->qkv_comp, yi, au, GT(W, D))) return 0;
+        if (!mc_gemm_s8(aq, M, D, l->qkv_p, W, l->qkv_comp, yi, au, GT(W, D), NULL, NULL)) return 0;
         mc_qkv_rope_cache(yi, 1, as, l->qkv_cs, M, H, Hkv, hd, cos_tab, sin_tab, pos, q_scale, q, 0, kl, vl, ctype,
                           row_stride, head_stride, slots);
         mc_attend_decode(q, M, H, Hkv, hd, kl, vl, ctype, row_stride, head_stride, pos, att, scratch,
                          G * (max_pos + 1), at, slots);
         mc_norm_quant(att, l->wo_inv, 0.f, 0, M, H * hd, aq, as);
-        if (!mc_gemm_s8(aq, M, H * hd, l->wo_p, D, l->wo_comp, yi, au, GT(D, H * hd))) return 0;
+        if (!mc_gemm_s8(aq, M, H * hd, l->wo_p, D, l->wo_comp, yi, au, GT(D, H * hd), NULL, NULL)) return 0;
         mc_dequant(yi, 1, as, l->wo_cs, M, D, x, 1);
         mc_norm_quant(x, l->mlp_norm, eps, 1, M, D, aq, as);
-        if (!mc_gemm_s8(aq, M, D, l->gu_p, 2 * F, l->gu_comp, yi, au, GT(2 * F, D))) return 0;
+        if (!mc_gemm_s8(aq, M, D, l->gu_p, 2 * F, l->gu_comp, yi, au, GT(2 * F, D), NULL, NULL)) return 0;
         mc_swiglu(yi, 1, as, l->gu_cs, M, F, l->down_inv, aq, as, NULL, 0);
-        if (!mc_gemm_s8(aq, M, F, l->down_p, D, l->down_comp, yi, au, GT(D, F))) return 0;
+        if (!mc_gemm_s8(aq, M, F, l->down_p, D, l->down_comp, yi, au, GT(D, F), NULL, NULL)) return 0;
         mc_dequant(yi, 1, as, l->down_cs, M, D, x, 1);
     }
 #undef GT

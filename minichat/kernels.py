@@ -45,7 +45,7 @@ _SIGNATURES = {
                           _i64, _i64, _p],
     "mc_allow_threads": [_i32],
     "mc_attend_decode": [_p, _i64, _i64, _i64, _i64, _p, _p, _i32, _i64, _i64, _p, _p, _p, _i64, _i32, _p],
-    "mc_gemm_s8": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _i32],
+    "mc_gemm_s8": [_p, _i64, _i64, _p, _i64, _p, _p, _p, _i32, _p, _p],
     "mc_has_vnni": [],
     "mc_decode_w8a8_work": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
 }
@@ -328,19 +328,28 @@ class Kernels:
         panels = q.t().reshape(K // 4, 4, N // 64, 64).permute(2, 0, 3, 1).contiguous()
         return panels, (128 * q.sum(1, dtype=torch.int32)).contiguous()
 
-    def gemm_s8(self, a: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-        """a (M, K) int8 times the packed weights: (M, N) int32, equal to torch._int_mm(a, q.t())."""
+    def gemm_s8(self, a: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor, rs: torch.Tensor | None = None,
+                cs: torch.Tensor | None = None) -> torch.Tensor:
+        """a (M, K) int8 times the packed weights: (M, N) int32, equal to torch._int_mm(a, q.t()); with the
+        activations' row scales rs (M, 2) and the weights' cs (2, N), float32 equal to dequant(that, rs, cs)."""
         _check(a, torch.int8)
         M, K = a.shape
         N = comp.shape[0]
         if panels.shape != (N // 64, K // 4, 64, 4):
             raise ValueError(f"gemm_s8: activations (M, {K}) do not fit weights packed as {tuple(panels.shape)}")
-        out = torch.empty(M, N, dtype=torch.int32)
+        if (rs is None) != (cs is None):
+            raise ValueError("gemm_s8: give both rs and cs, or neither")
+        if rs is not None:
+            _check(rs, torch.float32)
+            _check(cs, torch.float32)
+            if rs.shape != (M, 2) or cs.shape != (2, N):
+                raise ValueError("gemm_s8: rs must be (M, 2) and cs (2, N)")
+        out = torch.empty(M, N, dtype=torch.int32 if rs is None else torch.float32)
         scratch = torch.empty((min(M, 128) + 5) // 6 * 6 * K, dtype=torch.uint8)
         # torch's threads (when shared) from ~1M multiply-adds: smaller ones finish before a second thread wakes
         threads = torch.get_num_threads() if self.openmp and N > 64 and M * N * K >= 1 << 20 else 1
         if not self.lib.mc_gemm_s8(a.data_ptr(), M, K, panels.data_ptr(), N, comp.data_ptr(), out.data_ptr(),
-                                   scratch.data_ptr(), threads):
+                                   scratch.data_ptr(), threads, _ptr(rs), _ptr(cs)):
             raise ValueError("gemm_s8: this build has no VNNI kernel")
         return out
 

@@ -644,13 +644,21 @@ def test_vnni_matmul_equals_int_mm(threads):
             a[0], q[0] = -128, -128  # the largest products: no saturation anywhere
             panels, comp = K.pack_s8(q)
             assert panels.shape == (N // 64, Kd // 4, 64, 4)
-            assert torch.equal(K.gemm_s8(a, panels, comp), torch._int_mm(a, q.t().contiguous())), (M, Kd, N)
+            ints = K.gemm_s8(a, panels, comp)
+            assert torch.equal(ints, torch._int_mm(a, q.t().contiguous())), (M, Kd, N)
+            # dequantized as it is stored: the same floats as dequant's separate pass
+            rs = torch.rand(M, 2, generator=g) - 0.5
+            cs = torch.rand(2, N, generator=g) - 0.5
+            assert torch.equal(K.gemm_s8(a, panels, comp, rs, cs), K.dequant(ints, rs, cs)), (M, Kd, N)
     finally:
         torch.set_num_threads(old)
     assert K.pack_s8(torch.zeros(300, 64, dtype=torch.int8)) is None  # N not a multiple of 64: _int_mm instead
     assert K.pack_s8(torch.zeros(64, 30, dtype=torch.int8)) is None
     with pytest.raises(ValueError, match="do not fit"):
         K.gemm_s8(torch.zeros(2, 32, dtype=torch.int8), *K.pack_s8(torch.zeros(64, 64, dtype=torch.int8)))
+    with pytest.raises(ValueError, match="both"):
+        K.gemm_s8(torch.zeros(2, 64, dtype=torch.int8), *K.pack_s8(torch.zeros(64, 64, dtype=torch.int8)),
+                  torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
