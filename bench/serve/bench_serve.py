@@ -148,6 +148,7 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
             "step_cpu_ms": 1000 * step_cpu / steps if steps else float("nan"),
             "prompt_tokens": prefilled + reused, "reused_share": reused / (prefilled + reused) if prefilled + reused else 0.0, "server_cpu": (s1 - s0) / wall if server_pid else float("nan"),
             "child_cpu": (k1 - k0) / wall if server_pid else float("nan"),
+            "threads": h1.get("threads"), "thread_switches": h1.get("thread_switches", 0) - h0.get("thread_switches", 0),
             "first_error": errors[0] if errors else ""}
 
 
@@ -169,7 +170,7 @@ def run_levels(a, url: str, server_pid: int | None) -> list[dict]:
               f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']}  "
               f"CPU: server {r['server_cpu']:.2f} cores (+ its moderation process {r['child_cpu']:.2f}), clients "
               f"{r['client_cpu']:.2f}  engine: batch "
-              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%} (prefill {r['prefill_busy']:.0%}), prompt tokens {r['prompt_tokens']} ({r['reused_share']:.0%} from the prefix cache) {r['first_error']}",
+              f"{r['mean_batch']:.1f}, step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f}), busy {r['step_busy']:.0%} (prefill {r['prefill_busy']:.0%}), prompt tokens {r['prompt_tokens']} ({r['reused_share']:.0%} from the prefix cache), threads {r['threads']} ({r['thread_switches']} switches) {r['first_error']}",
               flush=True)
     return rows
 

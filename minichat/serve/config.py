@@ -16,6 +16,8 @@ class EngineSettings:
     weights: str = "fast"
     max_batch: int = 32  # sequences decoded together per model (the continuous batch)
     threads: int = 0  # torch threads; 0 = torch's default
+    # use one thread while that is measured faster (another process busy on a core: serve/worker.ThreadTuner)
+    adaptive_threads: bool = True
     # prompt tokens whose keys and values are kept for reuse (0: off): requests share the system prompt, and a
     # conversation resends its history every turn (~23 kB per token in fast mode, 4096 tokens: ~94 MB)
     prefix_cache: int = 4096

@@ -103,7 +103,8 @@ class ModelRegistry:
                 engine = Engine(model, tok, device=device, weights=settings.weights, max_batch=settings.max_batch,
                                 prefix_cache=settings.prefix_cache)
                 log.info("loaded model %s from %s in %.1f s", name, path, time.perf_counter() - t0)
-                worker = ModelWorker(name, engine, tok, max_queue=max_queue, threads=threads)
+                worker = ModelWorker(name, engine, tok, max_queue=max_queue, threads=threads,
+                                     adaptive_threads=settings.adaptive_threads)
                 served.append(ServedModel(name, path, tok, worker, int(time.time())))
         finally:
             torch.set_num_threads(prev)

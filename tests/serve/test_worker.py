@@ -123,3 +123,82 @@ def test_registry_loads_on_one_thread_and_steps_on_the_configured_count(model_fi
         reg.stop()
     assert finishes[0].completion_tokens == 4
     assert seen and all(name.startswith("minichat-worker-") and n == 2 for name, n in seen), seen
+
+
+def _run_tuner(tuner, step_seconds, steps, rows=8, t0=0.0):
+    """Feed `steps` steps to the tuner, each taking step_seconds[threads] (a dict), one every 10 ms."""
+    t = t0
+    for _ in range(steps):
+        k = tuner.threads()
+        tuner.record(step_seconds[k], rows, t)
+        t += 0.01
+    return t
+
+
+def test_thread_tuner_drops_to_one_thread_when_that_is_faster_and_comes_back():
+    from minichat.serve.worker import ThreadTuner
+
+    tuner = ThreadTuner(2, probe=4, interval=1.0, max_interval=8.0)
+    assert tuner.threads() == 2
+    busy = {2: 0.040, 1: 0.015}  # another process on a core: 2 threads wait at barriers
+    t = _run_tuner(tuner, busy, 99)  # not yet time to probe
+    assert tuner.current == 2 and tuner.trying is None
+    t = _run_tuner(tuner, busy, 10, t0=t)  # the probe runs 4 steps at 1 thread, which wins
+    assert tuner.current == 1 and tuner.switches == 1
+    idle = {2: 0.010, 1: 0.015}  # the other process ended
+    t = _run_tuner(tuner, idle, 120, t0=t)
+    assert tuner.current == 2 and tuner.switches == 2
+
+
+def test_thread_tuner_keeps_all_threads_when_they_win_and_probes_less_often():
+    from minichat.serve.worker import ThreadTuner
+
+    tuner = ThreadTuner(2, probe=4, interval=1.0, max_interval=4.0)
+    idle = {2: 0.010, 1: 0.015}
+    _run_tuner(tuner, idle, 1000)  # 10 s
+    assert tuner.current == 2 and tuner.switches == 0
+    assert tuner.interval == 4.0  # doubled after each probe the current setting won, up to max_interval
+    # a margin: 1 thread a little faster (noise) is not enough to switch
+    close = {2: 0.010, 1: 0.0095}
+    tuner2 = ThreadTuner(2, probe=4, interval=1.0)
+    _run_tuner(tuner2, close, 300)
+    assert tuner2.current == 2
+
+
+def test_thread_tuner_ignores_probes_over_batches_of_another_size():
+    from minichat.serve.worker import ThreadTuner
+
+    tuner = ThreadTuner(2, probe=4, interval=1.0)
+    t = 0.0
+    for i in range(300):  # 1 thread looks faster, but only because its probe steps ran 2 rows instead of 32
+        k = tuner.threads()
+        tuner.record(0.005 if k == 1 else 0.030, 2 if k == 1 else 32, t)
+        t += 0.01
+    assert tuner.current == 2 and tuner.switches == 0
+    with pytest.raises(ValueError):
+        ThreadTuner(1)
+
+
+def test_worker_reports_its_threads(model_files):
+    """The worker builds a tuner when it steps with more than one thread, and its stats show the threads."""
+    import time
+
+    import torch
+
+    from minichat.engine import Engine
+    from minichat.gguf_import import load
+
+    model, tok, _ = load(str(model_files.tiny), device="cpu", verbose=False)
+    for adaptive in (True, False):
+        w = ModelWorker("t", Engine(model, tok, weights="fp32"), tok, threads=2, adaptive_threads=adaptive)
+        w.start()
+        try:
+            deadline = time.time() + 10
+            while adaptive and w.tuner is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)
+            assert (w.tuner is not None) == adaptive and w.stats()["threads"] == 2
+            assert w.stats()["thread_switches"] == 0
+        finally:
+            w.stop()
+    assert torch.get_num_threads() >= 1
