@@ -475,6 +475,10 @@ def main(argv: list[str]) -> int:
     # each turn resends the conversation: its prefix cache computes only the new message (and the reply so far)
     engine = Engine(model, tok, weights=cfg.weights, max_batch=4, prefix_cache=8192)
     engine.name = str(cfg.model)
+    if torch.get_num_threads() > 1:  # one thread while another busy process makes that faster
+        from minichat.runtime import ThreadTuner
+
+        engine.thread_tuner = ThreadTuner(torch.get_num_threads())
     session = ChatSession(cfg, engine, tok, Guard.load(cfg.moderation and not ns.no_moderation))
 
     piped = not sys.stdin.isatty()

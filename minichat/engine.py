@@ -644,6 +644,7 @@ class Engine:
         self.mix_prefill = True
         # fast mode: the fused pass's layers in one compiled call (False: one call per kernel, the same numbers)
         self.use_layers_c = True
+        self.thread_tuner = None  # a runtime.ThreadTuner: step() sets the calling thread's torch threads by it
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -1069,10 +1070,22 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------- stepping
 
-    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Advance every running request by one token and start waiting ones (up to max_batch running).
-        Returns one event per request that got a token (or was cancelled). Call from one thread at a time."""
+        Returns one event per request that got a token (or was cancelled). Call from one thread at a time.
+        With `thread_tuner` set, the calling thread's torch threads follow it (runtime.ThreadTuner)."""
+        tuner = self.thread_tuner
+        if tuner is None:
+            return self._step()
+        if tuner.threads() != torch.get_num_threads():
+            torch.set_num_threads(tuner.threads())
+        rows, t0 = len(self._running) + len(self._waiting), time.perf_counter()
+        events = self._step()
+        tuner.record(time.perf_counter() - t0, rows, time.monotonic())
+        return events
+
+    @torch.inference_mode()
+    def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         # cancelled rows leave first, so their slots can be reused now
         for req in [r for r in self._running if r._cancel]:

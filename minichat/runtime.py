@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,3 +139,62 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ThreadTuner:
+    """Picks the stepping thread's torch threads, all `n` or one, by timing steps at each.
+
+    Where another process keeps a core busy, OpenMP's barriers (hundreds per decode step) wait for the thread
+    that shares its core with it, and n threads run slower than one: with one CPU-bound process beside
+    `minichat serve` on 2 cores, 1 client got 22.8 tok/s at 2 threads against 61.5 at 1, and 8 clients 133
+    against 306; on an otherwise idle machine 2 threads are ~1.4x faster. So after `interval` seconds at the
+    current setting the other one runs `probe` steps, and replaces it when the median step is below `margin`
+    of the current setting's median over its last `probe` steps, with batches of comparable size (medians: a
+    step that prefills a wave of prompts is an outlier). Each probe the current setting wins doubles the
+    interval, up to `max_interval`, so an idle machine pays for a probe rarely. Engine.step applies it when set
+    (`engine.thread_tuner`): the server's stepping thread and `minichat chat` do."""
+
+    def __init__(self, n: int, probe: int = 8, interval: float = 5.0, max_interval: float = 60.0,
+                 margin: float = 0.8):
+        if n < 2 or probe < 1 or not 0 < margin <= 1 or interval <= 0:
+            raise ValueError("ThreadTuner: n >= 2, probe >= 1, 0 < margin <= 1, interval > 0")
+        self.n, self.current, self.probe, self.margin = n, n, probe, margin
+        self.min_interval, self.interval, self.max_interval = interval, interval, max(interval, max_interval)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=probe)  # (seconds, rows) at the current setting
+        self._trial: list[tuple[float, int]] = []
+        self.trying: int | None = None
+        self._next: float | None = None
+        self.switches = 0
+
+    def threads(self) -> int:
+        """Threads for the next step."""
+        return self.current if self.trying is None else self.trying
+
+    @staticmethod
+    def _median(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+    def record(self, seconds: float, rows: int, now: float) -> None:
+        """One step that ran at threads() threads with `rows` sequences took `seconds`; `now`: a monotonic clock."""
+        if self._next is None:
+            self._next = now + self.interval
+        if self.trying is None:
+            self._recent.append((seconds, rows))
+            if now >= self._next and len(self._recent) == self.probe:
+                self.trying, self._trial = (1 if self.current != 1 else self.n), []
+            return
+        self._trial.append((seconds, rows))
+        if len(self._trial) < self.probe:
+            return
+        cur_s, cur_r = (self._median([x[i] for x in self._recent]) for i in (0, 1))
+        try_s, try_r = (self._median([x[i] for x in self._trial]) for i in (0, 1))
+        if cur_r > 0 and 0.8 <= try_r / cur_r <= 1.25:  # else not comparable: probe again after the same wait
+            if try_s < self.margin * cur_s:
+                self.current, self.interval = self.trying, self.min_interval
+                self._recent = deque(self._trial, maxlen=self.probe)
+                self.switches += 1
+            else:
+                self.interval = min(2 * self.interval, self.max_interval)
+        self.trying, self._trial = None, []
+        self._next = now + self.interval

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from minichat.errors import MinichatError
+from minichat.runtime import ThreadTuner  # noqa: F401 (re-exported: the worker sets one on its engine)
 from minichat.serve.protocol import GenOptions
 
 log = logging.getLogger("minichat.serve")
@@ -165,64 +166,6 @@ class Job:
         self.worker._cancel(self, index)
 
 
-class ThreadTuner:
-    """Picks the stepping thread's torch threads, all `n` or one, by timing steps at each.
-
-    Where another process keeps a core busy, OpenMP's barriers (hundreds per decode step) wait for the thread
-    that shares its core with it, and n threads run slower than one: with one CPU-bound process beside
-    `minichat serve` on 2 cores, 1 client got 22.8 tok/s at 2 threads against 61.5 at 1, and 8 clients 133
-    against 306; on an otherwise idle machine 2 threads are ~1.4x faster. So after `interval` seconds at the
-    current setting the other one runs `probe` steps, and replaces it when the median step is below `margin`
-    of the current setting's median over its last `probe` steps, with batches of comparable size (medians: a
-    step that prefills a wave of prompts is an outlier). Each probe the current setting wins doubles the
-    interval, up to `max_interval`, so an idle machine pays for a probe rarely."""
-
-    def __init__(self, n: int, probe: int = 8, interval: float = 5.0, max_interval: float = 60.0,
-                 margin: float = 0.8):
-        if n < 2 or probe < 1 or not 0 < margin <= 1 or interval <= 0:
-            raise ValueError("ThreadTuner: n >= 2, probe >= 1, 0 < margin <= 1, interval > 0")
-        self.n, self.current, self.probe, self.margin = n, n, probe, margin
-        self.min_interval, self.interval, self.max_interval = interval, interval, max(interval, max_interval)
-        self._recent: deque[tuple[float, int]] = deque(maxlen=probe)  # (seconds, rows) at the current setting
-        self._trial: list[tuple[float, int]] = []
-        self.trying: int | None = None
-        self._next: float | None = None
-        self.switches = 0
-
-    def threads(self) -> int:
-        """Threads for the next step."""
-        return self.current if self.trying is None else self.trying
-
-    @staticmethod
-    def _median(xs: list[float]) -> float:
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
-    def record(self, seconds: float, rows: int, now: float) -> None:
-        """One step that ran at threads() threads with `rows` sequences took `seconds`; `now`: a monotonic clock."""
-        if self._next is None:
-            self._next = now + self.interval
-        if self.trying is None:
-            self._recent.append((seconds, rows))
-            if now >= self._next and len(self._recent) == self.probe:
-                self.trying, self._trial = (1 if self.current != 1 else self.n), []
-            return
-        self._trial.append((seconds, rows))
-        if len(self._trial) < self.probe:
-            return
-        cur_s, cur_r = (self._median([x[i] for x in self._recent]) for i in (0, 1))
-        try_s, try_r = (self._median([x[i] for x in self._trial]) for i in (0, 1))
-        if cur_r > 0 and 0.8 <= try_r / cur_r <= 1.25:  # else not comparable: probe again after the same wait
-            if try_s < self.margin * cur_s:
-                self.current, self.interval = self.trying, self.min_interval
-                self._recent = deque(self._trial, maxlen=self.probe)
-                self.switches += 1
-            else:
-                self.interval = min(2 * self.interval, self.max_interval)
-        self.trying, self._trial = None, []
-        self._next = now + self.interval
-
-
 def _deliver_all(items: list[tuple[Job, Any]]) -> None:
     for job, ev in items:
         job._deliver(ev)
@@ -327,7 +270,8 @@ class ModelWorker:
             # the only busy one (ModelRegistry.load builds engines with 1 thread for that reason)
             torch.set_num_threads(self.threads)
         n = torch.get_num_threads()
-        self.tuner = ThreadTuner(n) if self.adaptive_threads and n > 1 else None
+        if self.adaptive_threads and n > 1 and hasattr(self.engine, "thread_tuner"):
+            self.tuner = self.engine.thread_tuner = ThreadTuner(n)
         while not self._stop.is_set():
             self._apply_cancels()
             if not self.engine.has_unfinished():
@@ -335,9 +279,6 @@ class ModelWorker:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
                 continue
-            tuner, rows = self.tuner, self.engine.num_running + self.engine.num_waiting
-            if tuner is not None and tuner.threads() != torch.get_num_threads():
-                torch.set_num_threads(tuner.threads())
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 events = self.engine.step()
@@ -346,8 +287,6 @@ class ModelWorker:
                 self._fail_all(f"generation failed: {e}")
                 continue
             self.steps += 1
-            if tuner is not None:
-                tuner.record(time.perf_counter() - t0, rows, time.monotonic())
             self.step_seconds += time.perf_counter() - t0
             self.step_cpu_seconds += time.thread_time() - c0
             for ev in events:

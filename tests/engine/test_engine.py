@@ -825,3 +825,27 @@ def test_fast_mode_layer_stack_in_one_call_gives_the_same_numbers(tiny, monkeypa
         eng._ensure_cache(2, 64)
         K.decode_layers(eng._layers_c, torch.zeros(2, 64), eng.H, eng.Hkv, eng._ffn, torch.zeros(3, dtype=torch.long),
                         0, eng._k, eng._v, eng.rope_cos, eng.rope_sin, 1.0, 1e-5)
+
+
+def test_engine_step_follows_a_thread_tuner(tiny):
+    """With engine.thread_tuner set, step() sets the calling thread's torch threads to the tuner's choice and
+    reports each step's time and rows to it; the tokens do not depend on it."""
+    from minichat.runtime import ThreadTuner
+
+    model, tok = tiny
+    prev = torch.get_num_threads()
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    try:
+        torch.set_num_threads(2)
+        plain = Engine(model, tok, weights="fp32", stop_token_ids=[]).generate(prompts(tok), sp)
+        eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+        eng.thread_tuner = ThreadTuner(2, probe=2, interval=1e-9)
+        seen = []
+        orig = eng.thread_tuner.record
+        eng.thread_tuner.record = lambda s, r, t: seen.append((torch.get_num_threads(), r)) or orig(s, r, t)
+        tuned = eng.generate(prompts(tok), sp)
+        assert [o.token_ids for o in tuned] == [o.token_ids for o in plain]
+        assert {k for k, _ in seen} == {1, 2}  # it probed one thread between steps at two
+        assert seen[0][1] == len(prompts(tok))  # rows: the waiting prompts of the first step
+    finally:
+        torch.set_num_threads(prev)
