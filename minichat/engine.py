@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -645,6 +645,9 @@ class Engine:
         # fast mode: the fused pass's layers in one compiled call (False: one call per kernel, the same numbers)
         self.use_layers_c = True
         self.thread_tuner = None  # a runtime.ThreadTuner: step() sets the calling thread's torch threads by it
+        # called right before the fused pass's GIL-free call: a server hands the last step's tokens on then, so
+        # that its event loop streams them while this step computes, not while this thread needs the GIL
+        self.before_compute: Callable[[], None] | None = None
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -966,6 +969,8 @@ class Engine:
         scale = 1.0 / math.sqrt(hd)
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
         if self._layers_c is not None and self.use_layers_c:
+            if self.before_compute is not None:
+                self.before_compute()
             K.decode_layers(self._layers_c, x, H, Hkv, self._ffn, pos, top, self._k, self._v, self.rope_cos,
                             self.rope_sin, scale, self.eps, sl, top_slot)
         for li, L in enumerate(self.layers if self._layers_c is None or not self.use_layers_c else ()):
@@ -1056,6 +1061,11 @@ class Engine:
                 req.finish_reason = FINISH_CANCELLED
                 return
         req._cancel = True
+
+    def calls_before_compute_next(self) -> bool:
+        """Whether the next step() will call `before_compute` (its batch runs the one-call fused pass)."""
+        return (self.before_compute is not None and self._layers_c is not None and self.use_layers_c
+                and len(self._running) > self.head.small_rows)
 
     def has_unfinished(self) -> bool:
         return bool(self._running or self._waiting)

@@ -202,3 +202,38 @@ def test_worker_reports_its_threads(model_files):
         finally:
             w.stop()
     assert torch.get_num_threads() >= 1
+
+
+def test_fast_engine_hands_tokens_on_from_the_next_steps_compute_hook(model_files):
+    """With fast mode's one-call pass the worker hands a step's events on at the next step's compute hook
+    (Engine.before_compute), through its courier thread: every job still gets all its tokens, in order, the
+    same as the engine generates them alone, and each finish arrives."""
+    from minichat.engine import Engine, SamplingParams
+    from minichat.gguf_import import load
+
+    model, tok, _ = load(str(model_files.tiny), device="cpu", verbose=False)
+    eng = Engine(model, tok, weights="fast", max_batch=8)
+    if eng._layers_c is None:
+        pytest.skip("no one-call fused pass here (no compiled VNNI kernels, or the tiny model's shapes)")
+    prompts = [[5, 6, 7 + i] for i in range(6)]  # more than small_rows: the one-call pass runs
+    want = Engine(model, tok, weights="fast", max_batch=8).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=10, min_tokens=10))
+    w = ModelWorker("fast", eng, tok)
+    hooks = []
+    w.start()
+    try:
+        async def main():
+            deadline = asyncio.get_running_loop().time() + 10
+            while eng.before_compute is None and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            hook = eng.before_compute
+            eng.before_compute = lambda: hooks.append(1) or hook()
+            jobs = [w.submit(p, GenOptions(max_tokens=10, min_tokens=10, temperature=0)) for p in prompts]
+            return await asyncio.gather(*(_collect(j) for j in jobs))
+
+        outs = asyncio.run(main())
+    finally:
+        w.stop()
+    assert hooks  # the hook path ran
+    for (text, _, finishes), o in zip(outs, want):
+        assert text == tok.decode(o.token_ids) and [f.completion_tokens for f in finishes] == [10]
