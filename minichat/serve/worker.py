@@ -172,6 +172,15 @@ def _deliver_all(items: list[tuple[Job, Any]]) -> None:
         job._deliver(ev)
 
 
+def _hand_on(outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> None:
+    """One call_soon_threadsafe per event loop with its events, in order."""
+    for loop, items in outbox.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, items)
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
+            pass
+
+
 class ModelWorker:
     """Owns one Engine and the thread that steps it. All engine calls except submit/cancel happen there."""
 
@@ -232,11 +241,7 @@ class ModelWorker:
             outbox = self._handoff.get()
             if outbox is None:
                 return
-            for loop, items in outbox.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver_all, items)
-                except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
-                    pass
+            _hand_on(outbox)
 
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
@@ -334,12 +339,8 @@ class ModelWorker:
         outbox, self._outbox = self._outbox, {}
         if self._courier is not None:
             self._handoff.put(outbox)
-            return
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
-                pass
+        else:  # not started, or stopped: no courier
+            _hand_on(outbox)
 
     def _apply_cancels(self) -> None:
         with self._lock:
