@@ -968,22 +968,23 @@ class Engine:
         sl, top_slot = (None, -1) if slots is None else (torch.tensor(slots), max(slots))
         scale = 1.0 / math.sqrt(hd)
         x = self.embed[tokens]  # (B, D), a fresh tensor: the residual stream, updated in place
-        if self._layers_c is not None and self.use_layers_c:
+        if self._layers_c is not None and self.use_layers_c:  # every layer in one call, without the GIL
             if self.before_compute is not None:
                 self.before_compute()
             K.decode_layers(self._layers_c, x, H, Hkv, self._ffn, pos, top, self._k, self._v, self.rope_cos,
                             self.rope_sin, scale, self.eps, sl, top_slot)
-        for li, L in enumerate(self.layers if self._layers_c is None or not self.use_layers_c else ()):
-            qkv, wo, gu, down = L.qkv.big, L.wo.big, L.gate_up.big, L.down.big
-            xq, xs = K.norm_quant(x, L.attn_norm_big, self.eps)
-            q = K.qkv_rope_cache(qkv.mm(xq), xs, qkv.scale, H, Hkv, self.rope_cos, self.rope_sin,
-                                 pos, top, scale, self._k[li], self._v[li], slots=sl, max_slot=top_slot)
-            y = self._attend(q, li, pos, top, sl, top_slot)
-            yq, ys = K.norm_quant(y, wo.inv_c, norm=False)
-            K.dequant(wo.mm(yq), ys, wo.scale, out=x, accumulate=True)
-            hq, hs = K.norm_quant(x, L.mlp_norm_big, self.eps)
-            mq, ms = K.swiglu_quant(gu.mm(hq), hs, gu.scale, down.inv_c)
-            K.dequant(down.mm(mq), ms, down.scale, out=x, accumulate=True)
+        else:
+            for li, L in enumerate(self.layers):
+                qkv, wo, gu, down = L.qkv.big, L.wo.big, L.gate_up.big, L.down.big
+                xq, xs = K.norm_quant(x, L.attn_norm_big, self.eps)
+                q = K.qkv_rope_cache(qkv.mm(xq), xs, qkv.scale, H, Hkv, self.rope_cos, self.rope_sin,
+                                     pos, top, scale, self._k[li], self._v[li], slots=sl, max_slot=top_slot)
+                y = self._attend(q, li, pos, top, sl, top_slot)
+                yq, ys = K.norm_quant(y, wo.inv_c, norm=False)
+                K.dequant(wo.mm(yq), ys, wo.scale, out=x, accumulate=True)
+                hq, hs = K.norm_quant(x, L.mlp_norm_big, self.eps)
+                mq, ms = K.swiglu_quant(gu.mm(hq), hs, gu.scale, down.inv_c)
+                K.dequant(down.mm(mq), ms, down.scale, out=x, accumulate=True)
         head = self.head.big
         if last is not None:
             x = x[last]

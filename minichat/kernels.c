@@ -714,14 +714,31 @@ typedef struct {
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+/* mc_decode_w8a8's workspace, carved in this order: int8 activations, their row scales, int32 matmul output,
+ * queries, attention output, attention scratch, the matmul's unsigned rows; off[i] is where piece i starts,
+ * the return value the bytes in all (one place for both the sizing and the carving) */
+static size_t decode_layout(int64_t M, int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t F, int64_t max_pos,
+                            int nthreads, size_t off[7]) {
+    const int64_t W = (H + 2 * Hkv) * hd, HD = H * hd;
+    const int64_t K = D > F ? (D > HD ? D : HD) : (F > HD ? F : HD);     /* widest matmul input */
+    const int64_t Y = W > 2 * F ? (W > D ? W : D) : (2 * F > D ? 2 * F : D); /* widest matmul output */
+    const int64_t mt = ((M < 128 ? M : 128) + 5) / 6 * 6;
+    const size_t sizes[7] = {align64(M * K), align64(M * 2 * 4), align64(M * Y * 4), align64(M * HD * 4),
+                             align64(M * HD * 4), align64((size_t)nthreads * (H / Hkv) * (max_pos + 1) * 4),
+                             align64(mt * K)};
+    size_t at = 0;
+    for (int i = 0; i < 7; i++) {
+        off[i] = at;
+        at += sizes[i];
+    }
+    return at;
+}
+
 /* bytes of workspace mc_decode_w8a8 needs */
 int64_t mc_decode_w8a8_work(int64_t M, int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t F, int64_t max_pos,
                             int nthreads) {
-    const int64_t W = (H + 2 * Hkv) * hd, K = D > F ? (D > H * hd ? D : H * hd) : (F > H * hd ? F : H * hd);
-    const int64_t Y = W > 2 * F ? (W > D ? W : D) : (2 * F > D ? 2 * F : D);
-    const int64_t mt = ((M < 128 ? M : 128) + 5) / 6 * 6;
-    return (int64_t)(align64(M * K) + align64(M * 2 * 4) + align64(M * Y * 4) + 2 * align64(M * H * hd * 4) +
-                     align64((size_t)nthreads * (H / Hkv) * (max_pos + 1) * 4) + align64(mt * K));
+    size_t off[7];
+    return (int64_t)decode_layout(M, D, H, Hkv, hd, F, max_pos, nthreads, off);
 }
 
 /* x (M, D) float32, the residual stream, updated in place through all nl layers; row m is at position pos[m]
@@ -731,16 +748,15 @@ int mc_decode_w8a8(const mc_layer_w8a8 *L, int64_t nl, float *x, int64_t M, int6
                    int64_t hd, int64_t F, const int64_t *pos, const int64_t *slots, int64_t max_pos, void *kc,
                    void *vc, int ctype, int64_t layer_stride, int64_t row_stride, int64_t head_stride,
                    const float *cos_tab, const float *sin_tab, float q_scale, float eps, int nthreads, void *work) {
-    const int64_t W = (H + 2 * Hkv) * hd, K = D > F ? (D > H * hd ? D : H * hd) : (F > H * hd ? F : H * hd);
-    const int64_t Y = W > 2 * F ? (W > D ? W : D) : (2 * F > D ? 2 * F : D), G = H / Hkv;
-    char *w = (char *)work; /* carved as mc_decode_w8a8_work counts it */
-    int8_t *aq = (int8_t *)w;     w += align64(M * K);
-    float *as = (float *)w;       w += align64(M * 2 * 4);
-    int32_t *yi = (int32_t *)w;   w += align64(M * Y * 4);
-    float *q = (float *)w;        w += align64(M * H * hd * 4);
-    float *att = (float *)w;      w += align64(M * H * hd * 4);
-    float *scratch = (float *)w;  w += align64((size_t)nthreads * G * (max_pos + 1) * 4);
-    uint8_t *au = (uint8_t *)w;
+    const int64_t W = (H + 2 * Hkv) * hd, G = H / Hkv;
+    size_t off[7];
+    decode_layout(M, D, H, Hkv, hd, F, max_pos, nthreads, off);
+    char *w = (char *)work;
+    int8_t *aq = (int8_t *)(w + off[0]);
+    float *as = (float *)(w + off[1]);
+    int32_t *yi = (int32_t *)(w + off[2]);
+    float *q = (float *)(w + off[3]), *att = (float *)(w + off[4]), *scratch = (float *)(w + off[5]);
+    uint8_t *au = (uint8_t *)(w + off[6]);
     /* the thread counts kernels.py picks for the same calls */
     const int par = threads_allowed ? nthreads : 1;
 #define GT(N, KK) ((N) > 64 && M * (N) * (KK) >= (1 << 20) ? par : 1)
