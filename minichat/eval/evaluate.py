@@ -166,7 +166,8 @@ def sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
             a = a[:T - 1] if a else a
             chunk.append((p[-(T - len(a)):] if len(p) + len(a) > T else p, a))
         chunk = [(p, a) if a else (p, [pad_id]) for p, a in chunk]
-        x, y, m = collate_answers(chunk, pad_id)
+        dev = next(model.parameters()).device
+        x, y, m = (t.to(dev) for t in collate_answers(chunk, pad_id))
         out += seq_lp(model, x, y, m).tolist()
     return out
 
@@ -180,8 +181,10 @@ def validation_perplexity(model, data_dir: str, batches: int, batch_size: int, s
     nll, n = 0.0, 0
     for i in range(batches):
         b = loader.get(i, batch_size)
-        logits = model(b.x)
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.y.flatten(), reduction="sum"))
+        dev = next(model.parameters()).device
+        logits = model(b.x.to(dev))
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.y.to(dev).flatten(),
+                                                       reduction="sum"))
         n += b.y.numel()
     return M.perplexity(nll, n)
 

@@ -180,9 +180,10 @@ def attention_map(model, ids: list[int], layer: int, head: int):
     from minichat.model import apply_rope
 
     with torch.no_grad():
-        x = model.embed(torch.tensor([ids]))
+        dev = next(model.parameters()).device
+        x = model.embed(torch.tensor([ids], device=dev))
         T = len(ids)
-        pos = torch.arange(T)[None]
+        pos = torch.arange(T, device=dev)[None]
         cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]
         for blk in model.layers[:layer]:
             x = blk(x, cos, sin, None, None, True)
@@ -193,8 +194,8 @@ def attention_map(model, ids: list[int], layer: int, head: int):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.repeat_interleave(a.n_head // a.n_kv, dim=1)
         s = (q @ k.transpose(-2, -1))[0, head] / math.sqrt(a.hd)
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-        return torch.softmax(s, -1).numpy()
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=dev).tril(), float("-inf"))
+        return torch.softmax(s, -1).cpu().numpy()
 
 
 def plot_attention(run: Path, out: Path, metrics_tasks: Path) -> tuple[Path, str] | None:

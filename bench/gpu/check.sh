@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check: run on a CUDA machine from the repository root (torch with CUDA already installed there; the
+# core dependencies of the pipeline are torch, tokenizers, safetensors, tqdm, numpy, regex, scikit-learn and
+# matplotlib). Writes logs to ${OUT:-/tmp/gpu-check}.
+#   1. tests/test_cuda.py: forward pass, engine and the tiny pipeline on the GPU against the CPU
+#   2. bench/gpu/gpu_bench.py: training tokens/s and MFU (eager, compiled), batched decoding tokens/s
+#   3. the pipeline's gpu preset, scaled down to a few minutes, with its stage times and report card
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
+
+echo "== 1. tests/test_cuda.py"
+[ -n "${SKIP_TESTS:-}" ] || timeout "${T_TESTS:-180}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -25
+
+echo "== 2. gpu_bench"
+[ -n "${SKIP_BENCH:-}" ] || timeout "${T_BENCH:-240}" $PY bench/gpu/gpu_bench.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.jsonl" | grep -v '^\s*$' | tail -20
+
+echo "== 3. pipeline --preset gpu (scaled down)"
+run=/tmp/gpu-check-run
+timeout "${T_PIPE:-240}" $PY -m minichat.cli pipeline --preset gpu --out_dir "$run" --ablations false \
+    --world.corpus_docs 50000 --world.sft_prompts 2000 --world.rm_prompts 2000 --world.ppo_prompts 4000 \
+    --world.eval_prompts 330 --pretrain.max_steps 1500 --sft.max_steps 400 --reward.max_steps 300 \
+    --ppo.iterations 40 --eval.best_of_n 4 ${PIPE_ARGS:-} > "$OUT/pipeline.log" 2>&1
+echo "pipeline exit $?"
+grep -E '^\[pipeline\]|Error|error' "$OUT/pipeline.log" | tail -30
+cp "$run/pipeline.json" "$OUT/" 2>/dev/null
+cp "$run/report/report.md" "$OUT/" 2>/dev/null
+$PY - "$run/pipeline.json" <<'EOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit(0)
+for k, v in d["stages"].items():
+    print(f"{k:12s} {v['wall_s']:7.1f} s")
+EOF
