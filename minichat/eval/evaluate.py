@@ -160,13 +160,13 @@ def sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
 
     out: list[float] = []
     T = model.cfg.max_seq_len
+    dev = next(model.parameters()).device
     for s in range(0, len(pairs), batch):
         chunk = []
         for p, a in pairs[s:s + batch]:
             a = a[:T - 1] if a else a
             chunk.append((p[-(T - len(a)):] if len(p) + len(a) > T else p, a))
         chunk = [(p, a) if a else (p, [pad_id]) for p, a in chunk]
-        dev = next(model.parameters()).device
         x, y, m = (t.to(dev) for t in collate_answers(chunk, pad_id))
         out += seq_lp(model, x, y, m).tolist()
     return out
@@ -179,9 +179,9 @@ def validation_perplexity(model, data_dir: str, batches: int, batch_size: int, s
     T = model.cfg.max_seq_len
     loader = TokenLoader(data_dir, "val", T, seed)
     nll, n = 0.0, 0
+    dev = next(model.parameters()).device
     for i in range(batches):
         b = loader.get(i, batch_size)
-        dev = next(model.parameters()).device
         logits = model(b.x.to(dev))
         nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.y.to(dev).flatten(),
                                                        reduction="sum"))
