@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -170,11 +171,6 @@ class ThreadTuner:
         """Threads for the next step."""
         return self.current if self.trying is None else self.trying
 
-    @staticmethod
-    def _median(xs: list[float]) -> float:
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
     def record(self, seconds: float, rows: int, now: float) -> None:
         """One step that ran at threads() threads with `rows` sequences took `seconds`; `now`: a monotonic clock."""
         if self._next is None:
@@ -187,8 +183,8 @@ class ThreadTuner:
         self._trial.append((seconds, rows))
         if len(self._trial) < self.probe:
             return
-        cur_s, cur_r = (self._median([x[i] for x in self._recent]) for i in (0, 1))
-        try_s, try_r = (self._median([x[i] for x in self._trial]) for i in (0, 1))
+        cur_s, cur_r = (statistics.median([x[i] for x in self._recent]) for i in (0, 1))
+        try_s, try_r = (statistics.median([x[i] for x in self._trial]) for i in (0, 1))
         if cur_r > 0 and 0.8 <= try_r / cur_r <= 1.25:  # else not comparable: probe again after the same wait
             if try_s < self.margin * cur_s:
                 self.current, self.interval = self.trying, self.min_interval

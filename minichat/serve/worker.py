@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from minichat.errors import MinichatError
-from minichat.runtime import ThreadTuner  # noqa: F401 (re-exported: the worker sets one on its engine)
+from minichat.runtime import ThreadTuner
 from minichat.serve.protocol import GenOptions
 
 log = logging.getLogger("minichat.serve")
