@@ -373,6 +373,12 @@ class StreamGuard:
             return self._check()
         return self.result
 
+    async def afinish(self) -> ModerationResult | None:
+        """finish() for an event loop."""
+        if self.result is None and len(self.text) > self._checked_upto:
+            return self._verdict(await self.moderator.ascreen(self._window()))
+        return self.result
+
     def _check(self) -> ModerationResult | None:
         return self._verdict(self.moderator.screen_many([self._window()])[0])
 

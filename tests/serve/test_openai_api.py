@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -211,6 +212,14 @@ def test_flagged_input_is_refused(client, live):
     chunks = _stream(client, model="script", messages=[{"role": "user", "content": "I will kill you"}],
                      stream_options={"include_usage": True})
     assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["content_filter"]
+    # the generation that started while the input was checked was cancelled, not left running
+    deadline = time.time() + 10
+    while True:
+        st = httpx.get(live.url + "/health").json()["models"]["script"]
+        if st["running"] == 0 and st["waiting"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert st["running"] == 0 and st["waiting"] == 0
 
 
 def test_flagged_output_mid_stream(client, model_files, live):
