@@ -6,12 +6,14 @@ reports requests/s, aggregate completion tokens/s, time to first token p50/p99 a
 
     python bench/serve/bench_serve.py                          # SmolLM2-135M, N = 1, 8, 32, moderation on
     python bench/serve/bench_serve.py --no-moderation --out bench/results/serve.md
+    python bench/serve/bench_serve.py --client httpx           # the clients of sessions 1-9 (more client CPU)
 Targets (issue 6): tokens/s at 32 clients >= 10x the 1-client rate; p99 TTFT < 2 s at 8 clients; 0 failures.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -44,35 +46,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, seed: int):
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+class _Stream:
+    """What a client reads off one streamed reply: time to the first content chunk and the usage's completion
+    tokens. The clients share the server's 2 cores, so they parse as little as they can: JSON only until the
+    first content chunk, then only the usage chunk and errors (every chunk is still read off the socket)."""
+
+    def __init__(self, t0: float):
+        self.t0, self.ttft, self.tokens, self.buf = t0, None, 0, b""
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        *events, self.buf = self.buf.split(b"\n\n")
+        for ev in events:
+            if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                continue
+            if self.ttft is None or b'"usage":{' in ev or b'"error"' in ev:
+                obj = json.loads(ev[6:])
+                if "error" in obj:
+                    raise RuntimeError(obj["error"]["message"])
+                if self.ttft is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                    self.ttft = time.perf_counter() - self.t0
+                if obj.get("usage"):
+                    self.tokens = obj["usage"]["completion_tokens"]
+
+    def result(self) -> tuple[float, int]:
+        return (self.ttft if self.ttft is not None else time.perf_counter() - self.t0), self.tokens
+
+
+def _body(model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.7, "seed": seed, "stream": True, "stream_options": {"include_usage": True},
             "min_tokens": max_tokens}  # every request generates exactly max_tokens, so runs compare
-    t0 = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        # The clients share the server's 2 cores, so they parse as little as they can: JSON only until the
-        # first content chunk, then only the usage chunk and errors (every chunk is still read off the socket).
-        buf = b""
-        async for data in r.aiter_raw():
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for ev in events:
-                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
-                    continue
-                if ttft is None or b'"usage":{' in ev or b'"error"' in ev:
-                    obj = json.loads(ev[6:])
-                    if "error" in obj:
-                        raise RuntimeError(obj["error"]["message"])
-                    if ttft is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
-                        ttft = time.perf_counter() - t0
-                    if obj.get("usage"):
-                        tokens = obj["usage"]["completion_tokens"]
-    return ttft if ttft is not None else time.perf_counter() - t0, tokens
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, seed: int):
+    """One streamed chat completion with httpx (client: httpx.AsyncClient) or aiohttp (an aiohttp.ClientSession)."""
+    body = _body(model, prompt, max_tokens, seed)
+    st = _Stream(time.perf_counter())
+    if isinstance(client, httpx.AsyncClient):
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            async for data in r.aiter_raw():
+                st.feed(data)
+    else:
+        async with client.post(url + "/v1/chat/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
+            async for data in r.content.iter_any():
+                st.feed(data)
+    return st.result()
 
 
 def _stat(pid: int) -> list[str]:
@@ -105,10 +129,18 @@ def cpu_seconds(pid: int | None, children: bool = False) -> float:
 
 
 async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_tokens: int,
-                    server_pid: int | None = None) -> dict:
+                    server_pid: int | None = None, client_kind: str = "httpx") -> dict:
     limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
     ttfts, tokens, errors = [], 0, []
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+        streams = client
+        if client_kind == "aiohttp":  # a lighter client: less of the 2 cores goes to the load generator
+            import aiohttp
+
+            streams = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=n_clients + 4), timeout=aiohttp.ClientTimeout(total=600)))
+
         async def worker(ci: int):
             nonlocal tokens
             for k in range(n_requests):
@@ -116,7 +148,7 @@ async def run_level(url: str, model: str, n_clients: int, n_requests: int, max_t
                     # every request's text is its own (a tag first): only the chat template's shared start, not
                     # the question, can come from the server's prefix cache, as with real users
                     prompt = f"[{n_clients}.{ci}.{k}] {PROMPTS[(ci + k) % len(PROMPTS)]}"
-                    t, n = await one_request(client, url, model, prompt, max_tokens,
+                    t, n = await one_request(streams, url, model, prompt, max_tokens,
                                              seed=ci * 1000 + k)
                     ttfts.append(t)
                     tokens += n
@@ -161,10 +193,10 @@ async def engine_stats(client: httpx.AsyncClient, url: str, model: str) -> dict:
 
 def run_levels(a, url: str, server_pid: int | None) -> list[dict]:
     name = a.model.split("=")[0] if "=" in a.model else os.path.basename(a.model.rstrip("/")) or a.model
-    asyncio.run(run_level(url, name, 1, 1, 8))  # warm-up
+    asyncio.run(run_level(url, name, 1, 1, 8, client_kind=a.client))  # warm-up
     rows = []
     for n in [int(x) for x in a.clients.split(",")]:
-        r = asyncio.run(run_level(url, name, n, a.requests, a.max_tokens, server_pid))
+        r = asyncio.run(run_level(url, name, n, a.requests, a.max_tokens, server_pid, a.client))
         rows.append(r)
         print(f"N={n:>3}  {r['requests']} requests  {r['req_per_s']:.2f} req/s  {r['tok_per_s']:.1f} tok/s  "
               f"TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s  errors {r['errors']}  "
@@ -201,8 +233,16 @@ def main() -> int:
     ap.add_argument("--no-moderation", action="store_true")
     ap.add_argument("--server-args", default="", help="more `minichat serve` options, e.g. '--engine.prefix_cache 0'")
     ap.add_argument("--out", help="write a Markdown table here (appends a section)")
+    ap.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                    help="the clients' HTTP library: aiohttp (pip install -e '.[bench]') takes ~0.04 cores at 32 "
+                         "clients where httpx took ~0.11, and the clients share the server's 2 cores")
     ap.add_argument("--url", help="use this running server instead of starting one (e.g. under py-spy)")
     a = ap.parse_args()
+    if a.client == "aiohttp":
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            raise SystemExit("the aiohttp clients need aiohttp: pip install -e '.[bench]' (or pass --client httpx)")
 
     if a.url:
         rows = run_levels(a, a.url.rstrip("/"), None)
@@ -233,7 +273,7 @@ def main() -> int:
                 server.kill()
     base = rows[0]["tok_per_s"] if rows else float("nan")
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — model {a.model}, moderation "
-             f"{'off' if a.no_moderation else 'on'}, {a.requests} requests/client, {a.max_tokens} tokens each, "
+             f"{'off' if a.no_moderation else 'on'}, {a.client} clients, {a.requests} requests/client, {a.max_tokens} tokens each, "
              f"max_batch {a.max_batch}, weights {a.weights or default_weights()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", "",
              "| clients | requests | req/s | tokens/s | × 1 client | TTFT p50 (s) | TTFT p99 (s) | failed "
              "| server CPU (cores) | its moderation process | client CPU (cores) |",
