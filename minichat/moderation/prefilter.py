@@ -17,6 +17,7 @@ fails to parse here (None) or is refused by `_UNSAFE` (fuzzy counts like `{e<=1}
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import regex
 
@@ -149,6 +150,39 @@ class TextView:
             t = self.text
             got = self._by_len[n] = {t[i:i + n] for i in self._starts}
         return got
+
+
+class PrefixIndex:
+    """may_match() for many rules at once: which of them may match a text. Each anchored literal start of every
+    rule goes into one set per length, so a text's word starts meet all rules in a few set intersections (in
+    C) instead of a generator per rule: the default 31 patterns' check took ~60 of a screen's ~90 µs of rules.
+    Rules without known anchored starts are checked one by one, as before."""
+
+    def __init__(self, rules: Iterable[tuple[str, "Prefixes | None"]]):
+        self.prefixes: dict[str, Prefixes | None] = {}
+        self.single: list[str] = []  # checked by may_match() itself
+        self.owners: dict[str, list[str]] = {}  # start string -> rule ids
+        keys: dict[int, set[str]] = {}
+        for rid, p in rules:
+            self.prefixes[rid] = p
+            if p is None or p.strings is None or not p.anchored:
+                self.single.append(rid)
+                continue
+            for st in p.strings:
+                self.owners.setdefault(st, []).append(rid)
+                keys.setdefault(len(st), set()).add(st)
+        self.keys = {n: frozenset(v) for n, v in keys.items()}
+
+    def candidates(self, text: TextView) -> set[str]:
+        """The ids of the rules for which may_match(prefixes, text) is True."""
+        hit: set[str] = set()
+        for n, keys in self.keys.items():
+            for st in keys.intersection(text.word_starts(n)):
+                hit.update(self.owners[st])
+        t = text.text
+        out = {r for r in hit if self.prefixes[r].factors is None or any(f in t for f in self.prefixes[r].factors)}
+        out.update(r for r in self.single if may_match(self.prefixes[r], text))
+        return out
 
 
 def may_match(prefixes: "Prefixes | None", text: TextView) -> bool:

@@ -27,7 +27,7 @@ import yaml
 from minichat.errors import MinichatError
 from minichat.moderation.categories import CATEGORIES
 from minichat.moderation.normalize import Normalized, squeeze
-from minichat.moderation.prefilter import TextView, literal_prefixes, may_match
+from minichat.moderation.prefilter import PrefixIndex, TextView, literal_prefixes
 
 _LINE = "__line__"
 _VOCAB_REF = regex.compile(r"\{([a-z_][a-z0-9_]*)\}")
@@ -148,6 +148,9 @@ class RuleSet:
     _multi: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     _by_len: dict[int, list[str]] = field(default_factory=dict)
     _max_n: int = 1
+    _multi_first: set[str] = field(default_factory=set)
+    _pattern_index: Any = None  # prefilter.PrefixIndex over the patterns (built by _index)
+    _exception_index: Any = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -316,6 +319,9 @@ class RuleSet:
                 else:
                     self._multi.setdefault(term, []).append(lex.id)
                     self._max_n = max(self._max_n, len(term))
+        self._multi_first = {term[0] for term in self._multi}  # a token that starts no term starts no n-gram hit
+        self._pattern_index = PrefixIndex((p.id, p.prefixes) for p in self.patterns.values())
+        self._exception_index = PrefixIndex((e.id, e.prefixes) for e in self.exceptions.values())
 
     # ---------------------------------------------------------------- matching
     @property
@@ -336,6 +342,8 @@ class RuleSet:
                 for rid in ids:
                     hits.append(Hit(rid, "lexicon", self.lexicons[rid].weights,
                                     (offs[i], offs[i] + len(tok)), tok))
+            if tok not in self._multi_first:
+                continue
             for n in range(2, self._max_n + 1):
                 if i + n > len(toks):
                     break
@@ -347,8 +355,9 @@ class RuleSet:
                         hits.append(Hit(rid, "lexicon", self.lexicons[rid].weights, (offs[i], end), " ".join(gram)))
         text = norm.text
         view = TextView(text)
+        maybe = self._pattern_index.candidates(view)
         for pat in self.patterns.values():
-            if pat.id in self.disabled or not may_match(pat.prefixes, view):
+            if pat.id in self.disabled or pat.id not in maybe:
                 continue
             try:
                 for m in pat.regex.finditer(text, timeout=self.timeout):
@@ -371,8 +380,9 @@ class RuleSet:
         fired: list[str] = []
         damp: dict[str, float] = {}
         view = TextView(norm.text)
+        maybe = self._exception_index.candidates(view)
         for exc in self.exceptions.values():
-            if exc.id in self.disabled or not may_match(exc.prefixes, view):
+            if exc.id in self.disabled or exc.id not in maybe:
                 continue
             try:
                 spans = [m.span() for m in exc.regex.finditer(norm.text, timeout=self.timeout)]
