@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from minichat.moderation.engine import Moderator
 from minichat.moderation.normalize import normalize
-from minichat.moderation.prefilter import TextView, literal_prefixes, may_match
+from minichat.moderation.prefilter import PrefixIndex, TextView, literal_prefixes, may_match
 
 
 def test_prefixes_of_simple_patterns():
@@ -69,3 +69,16 @@ def test_default_rules_are_mostly_prefiltered():
     rules = default_rules()
     pats = list(rules.patterns.values())
     assert sum(p.prefixes is not None for p in pats) >= len(pats) - 2
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_WORDS + [".", "?", "*", "k1ll", "a*b", "somehow", "abc"]), min_size=0, max_size=14))
+def test_the_prefix_index_selects_what_may_match_selects(words):
+    # the default rules, plus a rule with no known start, one found by substring search and one with factors
+    rules = default_rules()
+    extra = [("any", literal_prefixes(r"(?:\S+ ){0,2}kill")), ("sub", literal_prefixes(r"ab?c")),
+             ("fac", literal_prefixes(r"\b(?:i|we) (?:\S+ ){0,2}?(?:kill|hurt)\b")), ("none", None)]
+    items = [(p.id, p.prefixes) for p in list(rules.patterns.values()) + list(rules.exceptions.values())] + extra
+    index = PrefixIndex(items)
+    view = TextView(normalize(" ".join(words)).text)
+    assert index.candidates(view) == {rid for rid, p in items if may_match(p, view)}
