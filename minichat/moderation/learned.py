@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -107,10 +108,13 @@ class LearnedScorer:
         """Per-category probabilities; `normalized` (optional): normalize(t) of each text, already computed."""
         if not texts:
             return []
+        return [dict(zip(self.categories, map(float, row))) for row in self.probabilities(texts, normalized)]
+
+    def probabilities(self, texts: list[str], normalized: list | None = None) -> np.ndarray:
+        """score() as one (texts, categories) array, in the order of self.categories."""
         z = np.stack([self._logits(prepare(t, None if normalized is None else normalized[i]))
                       for i, t in enumerate(texts)])
-        p = 1.0 / (1.0 + np.exp(-z))
-        return [dict(zip(self.categories, map(float, row))) for row in p]
+        return 1.0 / (1.0 + np.exp(-z))
 
     def _logits(self, prepared: str) -> np.ndarray:
         """featurize([text]) @ weights + bias, for one text without sklearn's per-call overhead (sparse matrices,
@@ -138,7 +142,7 @@ class LearnedScorer:
                     continue
                 idx = np.concatenate(parts)
             else:
-                grams = analyze(prepared)
+                grams = word_grams(prepared)  # = analyze(prepared), without sklearn's per-call layers
                 if not grams:
                     continue
                 if len(self._gram_cache) >= 200_000:
@@ -152,6 +156,16 @@ class LearnedScorer:
             keep = rows >= 0
             z += vals[keep] @ self._dense[rows[keep]].astype(np.float64)
         return z
+
+
+_WORD_TOKEN = re.compile(r"(?u)\b\w[\w']*\b")  # vectorizers()'s token_pattern (sklearn compiles it with re)
+
+
+def word_grams(text: str) -> list[str]:
+    """The word vectoriser's analyzer on a prepared text: its tokens, then each adjacent pair joined by a space
+    (HashingVectorizer(analyzer="word", ngram_range=(1, 2), lowercase=False) builds the same list; tested)."""
+    toks = _WORD_TOKEN.findall(text)
+    return toks + [a + " " + b for a, b in zip(toks, toks[1:])]
 
 
 def _hashed(grams: list[str], cache: dict[str, int]) -> np.ndarray:

@@ -302,6 +302,15 @@ def test_fast_scorer_equals_sklearns_featurize(full):
         assert np.allclose(sc._logits(prepare(t)), want, rtol=1e-5, atol=1e-6), t
 
 
+def test_word_grams_are_the_word_vectorisers_analyzer():
+    from minichat.moderation.learned import vectorizers, word_grams
+
+    analyze = vectorizers()[1].build_analyzer()
+    for t in ["", "a", "don't stop me now", "x'y'z 'quoted' it's 12 3", "Ünïcödé wörds, ça va", "_under_ score",
+              "tabs\tand\nlines", "one", "a b c d e f g"]:
+        assert word_grams(t) == analyze(t), t
+
+
 def test_training_pipeline_on_tiny_data(tmp_path):
     from minichat.moderation.learned import LearnedScorer
     from minichat.moderation.train import train
