@@ -41,6 +41,9 @@ def _serve(conn, config_path: str | None, learned: bool) -> None:
     # for their verdicts and the engine's batch shrank: 406 tok/s against 447 at the same priority)
     try:
         mod = Moderator.load(config_path, learned=learned)
+        # the learned scorer imports scikit-learn's vectorisers on its first text (~0.6 s): pay that now, not in
+        # the first user's stream
+        mod.screen_many(["warm-up"])
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises a clear error
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
