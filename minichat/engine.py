@@ -47,6 +47,25 @@ from minichat.errors import MinichatError
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 WEIGHT_MODES = ("auto", "fast", "fp32", "bf16", "int8", "int4", "w8a8")
+KV_CACHE_MODES = ("auto", "int8", "bf16", "fp32")  # auto: int8 in fast mode with the kernels, else bf16 / fp32
+KV_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their float32 scale
+
+
+def _kv_quant(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values (..., hd) -> int8 cache rows (..., hd + 4): symmetric int8 with one scale per row, the
+    scale max|x| / 127 rounded to bf16 (so that last-bit differences in x rarely reach the bytes) and stored as
+    float32 after the values; the bytes kernels.c's kv_store_s8 writes."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / 127.0).to(torch.bfloat16).float()
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(x * inv).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.contiguous().view(torch.int8)], -1)
+
+
+def _kv_dequant(c: torch.Tensor) -> torch.Tensor:
+    """int8 cache rows (..., hd + 4) -> float32 (..., hd)."""
+    hd = c.shape[-1] - KV_SCALE_BYTES
+    return c[..., :hd].float() * c[..., hd:].contiguous().view(torch.float32)
 
 
 class ContextOverflowError(MinichatError):
@@ -587,13 +606,15 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None, weights: str = "auto",
                  max_batch: int = 64, stop_token_ids: Sequence[int] | None = None, small_rows: int | None = None,
-                 kernels: bool = True, prefix_cache: int = 0):
+                 kernels: bool = True, prefix_cache: int = 0, kv_cache: str = "auto"):
         if weights not in WEIGHT_MODES:
             raise MinichatError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         if max_batch < 1:
             raise MinichatError("max_batch must be >= 1")
         if prefix_cache < 0:
             raise MinichatError("prefix_cache (tokens) must be >= 0")
+        if kv_cache not in KV_CACHE_MODES:
+            raise MinichatError(f"kv_cache must be one of {', '.join(KV_CACHE_MODES)}, got {kv_cache!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if weights == "auto" and self.device.type != "cpu":
             weights = "bf16"
@@ -624,10 +645,8 @@ class Engine:
         self._lock = threading.Lock()  # guards the waiting queue (submit/cancel may come from other threads)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # row i of the batch is _running[i]
-        self._k = self._v = None  # KV cache (n_layer, slots, n_kv, capacity, hd)
-        # fast mode keeps keys and values in bf16: decode attention at big batch is bound by reading the
-        # cache (~200 MB per step at batch 32), and reading bf16 halves that (30 layers: 13 vs 19 ms with SDPA)
-        self.kv_dtype = torch.bfloat16 if weights == "fast" and self.device.type == "cpu" else torch.float32
+        self._k = self._v = None  # KV cache (n_layer, slots, n_kv, capacity, hd), int8: hd + 4 (see _kv_quant)
+        self.kv_dtype = self._kv_dtype(kv_cache)
         # the torch-ops decode path (no compiled kernels; the fused paths attend in kernels.c): batches this big
         # attend with SDPA on a bf16 cache, smaller ones with matmul + softmax on fp32 copies. SDPA wins at every
         # batch size here: batch 1, 400 positions, bf16 cache: 39 vs 69 µs per layer, fp32 cache: 31 vs 39
@@ -648,6 +667,34 @@ class Engine:
         # called right before the fused pass's GIL-free call: a server hands the last step's tokens on then, so
         # that its event loop streams them while this step computes, not while this thread needs the GIL
         self.before_compute: Callable[[], None] | None = None
+
+    def _kv_dtype(self, mode: str) -> torch.dtype:
+        """The KV cache's element type. Decode attention at big batch waits on reading the cache (~70 MB per
+        step at batch 32, ~100 positions, bf16): fast mode keeps it in bf16 (half fp32's bytes; 30 layers with
+        SDPA 13 vs 19 ms) and, where every decode path attends in the compiled kernel, in int8 with a scale per
+        position and head (half bf16's bytes again; bench/results/engine.md has its speed and perplexity)."""
+        int8_ok = self._fuse_big and self._fuse_small and self.device.type == "cpu"
+        if mode == "auto":
+            mode = ("int8" if int8_ok else "bf16") if (self.weights == "fast" and self.device.type == "cpu") else "fp32"
+        if mode == "int8" and not int8_ok:
+            raise MinichatError("kv_cache='int8' needs weights='fast' on the CPU with the compiled kernels "
+                                "(every decode path must attend in them); use 'bf16' or 'fp32'")
+        return {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}[mode]
+
+    def _kv_write(self, li: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values (n_kv, P, hd) of positions start.. into layer li of cache row `row`."""
+        P = k.shape[1]
+        if self.kv_dtype == torch.int8:
+            k, v = _kv_quant(k), _kv_quant(v)
+        self._k[li, row, :, start:start + P] = k
+        self._v[li, row, :, start:start + P] = v
+
+    def _kv_read(self, li: int, row: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys and values (n_kv, n, hd) of positions 0..n-1 of layer li, row `row`, as `dtype`."""
+        k, v = self._k[li, row, :, :n], self._v[li, row, :, :n]
+        if self.kv_dtype == torch.int8:
+            return _kv_dequant(k).to(dtype), _kv_dequant(v).to(dtype)
+        return k.to(dtype), v.to(dtype)
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -845,13 +892,12 @@ class Engine:
                 q = qk[s:s + P, :H].transpose(0, 1)  # (H, P, hd)
                 k = qk[s:s + P, H:].transpose(0, 1)  # (Hkv, P, hd)
                 vp = v[s:s + P].transpose(0, 1)
-                self._k[li, row, :, d:d + P] = k
-                self._v[li, row, :, d:d + P] = vp
+                self._kv_write(li, row, d, k, vp)
                 if d == 0:
                     y = F.scaled_dot_product_attention(q[None], k[None], vp[None], is_causal=True, enable_gqa=Hkv != H)
                 else:  # after a reused prefix: all of it, then causal within the new tokens
-                    keys = torch.cat([self._k[li, row, :, :d].to(k.dtype), k], 1)
-                    vals = torch.cat([self._v[li, row, :, :d].to(vp.dtype), vp], 1)
+                    ck, cv = self._kv_read(li, row, d, k.dtype)
+                    keys, vals = torch.cat([ck, k], 1), torch.cat([cv, vp], 1)
                     allowed = torch.arange(d + P, device=dev)[None] <= torch.arange(d, d + P, device=dev)[:, None]
                     y = F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=allowed,
                                                        enable_gqa=Hkv != H)
@@ -1005,7 +1051,7 @@ class Engine:
         new_s = min(self.max_batch, max(slots, cur_s, 2 * cur_s if slots > cur_s else 0))
         new_c = min(self.max_seq_len, max(columns, cur_c, int(1.5 * cur_c) if columns > cur_c else 0))
         new_c = min(self.max_seq_len, ((new_c + 63) // 64) * 64)
-        shape = (c.n_layer, new_s, c.kv_heads, new_c, c.head_dim)
+        shape = (c.n_layer, new_s, c.kv_heads, new_c, c.head_dim + (KV_SCALE_BYTES if self.kv_dtype == torch.int8 else 0))
         k = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
         if self._k is not None:

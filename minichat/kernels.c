@@ -285,7 +285,36 @@ void mc_sample_rows(const float *x, int64_t M, int64_t V, const float *inv_temp,
  * rotate-half RoPE on the query and key heads (x·cos + swap_halves(x)·sin, with sin's first half negated in
  * the table), the query heads also scaled by q_scale (1/√d folded in), written to q_out (M, H, D) as float32
  * (qtype 0) or bfloat16 (qtype 2); keys and values written into the layer's cache at [m, head, pos[m], :]
- * as float32 (ctype 0) or bfloat16 (ctype 2). Cache strides are in elements: row, head (position stride D). */
+ * as float32 (ctype 0), bfloat16 (ctype 2) or int8 (ctype 3: a position's D values as int8, then their float32
+ * scale, D + 4 bytes; see kv_store_s8). Cache strides are in elements (bytes for int8): row, head; the position
+ * stride is kv_stride(ctype, D). */
+/* a cached position's elements apart: D, or D + 4 bytes for int8 (the values, then their scale) */
+static inline int64_t kv_stride(int ctype, int64_t D) { return ctype == 3 ? D + 4 : D; }
+
+/* one key or value row as int8: symmetric, one scale per row (x ≈ q·scale, q = x / scale rounded to nearest
+ * even, |q| <= 127), the scale stored as float32 after the D bytes. The scale is max|x| / 127 rounded to bfloat16:
+ * a position's keys may differ in their last bits between two computations of the same prompt (position 0
+ * runs alone or with other prompts), and as with a bf16 cache such differences then almost never reach the
+ * stored bytes, so a prompt's logits stay the same however it was batched. Why int8: at batch 32 a decode step
+ * reads ~70 MB of cache, and attention waits on that reading (fp32 took 1.9x bf16's time); int8 halves bf16's
+ * bytes. engine._kv_quant computes the same bytes with torch ops. */
+static inline void kv_store_s8(const float *x, int64_t D, int8_t *dst) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < D; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const float scale = bf16_to_f32(f32_to_bf16(amax / 127.f)), inv = scale > 0.f ? 1.f / scale : 0.f;
+    for (int64_t j = 0; j < D; j++) {
+        const float r = nearbyintf(x[j] * inv); /* the bf16 scale may leave max|x| at up to 127.5 steps */
+        dst[j] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+    }
+    memcpy(dst + D, &scale, sizeof(float));
+}
+
+static inline float kv_scale_s8(const void *c, int64_t at, int64_t D) {
+    float s;
+    memcpy(&s, (const int8_t *)c + at + D, sizeof(float));
+    return s;
+}
+
 void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const float *col, int64_t M,
                        int64_t H, int64_t Hkv, int64_t D, const float *cos_tab, const float *sin_tab,
                        const int64_t *pos, float q_scale, void *q_out, int qtype, void *kc, void *vc, int ctype,
@@ -315,9 +344,10 @@ void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const floa
                 continue;
             }
             int64_t kvh = h < H + Hkv ? h - H : h - H - Hkv;
-            int64_t at = (slots ? slots[m] : m) * row_stride + kvh * head_stride + pos[m] * D;
+            int64_t at = (slots ? slots[m] : m) * row_stride + kvh * head_stride + pos[m] * kv_stride(ctype, D);
             void *cache = h < H + Hkv ? kc : vc;
             if (ctype == 0) memcpy((float *)cache + at, o, D * sizeof(float));
+            else if (ctype == 3) kv_store_s8(o, D, (int8_t *)cache + at);
             else for (int64_t j = 0; j < D; j++) ((uint16_t *)cache)[at + j] = f32_to_bf16(o[j]);
         }
     }
@@ -392,6 +422,10 @@ void mc_int8_rows(const float *w, int64_t N, int64_t K, int8_t *q, float *t) {
 static inline void load_kv_row(const void *c, int ctype, int64_t at, int64_t D, float *dst) {
     if (ctype == 0) {
         memcpy(dst, (const float *)c + at, D * sizeof(float));
+    } else if (ctype == 3) {
+        const int8_t *r = (const int8_t *)c + at;
+        const float s = kv_scale_s8(c, at, D);
+        for (int64_t d = 0; d < D; d++) dst[d] = (float)r[d] * s;
     } else {
         const uint16_t *r = (const uint16_t *)c + at;
 #pragma omp simd
@@ -422,14 +456,19 @@ static void softmax_rows(float *s, int64_t G, int64_t n) {
 
 static inline __m512 load16(const void *c, int ctype, int64_t at) {
     if (ctype == 0) return _mm512_loadu_ps((const float *)c + at);
+    if (ctype == 3) /* the row's scale is applied to its score (keys) or its weight (values) */
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)c + at))));
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + at));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* one (row, kv head) pair with AVX-512: C = D/16 vectors per key; the G queries stay in registers */
 static inline void prefetch_row(const void *c, int ctype, int64_t at, int64_t D) {
-    const char *p = (const char *)c + at * (ctype == 0 ? 4 : 2);
-    for (int64_t b = 0; b < D * (ctype == 0 ? 4 : 2); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    const int64_t esz = ctype == 0 ? 4 : ctype == 3 ? 1 : 2, bytes = ctype == 3 ? D + 4 : D * esz;
+    const char *p = (const char *)c + at * esz;
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    if (bytes % 64 && (((uintptr_t)p + bytes - 1) >> 6) != (((uintptr_t)p + bytes / 64 * 64) >> 6))
+        _mm_prefetch(p + bytes - 1, _MM_HINT_T0); /* an unaligned row's last line */
 }
 
 /* lane i of the result = the sum of the 16 lanes of v[i]: pairwise unpack/shuffle adds, each intermediate lane
@@ -459,14 +498,17 @@ static inline __attribute__((always_inline)) void attend_pair_avx512(
      * query head turns 16 of them into 16 scores (~3 instructions a score, against ~10 for a horizontal sum
      * per key); a partial block computes unused lanes from stale `part` rows and does not store them */
     float part[ATT_MAXG][16][16] __attribute__((aligned(64)));
+    const int64_t D = C * 16, ps = kv_stride(ctype, D); /* a position's stride */
+    float ksc[16] __attribute__((aligned(64))) = {0};  /* int8: the block's key scales */
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         const int64_t nb = n - j0 < 16 ? n - j0 : 16;
         for (int64_t jj = 0; jj < nb; jj++) {
             const int64_t j = j0 + jj;
             __m512 kr[ATT_MAXC];
-            if (j + 8 < n) prefetch_row(kc, ctype, base + (j + 8) * C * 16, C * 16);
-            prefetch_row(vc, ctype, base + j * C * 16, C * 16);
-            for (int64_t c = 0; c < C; c++) kr[c] = load16(kc, ctype, base + j * C * 16 + c * 16);
+            if (j + 8 < n) prefetch_row(kc, ctype, base + (j + 8) * ps, D);
+            prefetch_row(vc, ctype, base + j * ps, D);
+            for (int64_t c = 0; c < C; c++) kr[c] = load16(kc, ctype, base + j * ps + c * 16);
+            if (ctype == 3) ksc[jj] = kv_scale_s8(kc, base + j * ps, D);
             for (int64_t g = 0; g < G; g++) {
                 __m512 a = _mm512_mul_ps(qv[g][0], kr[0]);
                 for (int64_t c = 1; c < C; c++) a = _mm512_fmadd_ps(qv[g][c], kr[c], a);
@@ -474,17 +516,22 @@ static inline __attribute__((always_inline)) void attend_pair_avx512(
             }
         }
         const __mmask16 keep = (__mmask16)((1u << nb) - 1u);
-        for (int64_t g = 0; g < G; g++) _mm512_mask_storeu_ps(s + g * n + j0, keep, sum16(part[g]));
+        for (int64_t g = 0; g < G; g++) {
+            __m512 sc = sum16(part[g]);
+            if (ctype == 3) sc = _mm512_mul_ps(sc, _mm512_load_ps(ksc));
+            _mm512_mask_storeu_ps(s + g * n + j0, keep, sc);
+        }
     }
     softmax_rows(s, G, n);
     for (int64_t g = 0; g < G; g++)
         for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m512 vr[ATT_MAXC];
-        if (j < next_n && j < 16) prefetch_row(kc, ctype, next_base + j * C * 16, C * 16);
-        for (int64_t c = 0; c < C; c++) vr[c] = load16(vc, ctype, base + j * C * 16 + c * 16);
+        if (j < next_n && j < 16) prefetch_row(kc, ctype, next_base + j * ps, D);
+        for (int64_t c = 0; c < C; c++) vr[c] = load16(vc, ctype, base + j * ps + c * 16);
+        const float vs = ctype == 3 ? kv_scale_s8(vc, base + j * ps, D) : 1.f;
         for (int64_t g = 0; g < G; g++) {
-            const __m512 p = _mm512_set1_ps(s[g * n + j]);
+            const __m512 p = _mm512_set1_ps(ctype == 3 ? s[g * n + j] * vs : s[g * n + j]);
             for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_fmadd_ps(p, vr[c], acc[g][c]);
         }
     }
@@ -509,7 +556,10 @@ static inline void attend_one_pair(const float *q, int64_t pair, int64_t M, int6
         const int64_t nm = kh + 1 < Hkv ? m : m + 1;
         const int64_t nb = (nm < M && slots ? slots[nm] : nm) * row_stride + (kh + 1 < Hkv ? kh + 1 : 0) * head_stride;
         const int64_t nn = nm < M ? pos[nm] + 1 : 0;
-        if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
+        /* the common head size with each cache type as a constant: no type branches in the inner loops */
+        if (D == 64 && ctype == 3) attend_pair_avx512(qg, G, 4, kc, vc, 3, base, n, sc, o, nb, nn);
+        else if (D == 64 && ctype == 2) attend_pair_avx512(qg, G, 4, kc, vc, 2, base, n, sc, o, nb, nn);
+        else if (D == 64) attend_pair_avx512(qg, G, 4, kc, vc, ctype, base, n, sc, o, nb, nn);
         else if (D == 32) attend_pair_avx512(qg, G, 2, kc, vc, ctype, base, n, sc, o, nb, nn);
         else if (D == 128) attend_pair_avx512(qg, G, 8, kc, vc, ctype, base, n, sc, o, nb, nn);
         else attend_pair_avx512(qg, G, D / 16, kc, vc, ctype, base, n, sc, o, nb, nn);
@@ -518,7 +568,7 @@ static inline void attend_one_pair(const float *q, int64_t pair, int64_t M, int6
 #endif
     float kv[D];
     for (int64_t j = 0; j < n; j++) { /* scores s[g, j] = q_g · k_j */
-        load_kv_row(kc, ctype, base + j * D, D, kv);
+        load_kv_row(kc, ctype, base + j * kv_stride(ctype, D), D, kv);
         for (int64_t g = 0; g < G; g++) {
             const float *qq = qg + g * D;
             float acc = 0.f;
@@ -530,7 +580,7 @@ static inline void attend_one_pair(const float *q, int64_t pair, int64_t M, int6
     softmax_rows(sc, G, n);
     memset(o, 0, G * D * sizeof(float)); /* out_g = Σ_j p[g, j] v_j */
     for (int64_t j = 0; j < n; j++) {
-        load_kv_row(vc, ctype, base + j * D, D, kv);
+        load_kv_row(vc, ctype, base + j * kv_stride(ctype, D), D, kv);
         for (int64_t g = 0; g < G; g++) {
             const float p = sc[g * n + j];
             float *og = o + g * D;
@@ -761,7 +811,7 @@ int mc_decode_w8a8(const mc_layer_w8a8 *L, int64_t nl, float *x, int64_t M, int6
     const int par = threads_allowed ? nthreads : 1;
 #define GT(N, KK) ((N) > 64 && M * (N) * (KK) >= (1 << 20) ? par : 1)
     const int at = M * Hkv > 1 && M * Hkv * (max_pos + 1) >= 1024 ? par : 1;
-    const int64_t esz = ctype == 0 ? 4 : 2;
+    const int64_t esz = ctype == 0 ? 4 : ctype == 3 ? 1 : 2;
     for (int64_t li = 0; li < nl; li++) {
         const mc_layer_w8a8 *l = L + li;
         char *kl = (char *)kc + li * layer_stride * esz, *vl = (char *)vc + li * layer_stride * esz;

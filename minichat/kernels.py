@@ -28,6 +28,14 @@ from minichat.errors import MinichatError
 _SRC = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _YTYPE = {torch.float32: 0, torch.int32: 1, torch.bfloat16: 2}
+# a KV cache's element types; int8 rows hold head_dim values and then their float32 scale (kernels.c kv_store_s8)
+_CTYPE = {torch.float32: 0, torch.bfloat16: 2, torch.int8: 3}
+KV_SCALE_BYTES = 4
+
+
+def kv_head_dim(cache: torch.Tensor) -> int:
+    """The head dimension of a KV cache (..., capacity, D), or (..., capacity, D + 4) int8 with its scales."""
+    return cache.shape[-1] - (KV_SCALE_BYTES if cache.dtype == torch.int8 else 0)
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -265,8 +273,8 @@ class Kernels:
         _check(pos, torch.int64)
         self._check_slots(slots, max_slot, y.shape[0], kc)
         for t in (kc, vc):
-            _check(t, torch.float32, torch.bfloat16)
-        M, D = y.shape[0], kc.shape[-1]
+            _check(t, *_CTYPE)
+        M, D = y.shape[0], kv_head_dim(kc)
         if y.shape[1] != (H + 2 * Hkv) * D or cos.shape[-1] != D or pos.shape != (M,):
             raise ValueError("qkv_rope_cache: shapes do not agree")
         if max_pos >= kc.shape[2] or max_pos >= cos.shape[0] or (slots is None and M > kc.shape[0]):
@@ -274,7 +282,7 @@ class Kernels:
         q = torch.empty(M, H, D, dtype=q_dtype)
         self.lib.mc_qkv_rope_cache(y.data_ptr(), _YTYPE[y.dtype], _ptr(rs), _ptr(cs), M, H, Hkv, D,
                                    cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), q_scale, q.data_ptr(),
-                                   _YTYPE[q_dtype], kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
+                                   _YTYPE[q_dtype], kc.data_ptr(), vc.data_ptr(), _CTYPE[kc.dtype],
                                    kc.stride(0), kc.stride(1), _ptr(slots))
         return q
 
@@ -293,10 +301,10 @@ class Kernels:
         _check(q, torch.float32)
         _check(pos, torch.int64)
         for t in (kc, vc):
-            _check(t, torch.float32, torch.bfloat16)
+            _check(t, *_CTYPE)
         M, H, D = q.shape
         Hkv = kc.shape[1]
-        if kc.shape != vc.shape or kc.dtype != vc.dtype or kc.shape[-1] != D or H % Hkv or pos.shape != (M,):
+        if kc.shape != vc.shape or kc.dtype != vc.dtype or kv_head_dim(kc) != D or H % Hkv or pos.shape != (M,):
             raise ValueError("attend_decode: shapes do not agree")
         if max_pos >= kc.shape[2] or (slots is None and M > kc.shape[0]):
             raise ValueError("attend_decode: position or row outside the cache")
@@ -308,7 +316,7 @@ class Kernels:
         threads = torch.get_num_threads() if self.openmp and M * Hkv > 1 and M * Hkv * (max_pos + 1) >= 1024 else 1
         stride = (H // Hkv) * (max_pos + 1)
         scratch = torch.empty(threads * stride)
-        self.lib.mc_attend_decode(q.data_ptr(), M, H, Hkv, D, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
+        self.lib.mc_attend_decode(q.data_ptr(), M, H, Hkv, D, kc.data_ptr(), vc.data_ptr(), _CTYPE[kc.dtype],
                                   kc.stride(0), kc.stride(1), pos.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                                   stride, threads, _ptr(slots))
         return out
@@ -363,9 +371,9 @@ class Kernels:
         _check(x, torch.float32)
         _check(pos, torch.int64)
         for t in (kc, vc):
-            _check(t, torch.float32, torch.bfloat16)
+            _check(t, *_CTYPE)
         M, Dm = x.shape
-        hd = kc.shape[-1]
+        hd = kv_head_dim(kc)
         if self.nogil is None or kc.shape != vc.shape or kc.dtype != vc.dtype or kc.shape[0] != len(layers) \
                 or kc.shape[2] != Hkv or H % Hkv or pos.shape != (M,) or cos.shape[-1] != hd:
             raise ValueError("decode_layers: shapes do not agree")
@@ -379,7 +387,7 @@ class Kernels:
             buf = self._tls.work = torch.empty(need + need // 2, dtype=torch.uint8)
         work = (buf.data_ptr() + 63) // 64 * 64
         if not self.nogil.mc_decode_w8a8(layers, len(layers), x.data_ptr(), M, Dm, H, Hkv, hd, F, pos.data_ptr(),
-                                         _ptr(slots), max_pos, kc.data_ptr(), vc.data_ptr(), _YTYPE[kc.dtype],
+                                         _ptr(slots), max_pos, kc.data_ptr(), vc.data_ptr(), _CTYPE[kc.dtype],
                                          kc.stride(0), kc.stride(1), kc.stride(2), cos.data_ptr(), sin.data_ptr(),
                                          q_scale, eps, threads, work):
             raise ValueError("decode_layers: this build has no VNNI kernel")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minichat import kernels
+from minichat.engine import _kv_dequant, _kv_quant
 
 K = kernels.load()
 pytestmark = pytest.mark.skipif(K is None, reason="no C compiler here: the engine runs its torch path")
@@ -83,7 +84,16 @@ def test_swiglu_and_its_quantized_form():
     close_q(*K.swiglu_quant(y, rs, cs, colmul=mul), *ref_quant(ref * mul))
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def cache_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values (..., D) as a cache of `dtype` holds them (int8: the engine's rows with their scales)."""
+    return _kv_quant(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def cache_floats(c: torch.Tensor) -> torch.Tensor:
+    return _kv_dequant(c) if c.dtype == torch.int8 else c.float()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
     M, H, Hkv, D, slots, cap = 3, 6, 2, 16, 4, 20
@@ -93,7 +103,7 @@ def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([-ang.sin(), ang.sin()], -1)
     pos = torch.tensor([0, 7, 19])
-    kc = torch.zeros(slots, Hkv, cap, D, dtype=cache_dtype)
+    kc = torch.zeros(slots, Hkv, cap, D + (4 if cache_dtype == torch.int8 else 0), dtype=cache_dtype)
     vc = torch.zeros_like(kc)
     scale = 1 / math.sqrt(D)
     q = K.qkv_rope_cache(y, None, None, H, Hkv, cos, sin, pos, 19, scale, kc, vc, q_dtype=q_dtype)
@@ -105,8 +115,15 @@ def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
     torch.testing.assert_close(q.float(), (rot[:, :H] * scale).to(q_dtype).float(), rtol=1e-5, atol=1e-5)
     v = y[:, (H + Hkv) * D:].view(M, Hkv, D)
     for m in range(M):
-        torch.testing.assert_close(kc[m, :, pos[m]].float(), rot[m, H:].to(cache_dtype).float(), rtol=1e-5, atol=1e-5)
-        assert torch.equal(vc[m, :, pos[m]], v[m].to(cache_dtype))
+        if cache_dtype == torch.int8:  # the keys within half a step of their int8 grid; values byte for byte
+            row = kc[m, :, pos[m]]
+            step = row[:, D:].contiguous().view(torch.float32)  # the stored scale: max|k| / 127 in bf16
+            torch.testing.assert_close(step, (rot[m, H:].abs().amax(-1, keepdim=True) / 127), rtol=2 ** -8, atol=0)
+            assert ((cache_floats(row) - rot[m, H:]).abs() <= step * 0.5 + 1e-6).all()
+        else:
+            torch.testing.assert_close(kc[m, :, pos[m]].float(), rot[m, H:].to(cache_dtype).float(), rtol=1e-5,
+                                       atol=1e-5)
+        assert torch.equal(vc[m, :, pos[m]], cache_rows(v[m], cache_dtype))
     # nothing else in the cache was touched
     written = torch.zeros(slots, Hkv, cap, dtype=torch.bool)
     written[torch.arange(M), :, pos] = True
@@ -114,19 +131,20 @@ def test_qkv_rope_cache_matches_torch(cache_dtype, q_dtype):
 
 
 @pytest.mark.parametrize("D", [64, 32, 24])  # 24: not a multiple of 16, the portable loop instead of AVX-512
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_attend_decode_matches_masked_softmax_attention(D, cache_dtype):
+    """Against softmax attention over the cache's own numbers (int8: its values times their scales)."""
     M, H, Hkv, slots, cap = 4, 6, 2, 5, 40
     g = torch.Generator().manual_seed(1)
-    kc = torch.randn(slots, Hkv, cap, D, generator=g).to(cache_dtype)
-    vc = torch.randn(slots, Hkv, cap, D, generator=g).to(cache_dtype)
+    kc = cache_rows(torch.randn(slots, Hkv, cap, D, generator=g), cache_dtype)
+    vc = cache_rows(torch.randn(slots, Hkv, cap, D, generator=g), cache_dtype)
     q = torch.randn(M, H, D, generator=g) / math.sqrt(D)
     pos = torch.tensor([0, 5, 39, 17])  # each row attends to its own positions 0..pos[m]
     out = K.attend_decode(q, kc, vc, pos, 39)
     for m in range(M):
         n = int(pos[m]) + 1
-        keys = kc[m, :, :n].float().repeat_interleave(H // Hkv, 0)  # query head h reads kv head h // (H/Hkv)
-        vals = vc[m, :, :n].float().repeat_interleave(H // Hkv, 0)
+        keys = cache_floats(kc[m, :, :n]).repeat_interleave(H // Hkv, 0)  # query head h reads kv head h // (H/Hkv)
+        vals = cache_floats(vc[m, :, :n]).repeat_interleave(H // Hkv, 0)
         ref = torch.softmax(q[m, :, None] @ keys.transpose(-1, -2), -1) @ vals  # (H, 1, D)
         torch.testing.assert_close(out[m], ref[:, 0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):  # a position past the cache
@@ -267,11 +285,12 @@ def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatc
 
 
 @pytest.mark.skipif(K is None or not K.openmp, reason="the kernels were built without OpenMP here")
-def test_attention_split_over_threads_is_the_same():
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+def test_attention_split_over_threads_is_the_same(cache_dtype):
     """The attention kernel splits (row, kv head) pairs over torch's OpenMP threads: same result as one thread."""
     g = torch.Generator().manual_seed(2)
-    kc = torch.randn(9, 3, 50, 64, generator=g).to(torch.bfloat16)
-    vc = torch.randn(9, 3, 50, 64, generator=g).to(torch.bfloat16)
+    kc = cache_rows(torch.randn(9, 3, 50, 64, generator=g), cache_dtype)
+    vc = cache_rows(torch.randn(9, 3, 50, 64, generator=g), cache_dtype)
     q = torch.randn(9, 9, 64, generator=g) / 8
     pos = torch.arange(9) * 5 + 3
     old = torch.get_num_threads()

@@ -11,7 +11,7 @@ from minichat.errors import ConfigError
 @dataclass
 class EngineSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # the engine's weight mode. "fast" (int8 activations from 5 rows, SmoothQuant, bf16 KV cache): +29% tokens/s
+    # the engine's weight mode. "fast" (int8 activations from 5 rows, SmoothQuant, int8 KV cache): +29% tokens/s
     # at 32 clients over "auto" (engine alone: 2.2x at batch 32) for +1.2% perplexity (bench/results/engine.md)
     weights: str = "fast"
     max_batch: int = 32  # sequences decoded together per model (the continuous batch)
@@ -19,15 +19,22 @@ class EngineSettings:
     # use one thread while that is measured faster (another process busy on a core: serve/worker.ThreadTuner)
     adaptive_threads: bool = True
     # prompt tokens whose keys and values are kept for reuse (0: off): requests share the system prompt, and a
-    # conversation resends its history every turn (~23 kB per token in fast mode, 4096 tokens: ~94 MB)
+    # conversation resends its history every turn (fast mode: ~12 kB per token with the int8 cache, 23 with
+    # bf16; 4096 tokens: ~50 MB)
     prefix_cache: int = 4096
+    # keys and values: auto = int8 in fast mode with the compiled kernels (attention at batch 32 reads half of
+    # bf16's bytes: +3% tokens/s at 32 clients, +0.2-1.7% perplexity), else bf16 (fast) / fp32; or int8 | bf16 | fp32
+    kv_cache: str = "auto"
 
     def validate(self) -> None:
         if self.max_batch < 1:
             raise ConfigError("engine.max_batch must be >= 1")
         if self.prefix_cache < 0:
             raise ConfigError("engine.prefix_cache must be >= 0 (tokens; 0 turns it off)")
-        from minichat.engine import WEIGHT_MODES
+        from minichat.engine import KV_CACHE_MODES, WEIGHT_MODES
+
+        if self.kv_cache not in KV_CACHE_MODES:
+            raise ConfigError(f"engine.kv_cache must be one of {', '.join(KV_CACHE_MODES)}, got {self.kv_cache!r}")
 
         if self.weights not in WEIGHT_MODES:
             raise ConfigError(f"engine.weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

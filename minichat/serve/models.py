@@ -101,7 +101,7 @@ class ModelRegistry:
                 t0 = time.perf_counter()
                 model, tok, _ = load(path, device=device, verbose=True)
                 engine = Engine(model, tok, device=device, weights=settings.weights, max_batch=settings.max_batch,
-                                prefix_cache=settings.prefix_cache)
+                                prefix_cache=settings.prefix_cache, kv_cache=settings.kv_cache)
                 log.info("loaded model %s from %s in %.1f s", name, path, time.perf_counter() - t0)
                 worker = ModelWorker(name, engine, tok, max_queue=max_queue, threads=threads,
                                      adaptive_threads=settings.adaptive_threads)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minichat.engine import (
-    Completion, ContextOverflowError, Detokenizer, Engine, SamplingParams,
+    Completion, ContextOverflowError, Detokenizer, Engine, SamplingParams, _kv_dequant, _kv_quant,
 )
 from minichat.errors import MinichatError
 
@@ -415,23 +415,43 @@ def test_batched_prefill_matches_one_by_one(tiny, monkeypatch):
         assert together[2 * i].token_ids == together[2 * i + 1].token_ids == one == ref_greedy(model, p, 12)
 
 
-def test_w8a8_prefill_keeps_position_zero_exact(tiny):
+@pytest.mark.parametrize("kv_cache", ["bf16", "int8"])
+def test_w8a8_prefill_keeps_position_zero_exact(tiny, kv_cache):
     """weights="fast" prefills prompts with int8 activations except the rows at position 0 (an attention
     sink with huge activations), which stay fp32: position 0's keys equal the fp32 engine's, later ones are close."""
     model, tok = tiny
     ps = prompts(tok)
     ref = Engine(model, tok, weights="fp32")
-    fast = Engine(model, tok, weights="fast", small_rows=2)
+    if kv_cache == "int8" and not Engine(model, tok, weights="fast")._fuse_big:
+        pytest.skip("no compiled kernels here: an int8 cache needs them")
+    fast = Engine(model, tok, weights="fast", small_rows=2, kv_cache=kv_cache)
     for e in (ref, fast):
         e._ensure_cache(len(ps), 64)
         with torch.inference_mode():
             e._prefill_many(ps, list(range(len(ps))))
-    assert fast._k.dtype == torch.bfloat16  # fast mode's cache; position 0 is exact up to that rounding
+    # position 0 is exact up to the cache's own rounding
+    store = (lambda x: x.to(torch.bfloat16)) if kv_cache == "bf16" else _kv_quant
+    load = (lambda c: c.float()) if kv_cache == "bf16" else _kv_dequant
+    assert fast._k.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
     for i, p in enumerate(ps):
-        torch.testing.assert_close(fast._k[:, i, :, 0], ref._k[:, i, :, 0].to(torch.bfloat16), atol=0, rtol=0)
-        torch.testing.assert_close(fast._v[:, i, :, 0], ref._v[:, i, :, 0].to(torch.bfloat16), atol=0, rtol=0)
-        later = (fast._k[:, i, :, 1:len(p)].float() - ref._k[:, i, :, 1:len(p)]).abs().max()
+        for got, want in ((fast._k, ref._k), (fast._v, ref._v)):  # (fp32 sums in another order: last bits)
+            torch.testing.assert_close(load(got[:, i, :, 0]), load(store(want[:, i, :, 0])), rtol=1e-5, atol=1e-6)
+        later = (load(fast._k[:, i, :, 1:len(p)]) - ref._k[:, i, :, 1:len(p)]).abs().max()
         assert 0 < later < 0.1 * ref._k[:, i, :, 1:len(p)].abs().max()
+
+
+def test_kv_cache_modes():
+    """auto: int8 where fast mode's compiled kernels do all the attending, else bf16 (fast) or fp32; int8
+    where they cannot is refused with a clear error."""
+    model, tok = make_tiny()
+    fast = Engine(model, tok, weights="fast")
+    assert fast.kv_dtype == (torch.int8 if fast._fuse_big and fast._fuse_small else torch.bfloat16)
+    assert Engine(model, tok, weights="fast", kv_cache="bf16").kv_dtype == torch.bfloat16
+    assert Engine(model, tok, weights="fp32").kv_dtype == torch.float32
+    with pytest.raises(MinichatError, match="kv_cache='int8' needs"):
+        Engine(model, tok, weights="fp32", kv_cache="int8")
+    with pytest.raises(MinichatError, match="kv_cache must be one of"):
+        Engine(model, tok, weights="fast", kv_cache="fp8")
 
 
 def test_bf16_cache_attention_paths_agree(tiny):
