@@ -300,8 +300,10 @@ static inline int64_t kv_stride(int ctype, int64_t D) { return ctype == 3 ? D + 
  * bytes. engine._kv_quant computes the same bytes with torch ops. */
 static inline void kv_store_s8(const float *x, int64_t D, int8_t *dst) {
     float amax = 0.f;
+#pragma omp simd reduction(max : amax)
     for (int64_t j = 0; j < D; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
     const float scale = bf16_to_f32(f32_to_bf16(amax / 127.f)), inv = scale > 0.f ? 1.f / scale : 0.f;
+#pragma omp simd
     for (int64_t j = 0; j < D; j++) {
         const float r = nearbyintf(x[j] * inv); /* the bf16 scale may leave max|x| at up to 127.5 steps */
         dst[j] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
@@ -331,10 +333,11 @@ void mc_qkv_rope_cache(const void *y, int ytype, const float *row_sz, const floa
             const float *x = r + h * D;
             if (h < H + Hkv) {
                 const float sc = h < H ? q_scale : 1.f;
-                for (int64_t j = 0; j < D; j++) {
-                    float sw = j < half ? x[j + half] : x[j - half];
-                    o[j] = (x[j] * c[j] + sw * sn[j]) * sc;
-                }
+                /* the halves apart, so that each loop vectorizes (the same arithmetic per element) */
+#pragma omp simd
+                for (int64_t j = 0; j < half; j++) o[j] = (x[j] * c[j] + x[j + half] * sn[j]) * sc;
+#pragma omp simd
+                for (int64_t j = half; j < D; j++) o[j] = (x[j] * c[j] + x[j - half] * sn[j]) * sc;
             } else {
                 memcpy(o, x, D * sizeof(float));
             }
