@@ -105,6 +105,17 @@ def ours_load_time(threads):
     return first, warm
 
 
+def engine_for(model, tok, spec: str, **kw):
+    """An engine for MODE[:SMALL_ROWS][@KV], e.g. "fast", "fast:0", "fast@bf16"."""
+    from minichat.engine import Engine
+
+    spec, _, kv = spec.partition("@")
+    mode, _, rows = spec.partition(":")
+    if rows:
+        kw["small_rows"] = int(rows)
+    return Engine(model, tok, weights=mode, kv_cache=kv or "auto", **kw)
+
+
 def perplexity(eng, ids):
     lp = eng.score(ids)
     return float(torch.tensor(lp).neg().mean().exp())
@@ -173,9 +184,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128, help="new tokens per sequence")
-    ap.add_argument("--modes", default="fp32,auto,fast", help="engine weight modes to time")
-    ap.add_argument("--quality-modes", default="bf16,int8,int4,auto,w8a8,fast:0",
-                    help="MODE or MODE:SMALL_ROWS (fast:0 = fast's big-batch W8A8 kernels at batch 1)")
+    ap.add_argument("--modes", default="fp32,auto,fast,fast@bf16",
+                    help="engine weight modes to time (MODE@KV: with that KV cache, e.g. fast@bf16)")
+    ap.add_argument("--quality-modes", default="bf16,int8,int4,auto,w8a8,fast,fast@bf16,fast:0",
+                    help="MODE[:SMALL_ROWS][@KV] (fast:0 = fast's big-batch W8A8 kernels at batch 1; "
+                         "fast@bf16 = fast with a bf16 KV cache instead of its int8 one)")
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--batch-text", default="/work/shared/data/tinyshakespeare.txt",
@@ -214,7 +227,7 @@ def main():
                  "imports / repeat)",
                  f"{load_first:.2f} s / {load_warm:.2f} s", f"{hf_load_s:.1f} s (GGUF)" if hf else "-"))
     p1 = prompts_for(tok, 1)[0]
-    engines = {m: Engine(model, tok, weights=m, max_batch=64) for m in a.modes.split(",")}
+    engines = {m: engine_for(model, tok, m, max_batch=64) for m in a.modes.split(",")}
     for e in engines.values():  # warm up allocations and kernels
         ours_decode_rate(e, p1, 4)
     hf_b1 = hf_b1_dec = None
@@ -291,8 +304,7 @@ def main():
     from minichat.engine import SamplingParams
 
     for spec in a.quality_modes.split(","):
-        m, _, rows = spec.partition(":")
-        e = Engine(model, tok, weights=m, small_rows=int(rows)) if rows else (engines.get(m) or Engine(model, tok, weights=m))
+        e = engines.get(spec) or engine_for(model, tok, spec)
         m = spec
         got = [e.generate([p], SamplingParams(temperature=0, max_tokens=n_q, stop_token_ids=[]))[0].token_ids for p in qp]
         same = sum(g == r for g, r in zip(got, ref))
