@@ -24,7 +24,9 @@ computes what `Transformer.forward` computes (tests prove it); the faster modes 
 (bench/results/engine.md; docs/parts/engine.md has the table of modes). With the int8/int4 modes a decode
 step runs "fused": the element-wise chains between matmuls (RMSNorm + quantize, RoPE + KV-cache write,
 SwiGLU, residual add) are one call each into minichat/kernels.c, compiled on first use; without a C
-compiler the same math runs as torch ops.
+compiler the same math runs as torch ops. The cache holds fp32, or in fast mode bf16, or int8 with one scale
+per position and head where every decode path attends in those kernels (`kv_cache`; at batch 32 attention
+waits on reading the cache).
 
 Log-probabilities are those of the model itself (log-softmax of the raw logits, before temperature,
 penalties, top-k/top-p), i.e. log π(token | context), which is what ranking and PPO need.
@@ -917,6 +919,9 @@ class Engine:
             return self._decode_fused(tokens, lengths)
         if self._fuse_small and len(lengths) <= self.head.small_rows:
             return self._decode_small_fused(tokens, lengths)
+        if self.kv_dtype == torch.int8:  # (only reachable by switching the fused paths off after building)
+            raise MinichatError("the int8 KV cache is read by the compiled kernels only; build the engine with "
+                                "kv_cache='bf16' to decode through torch ops")
         B, H, Hkv, hd = len(lengths), self.H, self.Hkv, self.hd
         nqk = (H + Hkv) * hd
         pos, S, bias, kv_bias = self._step_mask(lengths)
