@@ -1056,7 +1056,8 @@ class Engine:
         new_s = min(self.max_batch, max(slots, cur_s, 2 * cur_s if slots > cur_s else 0))
         new_c = min(self.max_seq_len, max(columns, cur_c, int(1.5 * cur_c) if columns > cur_c else 0))
         new_c = min(self.max_seq_len, ((new_c + 63) // 64) * 64)
-        shape = (c.n_layer, new_s, c.kv_heads, new_c, c.head_dim + (KV_SCALE_BYTES if self.kv_dtype == torch.int8 else 0))
+        row = c.head_dim + (KV_SCALE_BYTES if self.kv_dtype == torch.int8 else 0)  # int8: the scale after the values
+        shape = (c.n_layer, new_s, c.kv_heads, new_c, row)
         k = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
         if self._k is not None:
