@@ -452,6 +452,10 @@ def test_kv_cache_modes():
         Engine(model, tok, weights="fp32", kv_cache="int8")
     with pytest.raises(MinichatError, match="kv_cache must be one of"):
         Engine(model, tok, weights="fast", kv_cache="fp8")
+    if fast.kv_dtype == torch.int8:  # the torch-ops decode cannot read int8 rows: a clear error, not garbage
+        fast._fuse_big = fast._fuse_small = False
+        with pytest.raises(MinichatError, match="int8 KV cache is read by the compiled kernels only"):
+            fast.generate([tok.encode("Hello there!")], SamplingParams(temperature=0, max_tokens=3))
 
 
 def test_bf16_cache_attention_paths_agree(tiny):
