@@ -701,7 +701,7 @@ class Engine:
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (f"{getattr(self, 'name', 'model')}: {n:.0f}M parameters, context {self.max_seq_len}, "
-                f"weights {self.weights}, {self.device.type}")
+                f"weights {self.weights}, KV cache {str(self.kv_dtype).removeprefix('torch.')}, {self.device.type}")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2", device: str = "cpu", **kwargs) -> "Engine":
