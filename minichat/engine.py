@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from minichat.errors import MinichatError
+from minichat.kernels import KV_SCALE_BYTES, kv_head_dim  # an int8 cache row: head_dim values, then their scale
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 WEIGHT_MODES = ("auto", "fast", "fp32", "bf16", "int8", "int4", "w8a8")
 KV_CACHE_MODES = ("auto", "int8", "bf16", "fp32")  # auto: int8 in fast mode with the kernels, else bf16 / fp32
-KV_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their float32 scale
 
 
 def _kv_quant(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _kv_quant(x: torch.Tensor) -> torch.Tensor:
 
 def _kv_dequant(c: torch.Tensor) -> torch.Tensor:
     """int8 cache rows (..., hd + 4) -> float32 (..., hd)."""
-    hd = c.shape[-1] - KV_SCALE_BYTES
+    hd = kv_head_dim(c)
     return c[..., :hd].float() * c[..., hd:].contiguous().view(torch.float32)
 
 
