@@ -88,6 +88,20 @@ def main() -> int:
     unsafe = [l.split("\t", 1) for l in read_lines("unsafe_prompts.txt")]
     unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
 
+    # two independent hand-written sets (TSV: label, text): "dev" guided the twelfth session's generated training
+    # text, "test" was only measured
+    fresh_rows = []
+    for split in ("dev", "test"):
+        us = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_unsafe.tsv")]
+        ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
+        for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
+            ru, rs_ = m.check_many([t for _, t in us]), m.check_many([t for _, t in ss])
+            fam = sum(any(f.split("/")[0] == c.split("/")[0] for f in r.flagged_categories) for (c, _), r in zip(us, ru))
+            ff = sum(r.flagged for r in rs_)
+            fresh_rows.append(f"| {split} | {n} | {sum(r.flagged for r in ru)}/{len(us)} "
+                              f"({sum(r.flagged for r in ru)/len(us):.1%}) | {fam}/{len(us)} ({fam/len(us):.1%}) | "
+                              f"{ff}/{len(ss)} ({ff/len(ss):.1%}) |")
+
     # speed: one text per call, as the chat path calls it
     sample = texts[:1000]
     t = time.perf_counter()
@@ -134,15 +148,23 @@ def main() -> int:
         for (c, t_), r in zip(unsafe, rs):
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
+    md += ["", "## Independent hand-written sets", "",
+           "Written by two helpers who read neither the rules nor the other files: harmful messages labelled with "
+           "their category, benign messages that share their words. `fresh_dev_*` (200 + 200 chat requests and "
+           "statements) guided the generated training text of `minichat/moderation/synth_frames.py`; `fresh_test_*` "
+           "(160 + 160, a third of them social posts and longer messages) was only measured. \"Right family\": a "
+           "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
+           "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
+    md += fresh_rows
     md += ["", "## Speed (this machine, one text per call)", "",
            f"- rules only: **{rules_tps:,.0f} texts/s** (target >= 1,000)",
            f"- learned scorer alone: **{learned_ms:.2f} ms/text** (target <= 10 ms)",
            f"- rules + learned: {full_ms:.2f} ms/text; batched check_many: {batch_tps:,.0f} texts/s", ""]
     md += ["## Notes", "",
-           "- The safe and harmful prompt files were written by hand for this bench after the rules, and were not "
-           "iterated on: the figures are from the first run against them (the learned scorer never saw them). The "
-           "rules' exceptions were written for classes of look-alikes (processes, photography, games, medicine, "
-           "education), not for these sentences.",
+           "- The safe and harmful prompt files were written by hand for this bench after the rules. The rules "
+           "were not iterated on them. The twelfth session's generated training text was written after their "
+           "misses and the `fresh_dev` set's had been read, so their figures are development figures; "
+           "`fresh_test` is the unseen check.",
            "- Hatecheck's weak spots (see the functionality table): counter-speech that quotes hate, negated hate "
            "and positive statements about groups are often flagged; the learned scorer over-weights identity terms.",
            "- Speed is measured on a shared 2-core machine with other jobs running; rerun for quiet-machine figures.",

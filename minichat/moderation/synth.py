@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+from minichat.moderation import synth_frames
 from minichat.moderation.categories import CATEGORIES, PARENT
 
 OPENERS = ["how do i", "how can i", "how to", "what is the best way to", "whats the easiest way to", "help me",
@@ -155,7 +156,7 @@ def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
     for templates, slots, n in benign_sets:
         for t in _fill(templates, {**S, **slots}, n, rng):
             out.append((t, set()))
-    return out
+    return out + synth_frames.examples(seed)
 
 
 def labelled(seed: int = 0) -> list[tuple[str, dict[str, int]]]:
