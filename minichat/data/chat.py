@@ -254,6 +254,12 @@ def parse_hh(text: str, where: str = "") -> Messages:
     return msgs
 
 
+class DivergentPair(MinichatError):
+    """A chosen/rejected transcript pair that differs before its last turn. Real data has a few (4 of Anthropic
+    HH harmless's 1,835 development pairs: an answer that itself contains "Human:"), so a loader skips and counts
+    them rather than losing the whole file to them."""
+
+
 def comparison_from_row(obj: dict, where: str) -> Comparison:
     for key in ("answers", "responses", "completions"):
         if key in obj:
@@ -278,7 +284,7 @@ def comparison_from_row(obj: dict, where: str) -> Comparison:
         if ch[-1]["role"] != "assistant" or rj[-1]["role"] != "assistant":
             raise MinichatError(f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
         if ch[:-1] != rj[:-1]:
-            raise MinichatError(f"{where}: 'chosen' and 'rejected' must share every turn but the last")
+            raise DivergentPair(f"{where}: 'chosen' and 'rejected' must share every turn but the last")
         return Comparison(ch[:-1], [ch[-1]["content"], rj[-1]["content"]], [0, 1], where)
     raise MinichatError(f"{where}: expected 'prompt'+'answers', 'prompt'+'chosen'+'rejected', or HH 'chosen'+'rejected' "
                         f"(got {', '.join(sorted(obj)) or 'none'})")
@@ -302,7 +308,11 @@ def load_comparisons(path: str | Path, report: DataReport | None = None, limit: 
     report = report or DataReport("preferences")
     out = []
     for where, obj in read_jsonl(path):
-        c = clean_comparison(comparison_from_row(obj, where), report)
+        try:
+            c = clean_comparison(comparison_from_row(obj, where), report)
+        except DivergentPair:
+            report.warn("pairs_that_differ_before_the_last_turn_skipped", where)
+            continue
         if c is not None:
             out.append(c)
             if limit and len(out) >= limit:
@@ -391,7 +401,11 @@ def load_prompts(path: str | Path) -> list[Messages]:
             elif "prompt" in obj:
                 msgs = _as_prompt(obj["prompt"], where)
             elif "chosen" in obj:  # a preference row: its prompt
-                msgs = comparison_from_row(obj, where).prompt
+                try:
+                    msgs = comparison_from_row(obj, where).prompt
+                except DivergentPair:  # the chosen transcript's own turns are still a prompt
+                    ch = obj["chosen"]
+                    msgs = parse_hh(ch, where) if isinstance(ch, str) else check_messages(ch, where)
             else:
                 raise MinichatError(f"{where}: expected a 'prompt' or 'messages' field")
             while msgs and msgs[-1]["role"] == "assistant":

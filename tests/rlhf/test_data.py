@@ -95,10 +95,20 @@ def test_preference_formats_and_rejections(tmp_path):
     assert rep.counts["rankings_with_all_answers_tied_skipped"] == 1
 
 
-def test_hh_rows_must_share_the_prompt(tmp_path, jsonl):
-    p = jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}])
-    with pytest.raises(MinichatError, match="hh.jsonl:1: 'chosen' and 'rejected' must share"):
-        D.load_comparisons(p)
+def test_hh_rows_that_differ_before_the_last_turn_are_skipped_and_counted(tmp_path, jsonl):
+    bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}
+    with pytest.raises(MinichatError, match="x:1: 'chosen' and 'rejected' must share"):
+        D.comparison_from_row(bad, "x:1")
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    p = jsonl(tmp_path / "hh.jsonl", [bad, good])
+    rep = D.DataReport()
+    comps = D.load_comparisons(p, rep)
+    assert [c.answers for c in comps] == [["hello", "go away"]]
+    assert rep.counts == {"pairs_that_differ_before_the_last_turn_skipped": 1} and rep.first[
+        "pairs_that_differ_before_the_last_turn_skipped"] == f"{p}:1"
+    only_bad = jsonl(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(MinichatError, match="no usable comparisons.*differ before the last turn"):
+        D.load_comparisons(only_bad)
 
 
 def test_encoded_comparisons_split_prompt_and_answers(tok):
@@ -133,3 +143,9 @@ def test_epoch_sampler_is_a_partition_of_the_global_batch():
     full = s.indices(4, 6)
     assert s.indices(4, 6, 0, 2) + s.indices(4, 6, 1, 2) == full
     assert sorted(s.indices(0, 5) + s.indices(1, 5)) == list(range(10))  # one epoch covers every example once
+
+
+def test_prompts_from_a_pair_that_differs_before_the_last_turn_come_from_the_chosen_side(tmp_path, jsonl):
+    bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}
+    p = jsonl(tmp_path / "p.jsonl", [bad])
+    assert D.load_prompts(p) == [[{"role": "user", "content": "a"}]]
