@@ -206,8 +206,11 @@ def run(cfg: RewardConfig) -> dict:
         final = Path(cfg.train.out_dir) / "final"
         if cfg.normalize:
             # InstructGPT: "normalized so that the labeler demonstrations achieve a mean score of 0"
+            refs = reference_sequences(cfg, tok, max_len, train_c)
+            if dist.is_main:  # minutes for a large model on a CPU: say what the pause is
+                print(f"[reward] normalising: scoring {len(refs):,} reference answers", flush=True)
             with torch.no_grad(), runtime.autocast(device, dtype):
-                ref = score_sequences(model, reference_sequences(cfg, tok, max_len, train_c), pad, B, device)
+                ref = score_sequences(model, refs, pad, B, device)
             offset = float(ref.mean())
             with torch.no_grad():
                 model.head.bias -= offset
@@ -224,7 +227,7 @@ def run(cfg: RewardConfig) -> dict:
                 "kind": "reward", "stage": "reward", "reward": C.to_dict(cfg),
                 "bias_offset": result.get("bias_offset", 0.0), "val_accuracy": result.get("val_accuracy")})
             print(f"[reward] done: step {result.get('step')}, held-out pairwise accuracy "
-                  f"{result.get('val_accuracy', float('nan')):.3f} on {result.get('val_pairs', 0)} pairs; "
+                  f"{result.get('val_accuracy', float('nan')):.3f} on {int(result.get('val_pairs', 0)):,} pairs; "
                   f"checkpoint {final}")
         result["warnings"] = dict(report.counts)
         return result
