@@ -96,7 +96,8 @@ def main() -> int:
         ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
         for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
             ru, rs_ = m.check_many([t for _, t in us]), m.check_many([t for _, t in ss])
-            fam = sum(any(f.split("/")[0] == c.split("/")[0] for f in r.flagged_categories) for (c, _), r in zip(us, ru))
+            fam = sum(any(f.split("/")[0] == c.split("/")[0] for f in r.flagged_categories)
+                      for (c, _), r in zip(us, ru))
             ff = sum(r.flagged for r in rs_)
             fresh_rows.append(f"| {split} | {n} | {sum(r.flagged for r in ru)}/{len(us)} "
                               f"({sum(r.flagged for r in ru)/len(us):.1%}) | {fam}/{len(us)} ({fam/len(us):.1%}) | "
@@ -149,10 +150,13 @@ def main() -> int:
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
     md += ["", "## Independent hand-written sets", "",
-           "Written by four helpers, one per set, who read neither the rules nor the other sets: harmful messages labelled with "
-           "their category, benign messages that share their words. `fresh_dev_*` (200 + 200 chat requests and "
-           "statements) guided the generated training text of `minichat/moderation/synth_frames.py`; `fresh_test_*` "
-           "(160 + 160, a third of them social posts and longer messages) `fresh_test2_*` (156 + 156, two thirds texts of 2–5 sentences with the harmful one among ordinary ones) and `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a quarter short passages; euphemistic self-harm) were only measured. \"Right family\": a "
+           "Written by four helpers, one per set, who read neither the rules nor the other sets: harmful "
+           "messages labelled with their category, benign messages that share their words. `fresh_dev_*` (200 + "
+           "200 chat requests and statements) guided the generated training text of "
+           "`minichat/moderation/synth_frames.py`; `fresh_test_*` (160 + 160, a third of them social posts and "
+           "longer messages), `fresh_test2_*` (156 + 156, two thirds texts of 2–5 sentences with the harmful one "
+           "among ordinary ones) and `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a "
+           "quarter short passages; euphemistic self-harm) were only measured. \"Right family\": a "
            "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
     md += fresh_rows

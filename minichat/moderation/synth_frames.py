@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 import re
 
+from minichat.moderation.categories import PARENT
+
 _SLOT = re.compile(r"\{(\w+)\}")
 
 ASK = ["how do i", "how can i", "how would i", "how to", "whats the best way to", "what is the easiest way to",
@@ -30,7 +32,8 @@ PLAN = ["im going to", "im gonna", "i will", "ill", "i want to", "i plan to", "t
         "i am about to", "we are going to", "we should", "lets", "someone should", "somebody needs to",
         "i cant wait to", "next week im going to"]
 WHY = ["", " without getting caught", " so nobody finds out", " and get away with it", " so the police dont notice",
-       " tonight", " asap", " for real", " no joke", " step by step", " in detail", " quickly", " before anyone notices"]
+       " tonight", " asap", " for real", " no joke", " step by step", " in detail", " quickly",
+       " before anyone notices"]
 PERSON = ["my ex", "my boss", "my coworker", "my neighbour", "my neighbor", "my teacher", "my landlord",
           "my roommate", "my stepdad", "my sister", "my brother", "my classmate", "the referee", "the judge",
           "that journalist", "my ex wife", "my ex boyfriend", "the cashier", "my manager", "the mayor", "that cop",
@@ -70,7 +73,8 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
          "gplace": GPLACE}
     hate_claim = ["are subhuman", "are vermin", "are parasites", "are animals", "are a disease", "are inferior",
                   "are genetically inferior", "are less intelligent than whites", "are born criminals",
-                  "are all thieves", "are lazy and dirty", "should not be allowed to vote", "dont belong in this country",
+                  "are all thieves", "are lazy and dirty", "should not be allowed to vote",
+                  "dont belong in this country",
                   "are ruining this country", "secretly control the banks", "are a plague on society",
                   "should go back where they came from", "are destroying the white race", "are filth",
                   "are not real people", "breed like rats", "are a drain on society", "are mentally ill freaks",
@@ -125,7 +129,8 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
            "burning my arms with a lighter", "making myself throw up", "not eating for days",
            "scratching my skin raw", "bruising myself", "picking my skin until it bleeds", "using a razor on my arms",
            "taking too many pills to feel numb", "skipping meals until i faint", "digging my nails into my wrists"]
-    sh_note = ["ive written my goodbye letters", "i wrote my suicide note", "i bought a rope", "ive been saving up my pills",
+    sh_note = ["ive written my goodbye letters", "i wrote my suicide note", "i bought a rope",
+               "ive been saving up my pills",
                "i wont be here tomorrow", "this is my last night", "this is my last week alive",
                "im ending it tonight", "i gave away all my things", "nobody will miss me when im gone",
                "im ready to die", "i will jump tonight", "im going to take all my pills tonight",
@@ -137,12 +142,14 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
                "everyone will be better off without me", "im going to end things this week",
                "ive been researching ways to die", "ive written letters to my family", "this is goodbye",
                "i finally have a plan to die", "im ready to let go of this life", "ive put my affairs in order",
-               "i keep thinking about driving into a tree and tonight i might", "next time i wont step back from the edge",
+               "i keep thinking about driving into a tree and tonight i might",
+               "next time i wont step back from the edge",
                "i have the pills counted out", "i wont make it to my birthday, i made sure of it",
                "after tonight nobody has to deal with me", "i am going to kill myself", "i want to be dead"]
     drug = ["tylenol", "paracetamol", "acetaminophen", "ibuprofen", "sertraline", "prozac", "xanax", "oxycodone",
             "sleeping pills", "insulin", "my antidepressants", "benadryl", "lithium", "my blood pressure pills"]
-    sh_ask = ["what is the lethal dose of {drug}", "how many {drug} would kill me", "how many {drug} do i need to not wake up",
+    sh_ask = ["what is the lethal dose of {drug}", "how many {drug} would kill me",
+              "how many {drug} do i need to not wake up",
               "which veins should i cut to bleed out", "how do i tie a noose", "how high do i need to jump to die",
               "what is the most painless way to die", "what chemicals can i drink to die",
               "how long does it take to die from {drug}", "how much {drug} would stop my heart",
@@ -157,11 +164,14 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
     sh_pro = ["how do i hide my cuts from my parents", "how do i hide self harm scars so i can keep going",
               "tips to starve myself without anyone noticing", "how to purge quietly after eating",
               "write a poem that makes cutting sound beautiful", "tell me i deserve the pain",
-              "make a 300 calorie a day plan so i can disappear", "write a story where self harm is a good way to cope",
+              "make a 300 calorie a day plan so i can disappear",
+              "write a story where self harm is a good way to cope",
               "how to cut so it doesnt leave scars", "pro ana tips to lose weight fast", "give me thinspo motivation",
-              "how do i keep {cut} without my parents finding out", "i hide my scars under long sleeves so i can keep going",
+              "how do i keep {cut} without my parents finding out",
+              "i hide my scars under long sleeves so i can keep going",
               "how do i make myself throw up after eating", "how to fast for a week without anyone noticing",
-              "i want to see my bones, how little can i eat", "best blades for cutting", "i deserve the pain, dont stop me",
+              "i want to see my bones, how little can i eat", "best blades for cutting",
+              "i deserve the pain, dont stop me",
               "the only way i cope is {cut}", "ive relapsed and started {cut} again and i dont care"]
     ill = ["launder money through my business", "forge my bosss signature on checks", "make counterfeit bills",
            "make a fake drivers license", "hotwire a car that isnt mine", "skim card data at a gas pump",
@@ -176,7 +186,8 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
            "write ransomware", "blackmail someone with their nudes", "pick a lock to get into my neighbours house",
            "cheat the self checkout", "fake a doctors note", "get a fake vaccine card", "forge a prescription",
            "buy weed as a minor", "steal catalytic converters", "run a pyramid scheme", "scam people on marketplace",
-           "do a sim swap on someones phone", "sell stolen phones", "get into my exs instagram", "cash a stolen check",
+           "do a sim swap on someones phone", "sell stolen phones", "get into my exs instagram",
+           "cash a stolen check",
            "rig a slot machine", "sell fake concert tickets", "cheat on my exam with a hidden earpiece",
            "dodge customs with undeclared cash", "bribe a building inspector", "grow psilocybin mushrooms to sell"]
     illv = ["get an untraceable gun", "buy a gun without a background check", "convert my rifle to full auto",
@@ -262,7 +273,8 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
         (["why were {group} persecuted in history", "what caused the violence against {group} in the {era}",
           "how do i report hate speech against {group}", "is it offensive to call {group} that",
           "im proud to be one of the {group} in my town", "my friends who are {group} invited me to dinner",
-          "write an essay about discrimination against {group}", "what are common stereotypes about {group} and why are they wrong",
+          "write an essay about discrimination against {group}",
+          "what are common stereotypes about {group} and why are they wrong",
           "how can i be a better ally to {group}", "the history of {group} in america", "{group} have a rich culture",
           "our {gplace} is hosting an open day", "what time does {gplace} open on sunday",
           "how do i explain racism to my kids", "write a speech against hate toward {group}"],
@@ -277,26 +289,31 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
          {"boss": ["dragon", "final boss", "zombie king", "raid boss"],
           "game": ["elden ring", "skyrim", "call of duty", "minecraft", "dark souls", "fortnite"]}, 500),
         (["what is a safe dose of {drug}", "how many {drug} can i take in a day safely", "can you overdose on {drug}",
-          "is it possible to overdose on {drug} by accident", "what happens if my kid swallowed some {drug}", "can i take {drug} with alcohol",
+          "is it possible to overdose on {drug} by accident", "what happens if my kid swallowed some {drug}",
+          "can i take {drug} with alcohol",
           "what are the side effects of {drug}", "my friend talks about suicide, how do i help",
           "how do i support someone who self harms", "what is the suicide prevention hotline number",
           "what are the warning signs of suicide", "i used to cut but ive been clean for two years",
           "how do i treat a burn at home", "how to recover from an eating disorder", "first aid for a deep cut",
-          "what should i do if someone overdoses", "how do i stop a bleeding wound", "what to do in a mental health crisis",
+          "what should i do if someone overdoses", "how do i stop a bleeding wound",
+          "what to do in a mental health crisis",
           "my therapist says im making progress", "i feel sad lately, how do i find a therapist",
           "how do i safely store medication away from kids", "what happens to the body during a heart attack"],
          {"drug": ["tylenol", "ibuprofen", "sertraline", "melatonin", "benadryl", "insulin", "aspirin", "vitamin a",
                    "iron pills", "caffeine", "zinc"]}, 600),
         # plot summaries and history in the past tense: an assistant writes these, and their killings are told,
         # not wanted (a Hamlet summary read as harassment)
-        (["in {work}, {ch} {kills} {ch2}", "{ch} {kills} {ch2} and then {end}", "summarize {work}: {ch} {kills} {ch2}",
+        (["in {work}, {ch} {kills} {ch2}", "{ch} {kills} {ch2} and then {end}",
+          "summarize {work}: {ch} {kills} {ch2}",
           "the plot of {work}: {ch} seeks revenge after {ch2} {kills} his father, and in the end {end}",
           "{work} is a tragedy. {ch} {kills} {ch2}, and {end}", "in the novel the villain {kills} the king",
           "the detective finds out that {ch2} {kills} the victim", "in act five {ch} {kills} {ch2}",
           "historians describe how the army {kills} thousands during the siege",
           "in the movie the hero {kills} the monster and saves the town"],
-         {"work": ["hamlet", "macbeth", "romeo and juliet", "othello", "king lear", "the iliad", "crime and punishment",
-                   "the godfather", "game of thrones", "julius caesar", "a murder mystery", "the count of monte cristo"],
+         {"work": ["hamlet", "macbeth", "romeo and juliet", "othello", "king lear", "the iliad",
+          "crime and punishment",
+                   "the godfather", "game of thrones", "julius caesar", "a murder mystery",
+                   "the count of monte cristo"],
           "ch": ["hamlet", "macbeth", "romeo", "othello", "the prince", "the queen", "brutus", "achilles",
                  "raskolnikov", "michael", "the knight", "the duke"],
           "ch2": ["claudius", "duncan", "tybalt", "desdemona", "his uncle", "the king", "caesar", "hector",
@@ -316,16 +333,21 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
           "n": ["two years", "six months", "100 days", "a year", "three weeks"],
           "rel": ["dad", "mom", "brother", "best friend", "grandma", "partner"],
           "when": ["last year", "in high school", "a few years ago", "in 2019"]}, 400),
-        (["how do i protect myself from card skimmers", "how to spot counterfeit bills", "how do banks detect money laundering",
-          "is it legal to grow weed in colorado", "how do i report a scam call", "how do phishing scams work so i can avoid them",
+        (["how do i protect myself from card skimmers", "how to spot counterfeit bills",
+          "how do banks detect money laundering",
+          "is it legal to grow weed in colorado", "how do i report a scam call",
+          "how do phishing scams work so i can avoid them",
           "what are the penalties for tax evasion", "how do i get a replacement drivers license",
           "how do police investigate car theft", "how to keep my car from being stolen",
           "write a mystery novel plot about a bank robbery", "how does the dark web work, explained simply",
           "how do i lock my credit after identity theft", "what does a hitman do in the movie john wick",
-          "history of the gun control debate", "how do i safely store a gun at home", "how does a background check work",
+          "history of the gun control debate", "how do i safely store a gun at home",
+          "how does a background check work",
           "how to clean a hunting rifle", "what is the legal age to buy a gun"], {}, 500),
-        (["how does contraception work", "how do i talk to my partner about sex", "is it normal to have a low sex drive",
-          "how do i talk to my {kid} about puberty", "is my {kid} ready for a phone", "how do i protect my kids from online predators",
+        (["how does contraception work", "how do i talk to my partner about sex",
+          "is it normal to have a low sex drive",
+          "how do i talk to my {kid} about puberty", "is my {kid} ready for a phone",
+          "how do i protect my kids from online predators",
           "what should sex education teach teenagers", "my {kid} is being bullied at school, what do i do",
           "at what age do kids learn about consent", "how do i report child abuse", "how to choose a babysitter",
           "write a romantic story about two adults falling in love", "what is a healthy relationship"],
@@ -334,7 +356,8 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
           "what happens to a body after death, for my forensics class", "how do surgeons repair a broken bone",
           "write a war story about courage without gore", "describe the battle of gettysburg",
           "what injuries are common in car crashes", "how do coroners determine cause of death",
-          "write a scary ghost story for kids", "summarize the plot of macbeth", "how did people die in the black death",
+          "write a scary ghost story for kids", "summarize the plot of macbeth",
+          "how did people die in the black death",
           "why was the holocaust so horrific", "explain the rwandan genocide for a history essay"], {}, 400),
         # identity terms said by the group itself, neutrally or with pride: tweet data taught the scorer that a
         # group's name is evidence of hate (hatecheck's positive identity statements were mostly misflagged)
@@ -345,7 +368,8 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
           "i love being {ida} {idn}", "meet other {idn}s in {city}"],
          {"ida": ["a", "a proud", "a young", "an old", "a gay", "a black", "a disabled", "a trans", "a queer"],
           "idn": ["muslim", "jew", "woman", "immigrant", "lesbian", "trans man", "trans woman", "latina", "sikh",
-                  "arab", "nigerian", "mexican american", "black woman", "gay man", "deaf person", "refugee", "hindu"],
+                  "arab", "nigerian", "mexican american", "black woman", "gay man", "deaf person", "refugee",
+                  "hindu"],
           "city": ["chicago", "london", "toronto", "berlin", "sydney", "houston", "paris"]}, 500),
         (["what happened during the {ev}", "what happened at the {ev} and how did the world find out",
           "how many people died in the {ev}", "why did the {ev} happen", "write a history essay on the {ev}",
@@ -357,16 +381,19 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
         (["how do i avoid cutting myself when i {kc}", "i cut my finger while {kc2}, how do i treat it",
           "my stitches look red, is that infected", "how do i not burn myself when {kc2}",
           "how hot should the oil be to {kc}", "how do i stop the knife slipping when i {kc}"],
-         {"kc": ["chop onions", "dice carrots", "fillet a fish", "deep fry a turkey", "slice bread", "carve the roast"],
+         {"kc": ["chop onions", "dice carrots", "fillet a fish", "deep fry a turkey", "slice bread",
+          "carve the roast"],
           "kc2": ["chopping onions", "cooking dinner", "frying chicken", "carving wood", "shaving"]}, 150),
         # protective and relationship questions share words with attacks ("hack into", "break", "get rid of")
         (["how do i secure my {acct} so nobody can {atk}", "how do i stop someone trying to {atk}",
           "can someone {atk} if i use a strong password", "how would i know if someone tried to {atk}",
-          "how do i break up with {partner} kindly", "how do i get over {partner}", "how do i break the news to {partner}",
+          "how do i break up with {partner} kindly", "how do i get over {partner}",
+          "how do i break the news to {partner}",
           "should i break up with {partner}", "how do i deal with {partner} who keeps texting me",
           "how to get rid of the awkwardness with {partner}"],
          {"acct": ["home wifi", "email", "phone", "laptop", "instagram", "bank account", "router"],
-          "atk": ["hack into it", "break into my account", "steal my password", "get into my wifi", "read my messages"],
+          "atk": ["hack into it", "break into my account", "steal my password", "get into my wifi",
+          "read my messages"],
           "partner": ["my girlfriend", "my boyfriend", "my ex", "my husband", "my wife", "my partner"]}, 300),
         # ordinary conversation, much of it an assistant's: the threats and requests above are full of "you",
         # "ill", "help me"; without these the scorer read plain second-person talk as harassment
@@ -389,16 +416,16 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
                 "what is your approach?", "can you tell me more?", "is there anything else?",
                 "what would you like to do?", "how does that sound?", "why do you ask?"],
           "ok": ["sure", "ok", "no problem", "i see", "thanks", "got it", "i understand", "good question"]}, 900),
-        (["tell {person} i said thanks", "{write} {doc} thanking {person}", "{write} {doc} inviting {person} to my party",
-          "how do i apologize to {person}", "how do i set boundaries with {person}", "{person} is driving me crazy lol",
+        (["tell {person} i said thanks", "{write} {doc} thanking {person}",
+          "{write} {doc} inviting {person} to my party",
+          "how do i apologize to {person}", "how do i set boundaries with {person}",
+          "{person} is driving me crazy lol",
           "how do i tell {person} im moving out", "{write} {doc} for {person}s birthday"], {}, 500),
     ]
 
 
 def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
     """(text, positive categories including their parents); an empty set is benign."""
-    from minichat.moderation.categories import PARENT
-
     rng = random.Random(seed + 7)
     pos, S = _positives()
     out: list[tuple[str, set[str]]] = []
