@@ -48,6 +48,11 @@ GPLACE = ["the mosque", "the synagogue", "the church", "the temple", "the gay ba
           "the refugee shelter", "the community center", "the gurdwara", "the migrant camp", "the black church"]
 
 
+# slots every template may use
+SHARED = {"ask": ASK, "write": WRITE, "doc": DOC, "plan": PLAN, "why": WHY, "person": PERSON, "group": GROUP,
+          "gplace": GPLACE}
+
+
 def _fill(t: str, slots: dict[str, list[str]], rng: random.Random) -> str:
     for _ in range(6):  # nested slots: a value may itself hold {slots}
         if "{" not in t:
@@ -60,7 +65,7 @@ def _many(templates: list[str], slots: dict[str, list[str]], n: int, rng: random
     out: set[str] = set()
     for _ in range(n * 4):
         t = _fill(rng.choice(templates), slots, rng)
-        if rng.random() < 0.15:  # chat style: no final punctuation, "u" for "you", "im"
+        if rng.random() < 0.15:  # chat spelling: "u" for "you", "ur" for "your"
             t = t.replace(" you ", " u ").replace(" your ", " ur ")
         out.add(t)
         if len(out) >= n:
@@ -69,8 +74,7 @@ def _many(templates: list[str], slots: dict[str, list[str]], n: int, rng: random
 
 
 def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
-    S = {"ask": ASK, "write": WRITE, "doc": DOC, "plan": PLAN, "why": WHY, "person": PERSON, "group": GROUP,
-         "gplace": GPLACE}
+    """(templates, slots, categories, how many) per kind of harmful text."""
     hate_claim = ["are subhuman", "are vermin", "are parasites", "are animals", "are a disease", "are inferior",
                   "are genetically inferior", "are less intelligent than whites", "are born criminals",
                   "are all thieves", "are lazy and dirty", "should not be allowed to vote",
@@ -265,10 +269,11 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
          {"ma": minor_act, "minor": minor}, {"sexual/minors", "sexual"}, 400),
         (["{ask} {hr}", "{write} {doc} to {hr}", "help me {hr}", "{plan} {hr}"],
          {"hr": harass}, {"harassment"}, 500),
-    ], S
+    ]
 
 
 def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
+    """(templates, slots, how many) per kind of benign text that shares the harmful texts' words."""
     return [
         (["why were {group} persecuted in history", "what caused the violence against {group} in the {era}",
           "how do i report hate speech against {group}", "is it offensive to call {group} that",
@@ -427,11 +432,10 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
 def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
     """(text, positive categories including their parents); an empty set is benign."""
     rng = random.Random(seed + 7)
-    pos, S = _positives()
     out: list[tuple[str, set[str]]] = []
-    for templates, slots, cats, n in pos:
+    for templates, slots, cats, n in _positives():
         cats = set(cats) | {PARENT[c] for c in cats if c in PARENT}
-        out += [(t, cats) for t in _many(templates, {**S, **slots}, n, rng)]
+        out += [(t, cats) for t in _many(templates, {**SHARED, **slots}, n, rng)]
     for templates, slots, n in _benign():
-        out += [(t, set()) for t in _many(templates, {**S, **slots}, n, rng)]
+        out += [(t, set()) for t in _many(templates, {**SHARED, **slots}, n, rng)]
     return out
