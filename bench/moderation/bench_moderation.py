@@ -98,10 +98,9 @@ def main() -> int:
             ru, rs_ = m.check_many([t for _, t in us]), m.check_many([t for _, t in ss])
             fam = sum(any(f.split("/")[0] == c.split("/")[0] for f in r.flagged_categories)
                       for (c, _), r in zip(us, ru))
-            ff = sum(r.flagged for r in rs_)
-            fresh_rows.append(f"| {split} | {n} | {sum(r.flagged for r in ru)}/{len(us)} "
-                              f"({sum(r.flagged for r in ru)/len(us):.1%}) | {fam}/{len(us)} ({fam/len(us):.1%}) | "
-                              f"{ff}/{len(ss)} ({ff/len(ss):.1%}) |")
+            hit, ff = sum(r.flagged for r in ru), sum(r.flagged for r in rs_)
+            fresh_rows.append(f"| {split} | {n} | {hit}/{len(us)} ({hit/len(us):.1%}) | {fam}/{len(us)} "
+                              f"({fam/len(us):.1%}) | {ff}/{len(ss)} ({ff/len(ss):.1%}) |")
 
     # speed: one text per call, as the chat path calls it
     sample = texts[:1000]

@@ -184,10 +184,11 @@ def run(cfg: RewardConfig) -> dict:
         n_tok = sum(len(r.prompt) + sum(len(a) for a in r.answers) for r in train) / len(train)
         # a frozen block runs forward only: FLOPs ≈ forward · (1 + 2 · the trained share of the weights), or the
         # MFU of a reward model that trains its last 2 of 30 blocks read ~2.7x too high (over 100%)
-        flops = model.flops_per_token(int(n_tok))
         if cfg.train_last_layers >= 0:
             share = sum(p.numel() for p in model.parameters() if p.requires_grad) / sum(p.numel() for p in model.parameters())
             flops = model.flops_per_token(int(n_tok), training=False) * (1 + 2 * share)
+        else:
+            flops = model.flops_per_token(int(n_tok))
         trainer = Trainer(
             cfg.train, cfg.runtime, model, tok, device=device, dtype=dtype, dist=dist,
             batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn if val else None,
