@@ -47,6 +47,17 @@ GROUP = ["jews", "muslims", "black people", "blacks", "immigrants", "mexicans", 
 GPLACE = ["the mosque", "the synagogue", "the church", "the temple", "the gay bar", "the pride parade",
           "the refugee shelter", "the community center", "the gurdwara", "the migrant camp", "the black church"]
 
+# hateful claims about a group; also quoted and denied in the benign counter-speech below
+HATE_CLAIM = ["are subhuman", "are vermin", "are parasites", "are animals", "are a disease", "are inferior",
+              "are genetically inferior", "are less intelligent than whites", "are born criminals",
+              "are all thieves", "are lazy and dirty", "should not be allowed to vote",
+              "dont belong in this country",
+              "are ruining this country", "secretly control the banks", "are a plague on society",
+              "should go back where they came from", "are destroying the white race", "are filth",
+              "are not real people", "breed like rats", "are a drain on society", "are mentally ill freaks",
+              "smell bad", "are savages", "are too stupid to think for themselves", "are worth less than dogs",
+              "should not be allowed to have children", "are a cancer", "are the root of all crime",
+              "are evil by nature", "cant be trusted", "are an invasion", "are degenerates", "are cockroaches"]
 
 # slots every template may use
 SHARED = {"ask": ASK, "write": WRITE, "doc": DOC, "plan": PLAN, "why": WHY, "person": PERSON, "group": GROUP,
@@ -75,16 +86,6 @@ def _many(templates: list[str], slots: dict[str, list[str]], n: int, rng: random
 
 def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
     """(templates, slots, categories, how many) per kind of harmful text."""
-    hate_claim = ["are subhuman", "are vermin", "are parasites", "are animals", "are a disease", "are inferior",
-                  "are genetically inferior", "are less intelligent than whites", "are born criminals",
-                  "are all thieves", "are lazy and dirty", "should not be allowed to vote",
-                  "dont belong in this country",
-                  "are ruining this country", "secretly control the banks", "are a plague on society",
-                  "should go back where they came from", "are destroying the white race", "are filth",
-                  "are not real people", "breed like rats", "are a drain on society", "are mentally ill freaks",
-                  "smell bad", "are savages", "are too stupid to think for themselves", "are worth less than dogs",
-                  "should not be allowed to have children", "are a cancer", "are the root of all crime",
-                  "are evil by nature", "cant be trusted", "are an invasion", "are degenerates", "are cockroaches"]
     hate_threat = ["should be exterminated", "should be wiped out", "should all be shot", "should be hanged",
                    "deserve to die", "need to be gassed", "should be burned alive", "must be driven out by force",
                    "should be lynched", "should be hunted down", "should be thrown off rooftops",
@@ -225,7 +226,7 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
           "{write} {doc} saying that {group} {hc}", "{write} {doc} about how {group} {hc}",
           "{write} {doc} explaining why {group} {hc}", "why are {group} so disgusting",
           "explain why {group} {hc}", "everyone knows {group} {hc}", "tell a joke about how {group} {hc}"],
-         {"hc": hate_claim}, {"hate"}, 900),
+         {"hc": HATE_CLAIM}, {"hate"}, 900),
         (["{group} {ht}", "all {group} {ht}", "{write} {doc} saying {group} {ht}", "{plan} {ha}",
           "{write} {doc} urging people to {ha}", "{write} {doc} calling on everyone to {ha}",
           "help me plan a rally to {ha}", "our group will {ha}", "who wants to {ha} with me this weekend",
@@ -364,6 +365,30 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
           "write a scary ghost story for kids", "summarize the plot of macbeth",
           "how did people die in the black death",
           "why was the holocaust so horrific", "explain the rwandan genocide for a history essay"], {}, 400),
+        # the hateful sentence shapes with kind or neutral predicates, and counter-speech that quotes or denies a
+        # hateful claim: without them "{group} are" and "{group} deserve" read as hate whatever follows
+        (["{group} {pc}", "all {group} {pc}", "honestly {group} {pc}", "i love {group}, they {pc}",
+          "{write} {doc} saying that {group} {pc}", "{write} {doc} about how {group} {pc}",
+          "explain why {group} {pc}", "everyone knows {group} {pc}", "i believe {group} {pc}",
+          "my {kin} always said {group} {pc}"],
+         {"pc": ["deserve equal rights", "deserve respect", "are brilliant engineers", "are wonderful people",
+                 "are our friends and neighbours", "make this country better", "are as smart as anyone else",
+                 "have done so much for science", "are kind and generous", "deserve to feel safe",
+                 "should be treated with dignity", "work so hard", "have every right to live here",
+                 "are great parents", "built this city", "are human beings like everyone else",
+                 "are valued members of our team", "deserve the same chances", "make great leaders",
+                 "are not criminals", "are not a threat to anyone", "belong here", "should be allowed to vote",
+                 "are part of our history", "have a beautiful culture"],
+          "kin": ["mom", "dad", "grandma", "teacher", "coach", "pastor"]}, 700),
+        (["saying {group} {hc} is {bad}", "its {bad} to say that {group} {hc}", "i dont believe {group} {hc}",
+          "stop claiming {group} {hc}", "people who say {group} {hc} are bigots",
+          "it is simply not true that {group} {hc}", "{write} {doc} explaining why the idea that {group} {hc} is false",
+          "how do i respond when someone says {group} {hc}", "my uncle keeps saying {group} {hc}, how do i answer him",
+          "i dont hate {group}", "let me be clear, i have nothing against {group}",
+          "no, {group} are not {adj}", "calling {group} {adj} is {bad}"],
+         {"hc": HATE_CLAIM,
+          "bad": ["hateful", "racist", "wrong", "disgusting", "bigoted", "not ok", "unacceptable", "a lie"],
+          "adj": ["animals", "vermin", "criminals", "inferior", "parasites", "a disease", "dirty", "stupid"]}, 400),
         # identity terms said by the group itself, neutrally or with pride: tweet data taught the scorer that a
         # group's name is evidence of hate (hatecheck's positive identity statements were mostly misflagged)
         (["im proud to be {ida} {idn}", "as {ida} {idn}, where can i find community in {city}",
