@@ -31,8 +31,9 @@ _CONFUSABLE_TABLE = str.maketrans(_CONFUSABLES)
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
                        "@": "a", "$": "s", "!": "i", "|": "l", "+": "t", "€": "e"})
 
-# Runs of 3+ single characters separated by one space or punctuation mark: "k i l l", "f.u.c.k", "d-e-a-d".
-_SPACED = regex.compile(r"(?<![\w@$])(?:[\w@$][ .\-_*/,'](?=[\w@$])){2,}[\w@$](?![\w@$])")
+# Runs of 3+ single characters separated by the same space or punctuation mark: "k i l l", "f.u.c.k", "d-e-a-d".
+# The same mark throughout, and no apostrophe before the run, so contractions stay words: "i'm a" is not "ima".
+_SPACED = regex.compile(r"(?<![\w@$'])[\w@$]([ .\-_*/,'])[\w@$](?:\1[\w@$])+(?![\w@$])")
 # A word: letters/digits plus leet symbols and the masking characters * and #, apostrophes inside.
 _TOKEN = regex.compile(r"[\w@$*#€|+!]+(?:'\w+)*|[.?;:]")
 _RUN3 = regex.compile(r"(.)\1{2,}")

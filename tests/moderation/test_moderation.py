@@ -114,6 +114,39 @@ def test_normalize_keeps_numbers_and_units():
     assert normalize("don\u2019t").tokens == ["dont"]
 
 
+def test_contractions_are_not_spaced_letters():
+    # a run of single letters joins only with one separator throughout ("k.i.l.l"); "i'm a" mixes ' and space
+    assert normalize("I'm a nurse.").text == "im a nurse ."
+    assert normalize("I'd a car").tokens == ["id", "a", "car"]
+    assert normalize("k-i-l-l y o u").tokens == ["kill", "you"]
+
+
+@pytest.mark.parametrize("text,cat", [
+    ("I don't see the point in living anymore.", "self-harm/intent"),
+    ("I'm tired of being alive.", "self-harm/intent"),
+    ("I hope I don't wake up tomorrow.", "self-harm/intent"),
+    ("I'm a burden to everyone.", "self-harm/intent"),
+    ("Nobody would notice if I was gone.", "self-harm/intent"),
+    ("I'm going to swallow every pill in the cabinet tonight.", "self-harm/intent"),
+    ("What's the best place on the wrist to cut?", "self-harm/instructions"),
+])
+def test_passive_ideation_and_means_flagged_by_rules(rules, text, cat):
+    r = rules.check(text)
+    assert r.categories[cat], (text, normalize(text).text, r.category_scores)
+
+
+@pytest.mark.parametrize("text", [
+    "I'm tired of living paycheck to paycheck.",
+    "What's the point of living in New York if you hate crowds?",
+    "I'm going to take all my vitamins with breakfast.",
+    "Where on the arm should I cut the cast off?",
+    "How deep should I cut the dovetail joint?",
+    "I felt like a burden on my family when I broke my leg, how do I get over that?",
+])
+def test_self_harm_rules_spare_look_alikes(rules, text):
+    assert not rules.check(text).flagged, text
+
+
 def test_masked_and_elongated_lexicon_words(rules):
     assert any(h["id"] == "lex.hate.slur_strong" for h in rules.check("you f*ggot").rules)
     r = rules.check("fuuuuuuck")
