@@ -89,9 +89,9 @@ def main() -> int:
     unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
 
     # independent hand-written sets (TSV: label, text): "dev" guided the twelfth session's generated training
-    # text; "test", "test2" and "test3" were only measured
+    # text; "test", "test2", "test3" and "test4" were only measured
     fresh_rows = []
-    for split in ("dev", "test", "test2", "test3"):
+    for split in ("dev", "test", "test2", "test3", "test4"):
         us = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_unsafe.tsv")]
         ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
         for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
@@ -149,13 +149,16 @@ def main() -> int:
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
     md += ["", "## Independent hand-written sets", "",
-           "Written by four helpers, one per set, who read neither the rules nor the other sets: harmful "
+           "Written by five helpers, one per set, who read neither the rules nor the other sets: harmful "
            "messages labelled with their category, benign messages that share their words. `fresh_dev_*` (200 + "
            "200 chat requests and statements) guided the generated training text of "
            "`minichat/moderation/synth_frames.py`; `fresh_test_*` (160 + 160, a third of them social posts and "
            "longer messages), `fresh_test2_*` (156 + 156, two thirds texts of 2–5 sentences with the harmful one "
            "among ordinary ones) and `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a "
-           "quarter short passages; euphemistic self-harm) were only measured. \"Right family\": a "
+           "quarter short passages; euphemistic self-harm) and `fresh_test4_*` (144 + 156, written in the thirteenth "
+           "session after that session's changes: 12 texts for each category but sexual/minors, which the helper "
+           "declined to write; half chat messages, a quarter posts, a quarter passages) were only measured. "
+           "\"Right family\": a "
            "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
     md += fresh_rows
@@ -167,7 +170,8 @@ def main() -> int:
            "- The safe and harmful prompt files were written by hand for this bench after the rules. The rules "
            "were not iterated on them. The twelfth session's generated training text was written after their "
            "misses and the `fresh_dev` set's had been read, so their figures are development figures; "
-           "`fresh_test` is the unseen check.",
+           "`fresh_test` is the unseen check. The thirteenth session's self-harm rules were written after the "
+           "harmful file's missed pills message had been read.",
            "- Hatecheck's weak spots (see the functionality table): counter-speech that quotes hate, negated hate "
            "and positive statements about groups are often flagged; the learned scorer over-weights identity terms.",
            "- Speed is measured on a shared 2-core machine with other jobs running; rerun for quiet-machine figures.",
