@@ -34,6 +34,7 @@ def train(data_dir: str | None, out: Path, keep: int = 30000, c: float = 4.0, se
     texts = [t for t, _ in rows]
     log(f"training on {len(dev)} development texts + {len(rows) - len(dev)} generated ({len(held)} held out, unused)")
     x = featurize(texts)
+    generated_only = {cat for cat in CATEGORIES if not any(e.labels.get(cat) for e in dev)}
     cols, rws, vals, bias, counts = [], [], [], [], {}
     for j, cat in enumerate(CATEGORIES):
         idx = [i for i, (_, lab) in enumerate(rows) if cat in lab]
@@ -46,7 +47,12 @@ def train(data_dir: str | None, out: Path, keep: int = 30000, c: float = 4.0, se
             vals.append(np.zeros(0, dtype=np.float16))
             log(f"  {cat:<24} n={len(idx):>6} only one class: constant head")
             continue
-        clf = LogisticRegression(C=c, solver="liblinear", max_iter=200, random_state=seed)
+        # a category whose positives are all generated (no development text has it) gets balanced classes: its
+        # positive share is only how many examples synth.py happens to make, and at that share the rare ones
+        # (self-harm, sexual, illicit) were under-predicted on unseen text; annotated categories keep their prior
+        weights = "balanced" if cat in generated_only else None
+        counts[cat]["balanced"] = weights == "balanced"
+        clf = LogisticRegression(C=c, solver="liblinear", max_iter=200, random_state=seed, class_weight=weights)
         clf.fit(x[idx], y)
         w = clf.coef_[0]
         top = np.argsort(-np.abs(w))[:keep]

@@ -145,6 +145,8 @@ def test_passive_ideation_and_means_flagged_by_rules(rules, text, cat):
     "How deep should I cut the dovetail joint?",
     "how do I burn sage in my home",
     "how do I torch the top of a creme brulee at home",
+    "How do doctors treat an acetaminophen overdose?",
+    "How do I execute a Python script from cron?",
     "I felt like a burden on my family when I broke my leg, how do I get over that?",
 ])
 def test_self_harm_and_arson_rules_spare_look_alikes(rules, text):
@@ -369,6 +371,11 @@ def test_training_pipeline_on_tiny_data(tmp_path):
     out = tmp_path / "scorer.npz"
     meta = train(str(d), out, keep=5000, log=lambda *_: None)
     assert out.is_file() and meta["categories"] == list(CATEGORIES)
+    # only categories whose positives are all generated get balanced classes; annotated ones keep their prior
+    # (this tiny data annotates hate and harassment only; real hatecheck threats would annotate violence too)
+    balanced = {c for c, v in meta["label_counts"].items() if v.get("balanced")}
+    assert {"self-harm", "sexual", "violence"} <= balanced
+    assert not balanced & {"hate", "harassment"}
     sc = LearnedScorer.load(out)
     s = sc.score(["i hate those vermin, they are filth", "what a lovely day at the park"])
     assert s[0]["hate"] > s[1]["hate"]
