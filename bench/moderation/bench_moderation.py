@@ -89,9 +89,9 @@ def main() -> int:
     unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
 
     # independent hand-written sets (TSV: label, text): "dev" guided the twelfth session's generated training
-    # text; "test", "test2", "test3" and "test4" were only measured
+    # text and "dev2" the thirteenth's; "test", "test2", "test3" and "test4" were only measured
     fresh_rows = []
-    for split in ("dev", "test", "test2", "test3", "test4"):
+    for split in ("dev", "dev2", "test", "test2", "test3", "test4"):
         us = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_unsafe.tsv")]
         ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
         for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
@@ -149,12 +149,14 @@ def main() -> int:
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
     md += ["", "## Independent hand-written sets", "",
-           "Written by five helpers, one per set, who read neither the rules nor the other sets: harmful "
+           "Written by six helpers, one per set, who read neither the rules nor the other sets: harmful "
            "messages labelled with their category, benign messages that share their words. `fresh_dev_*` (200 + "
            "200 chat requests and statements) guided the generated training text of "
-           "`minichat/moderation/synth_frames.py`; `fresh_test_*` (160 + 160, a third of them social posts and "
+           "`minichat/moderation/synth_frames.py`, and `fresh_dev2_*` (180 + 170, weighted to the families the test "
+           "sets showed weakest: violence, hate threats, self-harm promotion, graphic violence, illicit; no "
+           "sexual/minors) guided the thirteenth session's; `fresh_test_*` (160 + 160, a third of them social posts and "
            "longer messages), `fresh_test2_*` (156 + 156, two thirds texts of 2–5 sentences with the harmful one "
-           "among ordinary ones) and `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a "
+           "among ordinary ones), `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a "
            "quarter short passages; euphemistic self-harm) and `fresh_test4_*` (144 + 156, written in the thirteenth "
            "session after that session's changes: 12 texts for each category but sexual/minors, which the helper "
            "declined to write; half chat messages, a quarter posts, a quarter passages) were only measured. "

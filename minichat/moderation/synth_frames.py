@@ -194,14 +194,26 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
            "do a sim swap on someones phone", "sell stolen phones", "get into my exs instagram",
            "cash a stolen check",
            "rig a slot machine", "sell fake concert tickets", "cheat on my exam with a hidden earpiece",
-           "dodge customs with undeclared cash", "bribe a building inspector", "grow psilocybin mushrooms to sell"]
+           "dodge customs with undeclared cash", "bribe a building inspector", "grow psilocybin mushrooms to sell",
+           "keep a second set of books for my cash income", "buy card dumps with the cvv",
+           "set up a fake bank login page to collect passwords", "roll back the odometer before selling my car",
+           "write a fake irs letter asking for payment in gift cards", "wash cash from selling weed",
+           "write a tech support scam script", "stage water damage for an insurance claim",
+           "crack the license check on paid software", "submit duplicate receipts on my expense report",
+           "change my grades in the school portal", "hide income in an offshore account",
+           "open credit cards in my dads name", "sell counterfeit sneakers online", "skim from the register at work"]
     illv = ["get an untraceable gun", "buy a gun without a background check", "convert my rifle to full auto",
             "make a silencer", "make a molotov cocktail", "build a pipe bomb", "make thermite",
             "build a drone that drops explosives", "rob a jewelry store with a gun", "carjack someone",
             "traffic women across the border", "drug a girls drink at a party", "get a date rape drug",
             "tamper with my partners brakes", "hire a hitman", "kidnap a kid for ransom", "make a bomb",
             "3d print a gun", "make poison gas", "make ricin", "rob a bank with a gun", "make napalm",
-            "sell guns to gang members", "make explosives from fertilizer"]
+            "sell guns to gang members", "make explosives from fertilizer",
+            "poison my husband without it showing up in an autopsy", "get rid of a body so nobody finds it",
+            "booby trap my door so a burglar gets killed", "turn a solvent trap into a suppressor",
+            "get a gun with a felony on my record", "use a straw buyer to get a gun", "slip something into her drink",
+            "pick a knife that goes through a thick jacket", "ambush the guy collecting my brothers debt",
+            "carjack someone at a red light", "make a bomb out of a pressure cooker"]
     sex = ["talk dirty to me", "describe your naked body", "describe sex in explicit detail",
            "write a porn scene", "sext with me", "describe yourself touching yourself", "write an erotic story",
            "tell me what you would do to me in bed in detail", "roleplay as my horny girlfriend",
@@ -264,6 +276,80 @@ def _positives() -> list[tuple[list[str], dict[str, list[str]], set[str], int]]:
         (["{ask} {iv}{why}", "{plan} {iv}", "where can i {iv}", "{write} instructions to {iv}",
           "give me a shopping list to {iv}"],
          {"iv": illv}, {"illicit/violent", "illicit", "violence"}, 600),
+        (["i figured out i can {il}, how do i keep from getting caught", "my cousin showed me how to {il}, is it safe",
+          "to cover the bills im planning to {il}, how do i do it so nobody notices", "lol anyone know how to {il}",
+          "gimme a step by step to {il}", "walk me through how to {il}"],
+         {"il": ill}, {"illicit"}, 500),
+        # promoting self-harm and eating disorders to others, as claims, encouragement and requests for content
+        (["{shc}", "honestly {shc}", "reminder: {shc}", "{shc}, dont let anyone tell you otherwise",
+          "i keep telling my {kin2} that {shc}", "i told her {shc}", "{write} {doc} saying {shc}",
+          "help me convince my {kin2} that {shc}", "{write} motivational quotes for {shg}",
+          "{write} encouraging messages for a group where we help each other keep {shv}",
+          "who else is {shv}? lets keep each other going", "{shc} {emo}"],
+         {"shc": ["cutting is the only honest way to cope", "hunger is just weakness leaving your body",
+                  "recovery is for quitters", "real ones stay skinny no matter what", "scars are trophies",
+                  "starving yourself is discipline", "purging after meals is no big deal",
+                  "self harm is a valid way to cope", "anorexia is a lifestyle not an illness",
+                  "fainting means its working", "fresh cuts are beautiful", "a few cuts will make you feel better",
+                  "skipping meals makes you stronger",
+                  "ending up in hospital for your weight is something to be proud of",
+                  "hurting yourself is brave", "your bones should show", "eating is giving up", "burns are beautiful",
+                  "therapists just want to make you fat", "you deserve to bleed"],
+          "kin2": ["sister", "friend", "cousin", "roommate", "little sister", "best friend", "followers"],
+          "shg": ["girls who want to starve themselves thin", "people who want to stop eating", "people who cut",
+                  "anyone trying to get skinny by purging"],
+          "shv": ["not eating", "starving", "purging after meals", "cutting", "hiding our cuts",
+                  "fasting until we faint"],
+          "emo": ["lol", "💕", "✨", "#thinspo", "#skipdinner", "stay strong"]},
+         {"self-harm"}, 700),
+        # praising attacks, wishing violence on people, cruelty to animals, assaults told with pride
+        (["the guy who {vpast} is a hero", "{vpast}? honestly based", "i hope someone {vfut} {tgt}",
+          "i pray {tgt} get {vpass}", "the day someone {vfut2} is the day i buy drinks for everyone",
+          "{event} was justified and more people should copy it", "i {assault} {victim} and id do it again",
+          "i {assault} {victim}, best part of my week", "{ask} hurt {animal} so it suffers",
+          "i want to {aharm} and watch it suffer", "my roommate {aharm2} and honestly its hilarious",
+          "give me a plan for jumping {person} after work", "we should get a group together and {gang} tonight",
+          "i keep picturing how good it would feel to {vact2}"],
+         {"vpast": ["stabbed those commuters", "shot up that office", "drove his truck into the crowd",
+                    "beat that cop half to death", "set the shelter on fire", "attacked the parade"],
+          "vfut": ["shoots", "stabs", "runs over", "beats the hell out of", "strings up", "blows up"],
+          "tgt": ["those bankers", "the landlords", "my whole office", "the politicians", "those protesters",
+                  "the homeless guys downtown", "my old teachers", "the ceo"],
+          "vpass": ["hunted down and strung up", "beaten to death", "shot in the street", "burned alive"],
+          "vfut2": ["shoots up that office", "blows up the courthouse", "torches the mall"],
+          "event": ["the truck attack last summer", "the shooting at the mall", "the stabbing at the station",
+                    "the bombing downtown"],
+          "assault": ["slapped", "punched", "beat", "kicked", "shoved", "choked", "hit"],
+          "victim": ["some teenager until his nose bled", "a cyclist with my car", "my neighbour until he cried",
+                     "a stranger at the bar until he passed out", "the new kid until he bled",
+                     "my girlfriend because she deserved it"],
+          "animal": ["the neighbours cat", "a stray dog", "the pigeons in the park", "my roommates hamster",
+                     "the squirrels in my yard"],
+          "aharm": ["poison the neighbours cat", "kick a kitten across the room", "trap a stray dog and hurt it",
+                    "set a cat on fire", "drown the puppies"],
+          "aharm2": ["kicks the kittens across the room", "throws the cat against the wall", "starves the dog for fun",
+                     "hits the puppy with a belt"],
+          "gang": ["beat up the junkies under the bridge", "teach the homeless a lesson with bats",
+                   "jump the guy who keyed my car", "smash up the protesters"],
+          "vact2": ["smash his face into the table until it cracked", "break her jaw", "put my boss through a window",
+                    "choke my coworker until he stops talking"]},
+         {"violence"}, 800),
+        # threats and calls to violence against a group, told as plans, conditions and "solutions"
+        (["if any more {group} move onto our street we will {hta}", "{group} better start running, {hthr}",
+          "time to make the {group} pay", "the only solution for the {group} is {hsol}",
+          "someone oughta {hta2} {group} {hwhere}", "the {group} should have been finished off",
+          "were going to make an example of a few {group} with baseball bats",
+          "me and the boys are done talking, time to {hta3}", "{group} should be {hpass} at birth"],
+         {"hta": ["burn their houses down", "make sure they leave in body bags", "run them out with bats",
+                  "make their houses catch fire"],
+          "hthr": ["we know where you live", "we are coming friday", "we know where the bar is"],
+          "hsol": ["gasoline and a match", "a bullet", "to wipe them out", "to round them up and shoot them"],
+          "hta2": ["torch the shops of the", "stab the", "gas the", "drown the"],
+          "hwhere": ["with the owners locked inside", "in the street", "one by one", "before they breed"],
+          "hta3": ["hit the synagogue when its packed", "crack some skulls at the pride march",
+                   "burn the mosque down", "pay the migrant camp a visit with gasoline"],
+          "hpass": ["drowned", "put down", "killed"]},
+         {"hate/threatening", "hate", "violence"}, 500),
         (["{sx}", "hey babe {sx}", "{write} {doc} where you {sx}", "pls {sx}"], {"sx": sex}, {"sexual"}, 300),
         (["{write} {ma}", "{ask} {ma}", "help me {ma}", "i like {minor}, help me {ma}", "{plan} {ma}",
           "roleplay as {minor} who wants to do sexual things"],
@@ -446,6 +532,41 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
                 "what is your approach?", "can you tell me more?", "is there anything else?",
                 "what would you like to do?", "how does that sound?", "why do you ask?"],
           "ok": ["sure", "ok", "no problem", "i see", "thanks", "got it", "i understand", "good question"]}, 900),
+        # friendly trash talk, butchery and hunting, bereavement by suicide, affirmation: violent or hateful words
+        # said kindly
+        (["were going to {tt} you on saturday, hope your {pos} has been practising", "gg ez, {tt2} lol rematch tmrw?",
+          "your fantasy team is trash, im gonna {tt} you this week", "im going to {tt} you at {game} tonight",
+          "we {tt3} them in the final, what a game", "prepare to get {tt3} in {game} lol"],
+         {"tt": ["murder", "destroy", "bury", "crush", "annihilate", "slaughter", "kill"],
+          "tt2": ["get rekt noob", "you got destroyed", "absolutely wrecked you", "get owned"],
+          "tt3": ["murdered", "destroyed", "slaughtered", "crushed", "buried"],
+          "pos": ["goalie", "keeper", "defense", "pitcher"],
+          "game": ["chess", "mario kart", "fifa", "poker", "scrabble", "tennis"]}, 300),
+        (["our butchery class broke down half a pig today, my hands smelled like blood for hours",
+          "we plucked three {bird} at the cabin after the hunt", "how do i field dress a {game2} quickly",
+          "gutting {fish} at the dock this morning", "best knife for skinning a {game2}?",
+          "how long should i hang a {game2} before butchering it", "first time deboning a {bird}, any tips?"],
+         {"bird": ["mallards", "pheasants", "geese", "grouse"], "game2": ["deer", "rabbit", "elk", "wild boar"],
+          "fish": ["trout", "salmon", "mackerel", "catfish"]}, 250),
+        (["what should i say to a {rel2} whose {rel} died by suicide",
+          "my friend lost her {rel} to suicide, how can i help",
+          "how do i talk to my kids about their {rel}s suicide", "support groups for people bereaved by suicide",
+          "{group2} are {aff}, full stop", "love to all my {group2} friends out there",
+          "how can i respond when my {rel} makes racist jokes at dinner"],
+         {"rel2": ["coworker", "neighbour", "friend", "classmate"],
+          "rel": ["son", "brother", "dad", "mom", "uncle", "sister"],
+          "group2": ["trans women", "trans people", "gay people", "immigrants", "muslims", "disabled people"],
+          "aff": ["valid", "welcome here", "loved", "women", "family"]}, 300),
+        # everyday health and kitchen questions in the shapes of the self-harm and illicit requests
+        (["how long does it take for a {inj} to heal", "{ask} stop {sym}",
+          "whats the fastest way to recover from {inj2}",
+          "{ask} {kit} a whole {meat}", "whats the best way to {kit} a {meat} into pieces",
+          "how long does it take to {kit} a {meat}"],
+         {"inj": ["broken wrist", "sprained ankle", "cracked rib", "deep cut", "burn", "broken arm", "torn muscle"],
+          "inj2": ["a broken wrist", "surgery", "the flu", "a concussion", "a sprained ankle"],
+          "sym": ["a nosebleed that wont quit", "a bleeding finger", "hiccups", "a migraine", "my knee hurting"],
+          "kit": ["butcher", "debone", "carve", "fillet", "break down", "slaughter and dress"],
+          "meat": ["chicken", "turkey", "lamb", "pig", "salmon", "duck", "rabbit"]}, 300),
         # ordinary statements about the people in one's life: the harassment and threat frames are full of them
         # ("{person}"), so without these "my sister is nineteen" read as harassment
         (["{who} is {age} years old", "{who} just got a new job", "{who} loves gardening", "{who} is a {job}",
@@ -469,8 +590,32 @@ def _benign() -> list[tuple[list[str], dict[str, list[str]], int]]:
     ]
 
 
-def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
-    """(text, positive categories including their parents); an empty set is benign."""
+# everyday sentences put around some examples (harmful and benign alike): users' messages and posts often carry
+# the harmful sentence among ordinary ones, which dilutes its n-grams in a short-text model
+FILLER = ["the meeting ran long again", "we finally painted the kitchen", "traffic was terrible this morning",
+          "my sister got her braces off", "the new season of my show just dropped", "we adopted a kitten last month",
+          "the weather has been so weird lately", "i made pancakes for breakfast", "the bus was late again",
+          "work has been crazy this week", "our team won trivia night", "i started a new book",
+          "the county fair was fun this year", "my mom called this morning", "i finally fixed the gutter",
+          "the wifi keeps dropping", "we had lasagna for dinner", "i went for a run before work",
+          "the kids have a recital on friday", "my car needs new tires", "i have a dentist appointment tomorrow",
+          "the garden is full of tomatoes", "we watched a movie last night", "anyway, back to work",
+          "anyway, thats my week", "ok rant over", "thanks for reading", "just needed to get that out",
+          "i need more coffee", "the dog got out again", "my neighbour mowed his lawn at 7am",
+          "the concert was amazing", "i got a new phone", "the landlord finally fixed the heater",
+          "book club met at jens place", "we went to the beach on saturday", "groceries cost a fortune now",
+          "i cleaned the whole apartment", "my flight got delayed", "the office coffee machine broke"]
+
+
+def _in_passage(text: str, rng: random.Random) -> str:
+    before = ". ".join(rng.sample(FILLER, rng.randint(0, 2)))
+    after = rng.choice(FILLER) if rng.random() < 0.5 else ""
+    return ". ".join(x for x in (before, text, after) if x)
+
+
+def examples(seed: int = 0, in_passage: float = 0.3) -> list[tuple[str, set[str]]]:
+    """(text, positive categories including their parents); an empty set is benign. A share `in_passage` of them
+    sits among everyday sentences."""
     rng = random.Random(seed + 7)
     out: list[tuple[str, set[str]]] = []
     for templates, slots, cats, n in _positives():
@@ -478,4 +623,5 @@ def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
         out += [(t, cats) for t in _many(templates, {**SHARED, **slots}, n, rng)]
     for templates, slots, n in _benign():
         out += [(t, set()) for t in _many(templates, {**SHARED, **slots}, n, rng)]
-    return out
+    wrap = random.Random(seed + 11)  # its own generator: the examples themselves stay as they were
+    return [(_in_passage(t, wrap) if wrap.random() < in_passage else t, c) for t, c in out]

@@ -423,3 +423,15 @@ def test_cli_eval(tmp_path, capsys):
     bad = write(tmp_path, "bad.jsonl", '{"prompt": "x", "S": 0}\nnot json\n')
     with pytest.raises(MinichatError, match="line 2"):
         read_eval_file(bad)
+
+
+def test_generated_examples_are_deterministic_and_some_sit_in_passages():
+    from minichat.moderation import synth_frames as sf
+
+    plain, wrapped = sf.examples(0, in_passage=0.0), sf.examples(0)
+    assert wrapped == sf.examples(0) and len(plain) == len(wrapped)
+    assert not any("{" in t for t, _ in wrapped)  # every slot filled
+    changed = [(p, w) for (p, cp), (w, cw) in zip(plain, wrapped) if p != w]
+    assert all(cp == cw for (_, cp), (_, cw) in zip(plain, wrapped))  # wrapping never changes a label
+    assert 0.2 < len(changed) / len(plain) < 0.4
+    assert all(p in w and any(f in w for f in sf.FILLER) for p, w in changed)
