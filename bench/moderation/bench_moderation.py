@@ -89,9 +89,9 @@ def main() -> int:
     unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
 
     # independent hand-written sets (TSV: label, text): "dev" guided the twelfth session's generated training
-    # text and "dev2" the thirteenth's; "test" to "test5" were only measured
+    # text, "dev2" and "dev3" the thirteenth's; "test" to "test6" were only measured
     fresh_rows = []
-    for split in ("dev", "dev2", "test", "test2", "test3", "test4", "test5"):
+    for split in ("dev", "dev2", "dev3", "test", "test2", "test3", "test4", "test5", "test6"):
         us = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_unsafe.tsv")]
         ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
         for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
@@ -149,18 +149,20 @@ def main() -> int:
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
     md += ["", "## Independent hand-written sets", "",
-           "Written by seven helpers, one per set, who read neither the rules nor the other sets: harmful "
+           "Written by nine helpers, one per set, who read neither the rules nor the other sets: harmful "
            "messages labelled with their category, benign messages that share their words. Development sets, whose "
            "misses were read: `fresh_dev_*` (200 + 200 chat requests and statements) guided the twelfth session's "
            "generated training text (`minichat/moderation/synth_frames.py`), `fresh_dev2_*` (180 + 170, weighted to "
-           "violence, hate threats, self-harm promotion, graphic violence and illicit; no sexual/minors) the "
+           "violence, hate threats, self-harm promotion, graphic violence and illicit; no sexual/minors) and "
+           "`fresh_dev3_*` (132 + 132 web-text excerpts of 40–120 words: forum posts, reviews, stories) the "
            "thirteenth's. Test sets, only measured: `fresh_test_*` (160 + 160, a third of them social posts and "
            "longer messages), `fresh_test2_*` (156 + 156, two thirds texts of 2–5 sentences with the harmful one "
            "among ordinary ones), `fresh_test3_*` (182 + 182, half chatbot messages, a quarter social posts, a "
            "quarter short passages; euphemistic self-harm), `fresh_test4_*` (144 + 156, written during the "
            "thirteenth session: 12 texts for each category but sexual/minors, which the helper declined to write) "
            "and `fresh_test5_*` (144 + 144, written after all of the thirteenth session's changes and measured once "
-           "per version; a third each requests, posts and passages; no sexual/minors). \"Right family\": a "
+           "per version; a third each requests, posts and passages; no sexual/minors) and `fresh_test6_*` (132 + 132 "
+           "web-text excerpts like dev3's, written by another helper at the same time). \"Right family\": a "
 "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
     md += fresh_rows
