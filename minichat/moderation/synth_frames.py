@@ -5,9 +5,11 @@ synth.py's templates cover a few sentence shapes per category, so the scorer lea
 the categories (on a fresh hand-written set it flagged 45% of harmful messages). Here each category's content
 (acts, methods, targets, gore, groups) is crossed with many frames: requests for instructions, requests to
 write something (a post, a letter, a joke, a chant), stated plans and intents, threats addressed to someone,
-calls to action, opinions, and chat-style spelling. Benign texts reuse the same content words in the frames
-people use them in harmlessly (history, news, prevention, first aid, games, help for a friend), so a word alone
-does not decide.
+calls to action, opinions, and chat-style spelling; and, as web text carries them, harms stated rather than
+asked for (gore described, crimes shared as tips, self-harm told as relief, stereotypes asserted). Benign texts
+reuse the same content words in the frames people use them in harmlessly (history, news, prevention, first aid,
+games, help for a friend, kind statements about groups), so a word alone does not decide. A share of all
+examples sits among everyday sentences (FILLER), as posts and messages carry a harmful sentence among others.
 """
 from __future__ import annotations
 
