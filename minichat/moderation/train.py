@@ -50,9 +50,9 @@ def train(data_dir: str | None, out: Path, keep: int = 30000, c: float = 4.0, se
         # a category whose positives are all generated (no development text has it) gets balanced classes: its
         # positive share is only how many examples synth.py happens to make, and at that share the rare ones
         # (self-harm, sexual, illicit) were under-predicted on unseen text; annotated categories keep their prior
-        weights = "balanced" if cat in generated_only else None
-        counts[cat]["balanced"] = weights == "balanced"
-        clf = LogisticRegression(C=c, solver="liblinear", max_iter=200, random_state=seed, class_weight=weights)
+        counts[cat]["balanced"] = balanced = cat in generated_only
+        clf = LogisticRegression(C=c, solver="liblinear", max_iter=200, random_state=seed,
+                                 class_weight="balanced" if balanced else None)
         clf.fit(x[idx], y)
         w = clf.coef_[0]
         top = np.argsort(-np.abs(w))[:keep]
