@@ -89,9 +89,10 @@ def main() -> int:
     unsafe_res = {n: m.check_many([t for _, t in unsafe]) for n, m in (("rules + learned (shipped)", full), ("rules only", rules))}
 
     # independent hand-written sets (TSV: label, text): "dev" guided the twelfth session's generated training
-    # text, "dev2" and "dev3" the thirteenth's; "test" to "test6" were only measured
+    # text, "dev2" and "dev3" the thirteenth's, "chatdev" the fourteenth's; "test" to "test6" and "chattest"
+    # were only measured
     fresh_rows = []
-    for split in ("dev", "dev2", "dev3", "test", "test2", "test3", "test4", "test5", "test6"):
+    for split in ("dev", "dev2", "dev3", "chatdev", "test", "test2", "test3", "test4", "test5", "test6", "chattest"):
         us = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_unsafe.tsv")]
         ss = [l.split("\t", 1) for l in read_lines(f"fresh_{split}_safe.tsv")]
         for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
@@ -101,6 +102,24 @@ def main() -> int:
             hit, ff = sum(r.flagged for r in ru), sum(r.flagged for r in rs_)
             fresh_rows.append(f"| {split} | {n} | {hit}/{len(us)} ({hit/len(us):.1%}) | {fam}/{len(us)} "
                               f"({fam/len(us):.1%}) | {ff}/{len(ss)} ({ff/len(ss):.1%}) |")
+
+    # the last assistant reply of each chosen transcript in the shared hh-rlhf file: unlabelled and mostly benign
+    # (answers to red-teaming prompts), so its flag rate is an upper bound on the output check's false refusals
+    hh_line = []
+    hh_path = Path(d).parent / "preferences" / "hh_harmless_dev.jsonl.gz"
+    if hh_path.is_file():
+        import gzip
+        import json
+
+        with gzip.open(hh_path, "rt", encoding="utf-8") as f:
+            replies = [json.loads(l)["chosen"].rsplit("\n\nAssistant:", 1)[1].strip() for l in f if l.strip()]
+        flagged = [r.flagged for r in full.check_many(replies)]
+        long_ = [fl for fl, r in zip(flagged, replies) if len(r.split()) >= 40]
+        hh_line = ["", "## Assistant replies (hh-rlhf, unlabelled)", "",
+                   f"The last assistant reply of the {len(replies):,} chosen transcripts in "
+                   "`../shared/data/preferences/hh_harmless_dev.jsonl.gz` (answers to red-teaming prompts, mostly "
+                   f"benign; no labels): **{sum(flagged) / len(replies):.1%}** flagged; of the {len(long_)} with 40 "
+                   f"words or more, {sum(long_) / max(1, len(long_)):.1%}."]
 
     # speed: one text per call, as the chat path calls it
     sample = texts[:1000]
@@ -149,7 +168,7 @@ def main() -> int:
             if not r.flagged:
                 md.append(f"  - missed: `{t_}` (expected {c})")
     md += ["", "## Independent hand-written sets", "",
-           "Written by nine helpers, one per set, who read neither the rules nor the other sets: harmful "
+           "Written by eleven helpers, one per set, who read neither the rules nor the other sets: harmful "
            "messages labelled with their category, benign messages that share their words. Development sets, whose "
            "misses were read: `fresh_dev_*` (200 + 200 chat requests and statements) guided the twelfth session's "
            "generated training text (`minichat/moderation/synth_frames.py`), `fresh_dev2_*` (180 + 170, weighted to "
@@ -162,10 +181,14 @@ def main() -> int:
            "thirteenth session: 12 texts for each category but sexual/minors, which the helper declined to write) "
            "and `fresh_test5_*` (144 + 144, written after all of the thirteenth session's changes and measured once "
            "per version; a third each requests, posts and passages; no sexual/minors) and `fresh_test6_*` (132 + 132 "
-           "web-text excerpts like dev3's, written by another helper at the same time). \"Right family\": a "
+           "web-text excerpts like dev3's, written by another helper at the same time). Chat turns, written by two "
+           "helpers at the same time during the fourteenth session: `fresh_chatdev_*` (development; 144 harmful, a "
+           "quarter of them assistant replies, + 240 benign: terse mid-conversation turns, follow-ups, feelings, tasks, "
+           "assistant answers, ordinary uses of sensitive words) and `fresh_chattest_*` (the same brief; measured "
+           "twice, see bench/results/moderation_chat.md). \"Right family\": a "
 "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
-    md += fresh_rows
+    md += fresh_rows + hh_line
     md += ["", "## Speed (this machine, one text per call)", "",
            f"- rules only: **{rules_tps:,.0f} texts/s** (target >= 1,000)",
            f"- learned scorer alone: **{learned_ms:.2f} ms/text** (target <= 10 ms)",

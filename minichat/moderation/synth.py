@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from minichat.moderation import synth_frames
+from minichat.moderation import synth_chat, synth_frames
 from minichat.moderation.categories import CATEGORIES, PARENT
 
 OPENERS = ["how do i", "how can i", "how to", "what is the best way to", "whats the easiest way to", "help me",
@@ -156,9 +156,16 @@ def examples(seed: int = 0) -> list[tuple[str, set[str]]]:
     for templates, slots, n in benign_sets:
         for t in _fill(templates, {**S, **slots}, n, rng):
             out.append((t, set()))
-    return out + synth_frames.examples(seed)
+    return out + synth_frames.examples(seed) + synth_chat.examples(seed)
 
 
 def labelled(seed: int = 0) -> list[tuple[str, dict[str, int]]]:
-    return [(t, {c: int(c in cats) for c in CATEGORIES}) for t, cats in examples(seed)]
+    """(text, {category: 0/1}); a head trains only on the texts whose labels name its category."""
+    rows = [(t, {c: int(c in cats) for c in CATEGORIES}) for t, cats in examples(seed)]
+    # the harassment heads learned from tweets that text addressing "you" is offensive; an assistant's answers
+    # address "you" throughout and were flagged the longer they were
+    return rows + [(t, {c: 0 for c in HARASSMENT}) for t in synth_chat.answers(seed)]
+
+
+HARASSMENT = ("harassment", "harassment/threatening")
 
