@@ -9,7 +9,7 @@ and the newest user message stay (the way ChatGPT only remembers what fits its c
     minichat chat -p "Tell me a joke"      # one answer, then exit;  echo "hi" | minichat chat  works too
     minichat chat --temperature 0.2 --max_tokens 256 --verbose
 
-Inside: /help, /clear, /system TEXT, /set temperature|top_p|top_k|max_tokens|seed|repetition_penalty VALUE,
+Inside: /help, /clear, /system TEXT, /set temperature|top_p|top_k|max_tokens|seed|repetition_penalty|dry_multiplier VALUE,
 /set verbose|quiet, /regen, /save FILE, /load FILE, /bye; multi-line input between \"\"\" lines;
 Ctrl+C stops the current reply, Ctrl+D leaves.
 """
@@ -28,7 +28,7 @@ HELP = """Commands:
   /help                      this list
   /clear                     forget the conversation (keeps the system prompt)
   /system TEXT               set the system prompt (and start over)
-  /set PARAM VALUE           temperature, top_p, top_k, max_tokens, seed, repetition_penalty
+  /set PARAM VALUE           temperature, top_p, top_k, max_tokens, seed, repetition_penalty, dry_multiplier
   /set verbose | quiet       show or hide the timing line after each reply
   /regen                     answer the last message again
   /save FILE  /load FILE     write or read the conversation as JSON
@@ -37,7 +37,8 @@ Write \"\"\" on a line to start multi-line input and \"\"\" again to end it.
 Ctrl+C stops a reply without leaving."""
 
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
-            "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float}
+            "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+            "dry_multiplier": float}
 
 
 # ----------------------------------------------------------------------------------------------- conversation
@@ -207,6 +208,7 @@ class ChatConfig:
     top_k: int = 0
     max_tokens: int = 512
     repetition_penalty: float = 1.0  # >1 curbs loops, but penalises the prompt's words too
+    dry_multiplier: float = 0.8  # DRY: penalises only extending a sequence the reply already wrote; 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -235,7 +237,7 @@ class ChatConfig:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              stop_token_ids=[] if self.ignore_eos else None)
+                              dry_multiplier=self.dry_multiplier, stop_token_ids=[] if self.ignore_eos else None)
 
 
 class ChatSession:

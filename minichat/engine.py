@@ -89,6 +89,12 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: logit -= presence·[token already generated]
     frequency_penalty: float = 0.0  # OpenAI: logit -= frequency·count(token in the output)
     repetition_penalty: float = 1.0  # CTRL/HF: logits of prompt and output tokens divided (>0) or multiplied (<0)
+    # DRY ("don't repeat yourself", as in llama.cpp and text-generation-webui): a token that would extend a
+    # sequence already in the output loses multiplier·base^(length − allowed_length) from its logit
+    # (dry_penalty()); single repeated words and short phrases go free, loops do not. 0 = off
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     stop_token_ids: list[int] | None = None  # None: the engine's end-of-turn tokens; [] never stops on a token
     stop_sequences: list[list[int]] = field(default_factory=list)  # token-id sequences that end the output
     min_tokens: int = 0  # stop tokens are forbidden before this many tokens
@@ -112,6 +118,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not (-2.0 <= v <= 2.0):
                 raise MinichatError(f"{name} must be in [-2, 2], got {v}")
+        if not (0.0 <= self.dry_multiplier <= 10.0) or not (1.0 < self.dry_base <= 4.0) or self.dry_allowed_length < 1:
+            raise MinichatError("dry_multiplier must be in [0, 10] (0 = off), dry_base in (1, 4] and dry_allowed_length "
+                                f">= 1, got {self.dry_multiplier}, {self.dry_base}, {self.dry_allowed_length}")
         if self.top_logprobs < 0 or self.top_logprobs > 20:
             raise MinichatError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.min_tokens < 0:
@@ -392,6 +401,47 @@ class _W8A8Fbgemm:
         return y.mul_(r)
 
 
+DRY_MAX_MATCH = 64  # longer matches are not looked for (the penalty is already prohibitive)
+
+
+def dry_penalty(context, breakers, multiplier: float, base: float, allowed_length: int,
+                search_from: int = 0) -> dict[int, float]:
+    """DRY's penalty per next token, from the token ids of the context so far (prompt and output).
+
+    For every earlier position (from `search_from` on) where the context's last token occurred, the match length L is how many tokens
+    before and including it equal the context's own last L tokens (a breaker token, such as a newline or a
+    colon, ends a match). The token that followed there would repeat a sequence of L + 1 tokens; if
+    L >= allowed_length it loses multiplier·base^(L − allowed_length), keeping the longest match per token.
+    `breakers`: a boolean array over the vocabulary.
+    """
+    import numpy as np
+
+    ctx = np.asarray(context, dtype=np.int64)
+    n = len(ctx)
+    if n < 2 or breakers[ctx[-1]]:
+        return {}
+    pos = np.flatnonzero(ctx[search_from:-1] == ctx[-1]) + search_from
+    if not len(pos):
+        return {}
+    length = np.ones(len(pos), dtype=np.int64)
+    live = np.ones(len(pos), dtype=bool)
+    for k in range(1, min(DRY_MAX_MATCH, n - 1)):
+        mine = ctx[n - 1 - k]
+        if breakers[mine]:
+            break
+        j = pos - k
+        live &= j >= 0
+        live[live] &= ctx[j[live]] == mine
+        if not live.any():
+            break
+        length[live] += 1
+    out: dict[int, float] = {}
+    for nxt, m in zip(ctx[pos + 1].tolist(), length.tolist()):
+        if m >= allowed_length and m > out.get(nxt, 0):
+            out[nxt] = m
+    return {t: multiplier * base ** (m - allowed_length) for t, m in out.items()}
+
+
 def _nucleus(probs: torch.Tensor, tp: torch.Tensor, k0: int = 256) -> torch.Tensor:
     """Top-p: each row keeps its most likely tokens while the mass of the strictly more likely ones is below
     tp (B, 1) times the row's total; rows with tp >= 1 keep everything. Sorting 49k probabilities per row cost
@@ -630,6 +680,7 @@ class Engine:
             # kernel from ~5 rows (batch 8: +30% tokens/s), auto's exact fp32 matmuls only from ~17
             small_rows = 4 if weights == "fast" else 16
         self.model, self.tokenizer = model, tokenizer
+        self._dry_breakers = None  # DRY's sequence breakers over the vocabulary, built on first use
         self.cfg = cfg = model.cfg
         self.max_seq_len = cfg.max_seq_len
         self.max_batch = max_batch
@@ -1299,6 +1350,8 @@ class Engine:
                 logits[i, list(r.stop_ids)] = float("-inf")
         if any(r.params._penalised for r in reqs):
             logits = self._penalise(reqs, rows, logits)
+        if any(r.params.dry_multiplier for r in reqs):
+            self._dry(reqs, logits)
         greedy = [r.params.greedy for r in reqs]
         if all(greedy):
             chosen = self._argmax(logits)
@@ -1328,6 +1381,27 @@ class Engine:
         logits = logits - pres * (counts > 0) - freq * counts
         repd = torch.where(logits > 0, logits / rep, logits * rep)
         return torch.where(seen, repd, logits)
+
+    def _dry(self, reqs, logits) -> None:
+        """DRY penalties, in place, for the rows whose request asks for them."""
+        if self._dry_breakers is None:
+            import numpy as np
+
+            # a token is a breaker if its text holds a newline, colon, quote or asterisk (llama.cpp's defaults):
+            # lists, dialogue and markdown repeat those legitimately
+            vocab = self.cfg.vocab_size
+            texts = [self.tokenizer.decode([i]) if self.tokenizer is not None else "" for i in range(vocab)]
+            self._dry_breakers = np.array([any(c in t for c in "\n:\"*") for t in texts], dtype=bool)
+        for i, r in enumerate(reqs):
+            p = r.params
+            if not p.dry_multiplier:
+                continue
+            # only repeats of the output's own earlier text: a rewrite, an extraction or a quote copies the
+            # prompt on purpose (the match may still reach back into the prompt)
+            pen = dry_penalty(r.prompt + r.output, self._dry_breakers, p.dry_multiplier, p.dry_base,
+                              p.dry_allowed_length, search_from=len(r.prompt))
+            if pen:
+                logits[i, list(pen)] -= torch.tensor(list(pen.values()), dtype=logits.dtype, device=logits.device)
 
     def _draw(self, reqs: list[Request], logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         dev = self.device

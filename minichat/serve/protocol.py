@@ -136,6 +136,11 @@ class _Sampling(_Req):
     logit_bias: dict[str, float] | None = None
     moderation: ModerationParam | None = None
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no end-of-turn before this many
+    # llama.cpp server's DRY extension (minichat.engine.dry_penalty); chat completions default to the server's
+    # dry_multiplier, 0 turns it off
+    dry_multiplier: float | None = Field(default=None, ge=0.0, le=10.0)
+    dry_base: float | None = Field(default=None, gt=1.0, le=4.0)
+    dry_allowed_length: int | None = Field(default=None, ge=1)
 
     @field_validator("stop")
     @classmethod
@@ -237,6 +242,9 @@ class GenOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     min_tokens: int = 0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
 
 
 def new_id(prefix: str) -> str:

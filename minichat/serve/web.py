@@ -42,6 +42,7 @@ class ChatSettings(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     min_tokens: int | None = Field(default=None, ge=0)  # advanced: no end-of-turn before this many tokens
+    dry_multiplier: float | None = Field(default=None, ge=0.0, le=10.0)  # DRY against loops; None: the server's
 
 
 class NewConversation(BaseModel):
@@ -219,7 +220,9 @@ async def generate(cid: str, request: Request, svc: Services = Depends(services)
                       temperature=float(settings.get("temperature", 0.7)), top_p=float(settings.get("top_p", 0.95)),
                       seed=settings.get("seed"), presence_penalty=float(settings.get("presence_penalty") or 0.0),
                       frequency_penalty=float(settings.get("frequency_penalty") or 0.0),
-                      min_tokens=int(settings.get("min_tokens") or 0))
+                      min_tokens=int(settings.get("min_tokens") or 0),
+                      dry_multiplier=float(svc.cfg.dry_multiplier if settings.get("dry_multiplier") is None
+                                           else settings["dry_multiplier"]))
     to_check = [new_user if new_user is not None else history[-1]["content"]] + ([system] if system else [])
     flagged = (await check_input(svc.moderator, to_check)).flagged
     job = None if flagged is not None else submit(svc, m, prompt_ids, opts)  # a 429 here stores nothing

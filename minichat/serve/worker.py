@@ -274,7 +274,8 @@ class ModelWorker:
         params = SamplingParams(
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
-            logprobs=opts.logprobs, top_logprobs=opts.top_logprobs, min_tokens=min(opts.min_tokens, opts.max_tokens))
+            logprobs=opts.logprobs, top_logprobs=opts.top_logprobs, min_tokens=min(opts.min_tokens, opts.max_tokens),
+            dry_multiplier=opts.dry_multiplier, dry_base=opts.dry_base, dry_allowed_length=opts.dry_allowed_length)
         params.validate()
         self.engine.check_prompt(job.prompt_ids)  # ContextOverflowError before anything is queued
         with self._lock:

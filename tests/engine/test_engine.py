@@ -278,6 +278,74 @@ def test_penalties_match_reference(tiny):
     assert max(harsh.count(t) for t in harsh) <= max(plain.count(t) for t in plain)
 
 
+def test_dry_penalty_by_hand():
+    import numpy as np
+
+    from minichat.engine import dry_penalty
+
+    br = np.zeros(20, dtype=bool)
+    br[9] = True  # a breaker, like a newline
+    # "1 2 3" was followed by 4 before: 4 would repeat "1 2 3 4", a match of 3 tokens: 0.8 * 1.75^(3-2)
+    assert dry_penalty([1, 2, 3, 4, 5, 1, 2, 3], br, 0.8, 1.75, 2) == pytest.approx({4: 1.4})
+    assert dry_penalty([1, 2, 3, 4, 5, 7, 2, 3], br, 0.8, 1.75, 2) == pytest.approx({4: 0.8})  # match of 2
+    assert dry_penalty([1, 2, 3, 4, 5, 7, 8, 3], br, 0.8, 1.75, 2) == {}  # 1 token: allowed
+    assert dry_penalty([1, 9, 3, 4, 5, 1, 9, 3], br, 0.8, 1.75, 2) == {}  # the breaker ends the match
+    assert dry_penalty([1, 2, 3, 9, 5, 1, 2, 9], br, 0.8, 1.75, 2) == {}  # nothing follows a breaker's match
+    # two earlier matches followed by different tokens; each keeps its own length
+    assert dry_penalty([1, 2, 6, 7, 2, 8, 1, 2], br, 1.0, 2.0, 2) == pytest.approx({6: 1.0})
+    assert dry_penalty([5, 5, 5, 5], br, 1.0, 2.0, 2) == pytest.approx({5: 2.0})  # a run: the longest match, 3
+    # only earlier occurrences from search_from on count (the prompt may be copied)
+    assert dry_penalty([1, 2, 3, 4, 1, 2, 3], br, 0.8, 1.75, 2, search_from=4) == {}
+    assert dry_penalty([1, 2, 3, 4, 1, 2, 3], br, 0.8, 1.75, 2, search_from=0) == pytest.approx({4: 1.4})
+
+
+def test_dry_matches_reference_and_breaks_loops(tiny):
+    import numpy as np
+
+    from minichat.engine import dry_penalty
+
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
+    p = prompts(tok)[0]
+    sp = SamplingParams(temperature=0, max_tokens=40, dry_multiplier=2.0, dry_base=2.0, dry_allowed_length=2)
+    got = eng.generate([p], sp)[0].token_ids
+    br = np.array([any(c in tok.decode([i]) for c in '\n:"*') for i in range(model.cfg.vocab_size)])
+    ids, want = list(p), []
+    with torch.no_grad():
+        for _ in range(40):
+            z = ref_logits(model, ids)
+            for t, v in dry_penalty(ids, br, 2.0, 2.0, 2, search_from=len(p)).items():
+                z[t] -= v
+            want.append(int(z.argmax()))
+            ids.append(want[-1])
+    assert got == want
+    with pytest.raises(MinichatError, match="dry_multiplier"):
+        eng.submit([1, 2], SamplingParams(dry_multiplier=-1))
+
+
+def test_dry_breaks_a_loop():
+    """A model taught one repeating 5-token cycle loops under greedy decoding; with DRY it leaves the cycle."""
+    import copy
+
+    model, tok = make_tiny(seed=3)
+    model = copy.deepcopy(model)
+    cycle = [i for i in range(30, 90) if not any(c in tok.decode([i]) for c in '\n:"*')][:5]  # no breakers
+    x = torch.tensor([cycle * 12])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    eng = Engine(model.eval(), tok, weights="fp32", stop_token_ids=[])
+    plain = eng.generate([cycle], SamplingParams(temperature=0, max_tokens=30))[0].token_ids
+    assert plain == (cycle * 7)[:30]  # it learned the loop
+    dry = eng.generate([cycle], SamplingParams(temperature=0, max_tokens=30, dry_multiplier=1.0))[0].token_ids
+    # the first cycle in the output is a copy of the prompt (allowed); a second one in the output is not
+    assert dry[:5] == cycle and dry[5:10] != cycle
+
+
 def test_stream_matches_generate_and_closing_cancels(tiny):
     model, tok = tiny
     eng = Engine(model, tok, weights="fp32", stop_token_ids=[])

@@ -270,3 +270,43 @@ def test_health(live):
     h = httpx.get(live.url + "/health", timeout=10).json()
     assert h["status"] == "ok" and set(h["models"]) == {"tiny", "script", "bad"}
     assert h["moderation"] is True and h["store"] is True
+
+
+def test_sampling_defaults_and_dry_reach_the_engine():
+    """A request that leaves temperature / top_p out gets the model's recommended values (the built-in model's
+    card: 0.2 / 0.9), else OpenAI's 1.0; chat requests get the server's DRY unless they set dry_multiplier."""
+    from types import SimpleNamespace
+
+    from minichat.gguf_import import recommended_sampling
+    from minichat.serve.app import _opts
+    from minichat.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    svc = SimpleNamespace(cfg=SimpleNamespace(max_n=4))
+    builtin = SimpleNamespace(context_len=2048, sampling=recommended_sampling("smollm2"))
+    other = SimpleNamespace(context_len=2048, sampling=recommended_sampling("runs/x/ppo"))
+    chat = ChatCompletionRequest(model="m", messages=USER)
+    o = _opts(svc, builtin, 10, max_tokens=None, default_max=64, req=chat, logprobs=False, top_logprobs=0,
+              dry_default=0.8)
+    assert (o.temperature, o.top_p, o.dry_multiplier, o.dry_base, o.dry_allowed_length) == (0.2, 0.9, 0.8, 1.75, 2)
+    o = _opts(svc, other, 10, max_tokens=None, default_max=64, req=chat, logprobs=False, top_logprobs=0)
+    assert (o.temperature, o.top_p, o.dry_multiplier) == (1.0, 1.0, 0.0)
+    asked = ChatCompletionRequest(model="m", messages=USER, temperature=0.7, top_p=0.5, dry_multiplier=0,
+                                  dry_base=2.0, dry_allowed_length=3)
+    o = _opts(svc, builtin, 10, max_tokens=None, default_max=64, req=asked, logprobs=False, top_logprobs=0,
+              dry_default=0.8)
+    assert (o.temperature, o.top_p, o.dry_multiplier, o.dry_base, o.dry_allowed_length) == (0.7, 0.5, 0.0, 2.0, 3)
+    with pytest.raises(ValueError):
+        ChatCompletionRequest(model="m", messages=USER, dry_multiplier=-1)
+    text = CompletionRequest(model="m", prompt="hi", dry_multiplier=1.5)
+    assert _opts(svc, other, 3, max_tokens=None, default_max=16, req=text, logprobs=False,
+                 top_logprobs=0).dry_multiplier == 1.5
+
+
+def test_dry_in_extra_body(client):
+    kw = dict(model="tiny", messages=USER, temperature=0, max_tokens=8)
+    r = client.chat.completions.create(**kw, extra_body={"dry_multiplier": 1.2, "dry_allowed_length": 3})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kw, extra_body={"dry_multiplier": 20})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kw, extra_body={"dry_base": 1.0})
