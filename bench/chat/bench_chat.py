@@ -5,6 +5,8 @@ pairwise judgement.
         before=temperature:0.2,top_p:0.9 after=temperature:0.2,top_p:0.9,dry_multiplier:0.8
     python bench/chat/bench_chat.py pairs OUT.json NEW OLD --out pairs.jsonl --key key.json
     python bench/chat/bench_chat.py score key.json verdicts.tsv [--prompts ...]
+    python bench/chat/bench_chat.py flags OUT.json      # replies the moderation output check would refuse
+    python bench/chat/bench_chat.py guard chatdev chattest  # the moderation sets, streamed through the guard
 
 `generate` samples one reply per conversation for each setting (one engine, batches of 16, max_tokens 512,
 seed 0, one torch thread) and prints the share that ended on their own ("stop"), the share that loop (a word
@@ -112,6 +114,41 @@ def score(a) -> None:
     print("  by kind:", ", ".join(f"{k} {sum(v) / len(v):.2f} ({len(v)})" for k, v in sorted(by.items())))
 
 
+def flags(a) -> None:
+    """The moderator's verdict on each setting's replies: the prompts are benign, so every flag is a reply that
+    the output check would have replaced with a refusal."""
+    from minichat.moderation import Moderator, StreamGuard
+
+    mod = Moderator.load()
+    for name, texts in json.loads(Path(a.outputs).read_text()).items():
+        res = mod.check_many(texts)
+        cats = collections.Counter(c for r in res for c in r.flagged_categories)
+        cut = 0
+        for t in texts:  # as the chat path streams: the guard re-checks the tail as words arrive
+            g = StreamGuard(mod)
+            words = re.findall(r"\S+\s*", t)
+            cut += any(g.feed(w) is not None for w in words) or g.finish() is not None
+        print(f"{name:14} whole reply flagged {sum(r.flagged for r in res)}/{len(texts)}, stopped while streaming "
+              f"{cut}/{len(texts)}  {dict(cats)}")
+
+
+def guard(a) -> None:
+    """The moderation bench's hand-written sets streamed word by word through the stream guard: how many harmful
+    and benign texts it stops."""
+    from minichat.moderation import Moderator, StreamGuard
+
+    mod = Moderator.load()
+    for split in a.sets:
+        for kind in ("unsafe", "safe"):
+            path = HERE.parent / "moderation" / f"fresh_{split}_{kind}.tsv"
+            rows = [l.rstrip("\n").split("\t", 1) for l in open(path, encoding="utf-8") if l.strip() and not l.startswith("#")]
+            stopped = 0
+            for _, t in rows:
+                g = StreamGuard(mod)
+                stopped += any(g.feed(w) is not None for w in re.findall(r"\S+\s*", t)) or g.finish() is not None
+            print(f"{split} {'harmful' if kind == 'unsafe' else 'benign'}: stopped {stopped}/{len(rows)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -132,8 +169,12 @@ def main() -> int:
     s.add_argument("key")
     s.add_argument("verdicts")
     s.add_argument("--prompts", default=str(HERE / "prompts_test.jsonl"))
+    f = sub.add_parser("flags")
+    f.add_argument("outputs")
+    gd = sub.add_parser("guard")
+    gd.add_argument("sets", nargs="+", help="names of bench/moderation's sets, e.g. chatdev chattest")
     a = ap.parse_args()
-    {"generate": generate, "pairs": pairs, "score": score}[a.cmd](a)
+    {"generate": generate, "pairs": pairs, "score": score, "flags": flags, "guard": guard}[a.cmd](a)
     return 0
 
 

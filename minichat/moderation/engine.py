@@ -34,6 +34,11 @@ class Settings:
     regex_timeout: float = 0.5  # seconds one rule may spend on one text before it is reported as broken
     stream_window: int = 600  # characters of the tail the streaming guard re-checks
     stream_every: int = 24  # re-check after this many new characters (and at sentence ends)
+    # a partial answer is stopped only when a flagged category's score clears its threshold by this much; the
+    # finished answer is judged by the thresholds alone. Each re-check of a growing answer is one more chance
+    # of a false flag, and a fragment of a sentence scores more extremely than the sentence: without a margin
+    # the guard stopped 18% of the built-in model's replies to benign prompts (bench/results/moderation_chat.md)
+    stream_margin: float = 0.3
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "Settings":
@@ -49,9 +54,10 @@ class Settings:
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise RulesError(f"{source}: setting {k!r} must be a {want.__name__}, got {v!r}")
             setattr(s, k, v)
-        if s.max_bytes < 1 or s.stream_window < 50 or s.stream_every < 1 or s.regex_timeout <= 0:
+        if (s.max_bytes < 1 or s.stream_window < 50 or s.stream_every < 1 or s.regex_timeout <= 0
+                or not 0.0 <= s.stream_margin < 1.0):
             raise RulesError(f"{source}: settings out of range (max_bytes >= 1, stream_window >= 50, "
-                             "stream_every >= 1, regex_timeout > 0)")
+                             "stream_every >= 1, regex_timeout > 0, 0 <= stream_margin < 1)")
         return s
 
 
@@ -354,6 +360,7 @@ class StreamGuard:
         self.text = ""
         self.result: ModerationResult | None = None
         self._checked_upto = 0
+        self._held = False  # a partial answer was flagged below the margin
 
     def feed(self, delta: str) -> ModerationResult | None:
         if self.result is not None:
@@ -380,15 +387,16 @@ class StreamGuard:
         return new >= self.moderator.settings.stream_every or bool(delta and delta.rstrip()[-1:] in ".!?\n")
 
     def finish(self) -> ModerationResult | None:
-        """Check whatever was not checked yet (call when the stream ends); returns the flagged result or None."""
-        if self.result is None and len(self.text) > self._checked_upto:
-            return self._check()
+        """Check whatever was not checked yet (call when the stream ends); returns the flagged result or None.
+        The finished answer's tail is judged without the partial answers' margin."""
+        if self.result is None and (len(self.text) > self._checked_upto or self._held):
+            return self._verdict(self.moderator.screen_many([self._window()])[0], final=True)
         return self.result
 
     async def afinish(self) -> ModerationResult | None:
         """finish() for an event loop."""
-        if self.result is None and len(self.text) > self._checked_upto:
-            return self._verdict(await self.moderator.ascreen(self._window()))
+        if self.result is None and (len(self.text) > self._checked_upto or self._held):
+            return self._verdict(await self.moderator.ascreen(self._window()), final=True)
         return self.result
 
     def _check(self) -> ModerationResult | None:
@@ -398,7 +406,12 @@ class StreamGuard:
         self._checked_upto = len(self.text)
         return self.text[-self.moderator.settings.stream_window:]
 
-    def _verdict(self, r: ModerationResult | None) -> ModerationResult | None:
+    def _verdict(self, r: ModerationResult | None, final: bool = False) -> ModerationResult | None:
+        if r is not None and r.flagged and not final:
+            m = self.moderator.settings.stream_margin
+            if not any(r.category_scores[c] >= self.moderator.thresholds[c] + m for c in r.flagged_categories):
+                self._held = True  # flagged by the thresholds, not by the margin: finish() looks again
+                return None
         if r is not None and r.flagged:
             self.result = r
             if self.moderator.audit is not None:

@@ -167,6 +167,21 @@ TOPICS = [
      "check that the cable is plugged in firmly", "update the app to the latest version",
      "clear the cache in the browser settings", "you may need to sign out and back in", "a password manager can help"],
 ]
+# what small assistants say around an answer, addressing "you" again and again
+BOILER = ["i'm here to help you with whatever you need", "it's okay to take your time", "whether it's {a}, {b} or {c}, i'm here to assist you",
+          "i'm not a {pro}, but i can offer some general advice", "i'm just a chatbot, so please check with a {pro}",
+          "if you have any other questions, feel free to ask", "i'm sorry to hear that you're going through this",
+          "i'm not here to judge, only to help", "i hope this helps you with your {a}",
+          "you're not alone in feeling this way", "don't hesitate to reach out if you need anything else",
+          "i understand how you feel", "whatever problem you're facing, we can work through it together",
+          "you've got this", "let me know what you think", "i'm always happy to help you",
+          "feel free to tell me more about your situation", "it's completely normal to feel that way"]
+BOILER_SLOTS = {"a": ["a personal project", "a school assignment", "a business idea", "a recipe", "a trip",
+                      "your studies", "your garden", "your new job", "a story", "your budget"],
+                "b": ["a question about health", "a coding problem", "a letter", "a plan for the weekend",
+                      "a difficult conversation"],
+                "c": ["anything else on your mind", "just a chat", "a tricky decision", "something you're curious about"],
+                "pro": ["doctor", "lawyer", "therapist", "financial adviser", "vet", "nutritionist"]}
 OPEN = ["", "", "sure.", "good question.", "happy to help.", 
         "here is what i would suggest.", "great question!", "of course.", "i see.", "got it.", "that makes sense."]
 CLOSE = ["", "", "", "let me know if you want more detail.", "does that help?", "want me to go into more depth?",
@@ -183,8 +198,18 @@ def answers(seed: int = 0, n: int = 900) -> list[str]:
         topic = rng.choice(TOPICS)
         body = rng.sample(topic, rng.randint(2, min(5, len(topic))))
         parts = [rng.choice(OPEN)] + [b[:1].upper() + b[1:] + "." for b in body] + [rng.choice(CLOSE)]
+        if rng.random() < 0.5:  # the boilerplate before or after the answer
+            extra = _fill_slots(rng.choice(BOILER), BOILER_SLOTS, rng)
+            parts.insert(0 if rng.random() < 0.5 else len(parts), extra[:1].upper() + extra[1:] + ".")
         out.append(" ".join(p for p in parts if p))
     return list(dict.fromkeys(out))
+
+
+def _fill_slots(t: str, slots: dict[str, list[str]], rng: random.Random) -> str:
+    for k, vals in slots.items():
+        while "{" + k + "}" in t:
+            t = t.replace("{" + k + "}", rng.choice(vals), 1)
+    return t
 
 
 def _slots() -> dict[str, list[str]]:

@@ -288,6 +288,35 @@ def test_stream_guard_stops_on_flagged_tail(full):
     assert benign.finish() is None
 
 
+def test_stream_guard_margin_on_partial_answers():
+    """A partial answer is stopped only when a score clears its threshold by stream_margin; the finished answer
+    is judged by the threshold alone."""
+    from minichat.moderation.engine import ModerationResult, Settings, StreamGuard
+
+    class Scripted:  # a moderator whose violence score is whatever the text says last
+        settings, thresholds, audit = Settings(stream_every=1), {"violence": 0.5}, None
+
+        def screen_many(self, texts):
+            v = float(texts[0].split()[-1])
+            return [ModerationResult(v >= 0.5, {"violence": v >= 0.5}, {"violence": v})]
+
+    assert Scripted.settings.stream_margin == 0.3
+    g = StreamGuard(Scripted())
+    assert g.feed("0.1 ") is None and g.feed("0.7 ") is None  # flagged, but within the margin: keeps going
+    assert g.feed("0.2 ") is None
+    assert g.finish() is None  # the finished answer's tail reads 0.2
+    g = StreamGuard(Scripted())
+    assert g.feed("0.7") is None
+    hit = g.finish()  # the finished answer reads 0.7: flagged
+    assert hit is not None and hit.category_scores["violence"] == 0.7
+    g = StreamGuard(Scripted())
+    assert g.feed("0.1 ") is None
+    hit = g.feed("0.9 ")  # clears 0.5 + 0.3: stopped at once
+    assert hit is not None and g.feed("0.1 ") is hit and g.finish() is hit
+    with pytest.raises(Exception, match="stream_margin"):
+        Settings.from_dict({"stream_margin": 1.5}, "test")
+
+
 SCREEN_TEXTS = [
     "What a lovely day.", "To kill a zombie process, run ps to find its parent.", "I will kill you all.",
     "Here is how to make a pipe bomb at home.", "You are a worthless idiot and everyone hates you.",
