@@ -408,10 +408,11 @@ def dry_penalty(context, breakers, multiplier: float, base: float, allowed_lengt
                 search_from: int = 0) -> dict[int, float]:
     """DRY's penalty per next token, from the token ids of the context so far (prompt and output).
 
-    For every earlier position (from `search_from` on) where the context's last token occurred, the match length L is how many tokens
-    before and including it equal the context's own last L tokens (a breaker token, such as a newline or a
-    colon, ends a match). The token that followed there would repeat a sequence of L + 1 tokens; if
-    L >= allowed_length it loses multiplier·base^(L − allowed_length), keeping the longest match per token.
+    For every earlier position (from `search_from` on) where the context's last token occurred, the match
+    length L is how many tokens before and including it equal the context's own last L tokens (a breaker token,
+    such as a newline or a colon, ends a match). The token that followed there would repeat a sequence of
+    L + 1 tokens; if L >= allowed_length it loses multiplier·base^(L − allowed_length), keeping the longest match
+    per token.
     `breakers`: a boolean array over the vocabulary.
     """
     import numpy as np

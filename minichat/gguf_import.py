@@ -259,7 +259,7 @@ def is_builtin(name: str | Path | None) -> bool:
 
 def recommended_sampling(name_or_path) -> dict[str, float]:
     """Default temperature / top_p for a model when a request gives none: the built-in model's card's, else {}."""
-    return dict(BUILTIN_SAMPLING) if str(name_or_path).lower() in BUILTIN_NAMES else {}
+    return dict(BUILTIN_SAMPLING) if name_or_path is not None and is_builtin(name_or_path) else {}
 
 
 def resolve_model(name_or_path: str | Path | None = "smollm2", verbose: bool = True) -> Path:

@@ -348,7 +348,8 @@ def _default_refusals() -> dict[str, str]:
 
 
 class StreamGuard:
-    """Moderates a streamed answer as it grows; feed() returns a flagged result as soon as the text is flagged.
+    """Moderates a streamed answer as it grows; feed() returns a flagged result as soon as a flagged category's
+    score clears its threshold by settings.stream_margin, and finish() judges the finished tail by the thresholds.
 
     Only a trailing window is re-checked, and only every `stream_every` characters or at a sentence end, so the
     cost per token stays small. Once flagged, the guard stays flagged and feed() keeps returning that result.
