@@ -402,6 +402,10 @@ class _W8A8Fbgemm:
 
 
 DRY_MAX_MATCH = 64  # longer matches are not looked for (the penalty is already prohibitive)
+# a token whose text holds one of these ends a match: labels, quotes and markdown repeat them legitimately.
+# llama.cpp's defaults also break at a newline; with it, the built-in model looped line by line (a poem of
+# "A time to cherish," lines) and a blind judge preferred the replies without it (bench/results/chat.md)
+DRY_BREAKERS = ':"*'
 
 
 def dry_penalty(context, breakers, multiplier: float, base: float, allowed_length: int,
@@ -410,7 +414,7 @@ def dry_penalty(context, breakers, multiplier: float, base: float, allowed_lengt
 
     For every earlier position (from `search_from` on) where the context's last token occurred, the match
     length L is how many tokens before and including it equal the context's own last L tokens (a breaker token,
-    such as a newline or a colon, ends a match). The token that followed there would repeat a sequence of
+    such as a colon or a quote, ends a match). The token that followed there would repeat a sequence of
     L + 1 tokens; if L >= allowed_length it loses multiplier·base^(L − allowed_length), keeping the longest match
     per token.
     `breakers`: a boolean array over the vocabulary.
@@ -1388,11 +1392,9 @@ class Engine:
         if self._dry_breakers is None:
             import numpy as np
 
-            # a token is a breaker if its text holds a newline, colon, quote or asterisk (llama.cpp's defaults):
-            # lists, dialogue and markdown repeat those legitimately
             vocab = self.cfg.vocab_size
             texts = [self.tokenizer.decode([i]) if self.tokenizer is not None else "" for i in range(vocab)]
-            self._dry_breakers = np.array([any(c in t for c in "\n:\"*") for t in texts], dtype=bool)
+            self._dry_breakers = np.array([any(c in t for c in DRY_BREAKERS) for t in texts], dtype=bool)
         for i, r in enumerate(reqs):
             p = r.params
             if not p.dry_multiplier:

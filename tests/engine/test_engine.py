@@ -284,7 +284,7 @@ def test_dry_penalty_by_hand():
     from minichat.engine import dry_penalty
 
     br = np.zeros(20, dtype=bool)
-    br[9] = True  # a breaker, like a newline
+    br[9] = True  # a breaker, like a colon
     # "1 2 3" was followed by 4 before: 4 would repeat "1 2 3 4", a match of 3 tokens: 0.8 * 1.75^(3-2)
     assert dry_penalty([1, 2, 3, 4, 5, 1, 2, 3], br, 0.8, 1.75, 2) == pytest.approx({4: 1.4})
     assert dry_penalty([1, 2, 3, 4, 5, 7, 2, 3], br, 0.8, 1.75, 2) == pytest.approx({4: 0.8})  # match of 2
@@ -302,14 +302,14 @@ def test_dry_penalty_by_hand():
 def test_dry_matches_reference_and_breaks_loops(tiny):
     import numpy as np
 
-    from minichat.engine import dry_penalty
+    from minichat.engine import DRY_BREAKERS, dry_penalty
 
     model, tok = tiny
     eng = Engine(model, tok, weights="fp32", stop_token_ids=[])
     p = prompts(tok)[0]
     sp = SamplingParams(temperature=0, max_tokens=40, dry_multiplier=2.0, dry_base=2.0, dry_allowed_length=2)
     got = eng.generate([p], sp)[0].token_ids
-    br = np.array([any(c in tok.decode([i]) for c in '\n:"*') for i in range(model.cfg.vocab_size)])
+    br = np.array([any(c in tok.decode([i]) for c in DRY_BREAKERS) for i in range(model.cfg.vocab_size)])
     ids, want = list(p), []
     with torch.no_grad():
         for _ in range(40):
@@ -329,7 +329,7 @@ def test_dry_breaks_a_loop():
 
     model, tok = make_tiny(seed=3)
     model = copy.deepcopy(model)
-    cycle = [i for i in range(30, 90) if not any(c in tok.decode([i]) for c in '\n:"*')][:5]  # no breakers
+    cycle = [i for i in range(30, 90) if not any(c in tok.decode([i]) for c in ':"*')][:5]  # no breakers
     x = torch.tensor([cycle * 12])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
