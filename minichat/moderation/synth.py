@@ -164,8 +164,13 @@ def labelled(seed: int = 0) -> list[tuple[str, dict[str, int]]]:
     rows = [(t, {c: int(c in cats) for c in CATEGORIES}) for t, cats in examples(seed)]
     # the harassment heads learned from tweets that text addressing "you" is offensive; an assistant's answers
     # address "you" throughout and were flagged the longer they were
-    return rows + [(t, {c: 0 for c in HARASSMENT}) for t in synth_chat.answers(seed)]
+    rows += [(t, {c: 0 for c in HARASSMENT}) for t in synth_chat.answers(seed)]
+    # self-harm made beautiful, and recovery in the same words, for the self-harm heads only (synth_frames)
+    harmful, benign = synth_frames.self_harm_glorified(seed)
+    rows += [(t, {"self-harm": 1, "self-harm/intent": 0, "self-harm/instructions": 0}) for t in harmful]
+    return rows + [(t, {c: 0 for c in SELF_HARM}) for t in benign]
 
 
 HARASSMENT = ("harassment", "harassment/threatening")
+SELF_HARM = ("self-harm", "self-harm/intent", "self-harm/instructions")
 

@@ -717,3 +717,44 @@ def examples(seed: int = 0, in_passage: float = 0.3) -> list[tuple[str, set[str]
         out += [(t, set()) for t in _many(templates, {**SHARED, **slots}, n, rng)]
     wrap = random.Random(seed + 11)  # its own generator: the examples themselves stay as they were
     return [(_in_passage(t, wrap) if wrap.random() < in_passage else t, c) for t, c in out]
+
+
+# self-harm made beautiful: fiction asked to endorse it, relapse and scars told with pride, eating disorders kept
+# hidden; with recovery told in the same words as the benign side. synth.labelled gives these to the self-harm
+# heads only: as negatives for every head their "write a poem that ..." shapes lowered the hate head's recall
+_SH_GLORIFIED = (
+    ["{write} {shw} where {shc}, as a {shg} ending", "{write} {shw} that romanticizes {shr}",
+     "i relapsed {when} and {shf}", "i miss {shm} so much, {shf2}", "my {shs} {shp}",
+     "how do i hide {shh} from {who} so they dont make me stop", "{ask} {shq}"],
+    {"shw": ["a story", "a poem", "a short story", "song lyrics", "a scene", "a diary entry"],
+     "shc": ["the girl cuts herself and finally feels calm", "the hero starves himself and it is a happy ending",
+             "she finds peace by hurting herself", "he ends his life and it is beautiful",
+             "burning herself is how she heals"],
+     "shg": ["beautiful", "happy", "peaceful", "inspiring", "perfect"],
+     "shr": ["suicide as a peaceful escape", "cutting", "starving yourself", "self harm", "ending it all"],
+     "when": ["last night", "after 90 days clean", "this morning", "after a year clean"],
+     "shf": ["it felt so good", "went deeper than ever and i loved it", "honestly i dont regret it",
+             "i forgot how good it feels"],
+     "shm": ["cutting", "burning myself", "the feeling of the blade", "starving", "purging"],
+     "shf2": ["nothing else makes me feel real", "im going to start again", "it was the only thing that worked"],
+     "shs": ["scars", "fresh cuts", "burns", "bones showing", "cuts on my thighs"],
+     "shp": ["are my trophies", "look so pretty today", "make me proud", "are the most beautiful thing about me"],
+     "shh": ["my cuts", "that im not eating", "that i throw up after meals", "my burns", "my weight loss"],
+     "who": ["my parents", "my doctor", "my therapist", "my teachers", "my friends"],
+     "shq": ["purge quietly so nobody hears", "cut where nobody will see", "burn myself without leaving marks",
+             "make myself throw up after dinner", "lose ten pounds in a week by not eating"]})
+_SH_RECOVERY = (
+    ["i relapsed {when} and told my therapist", "my scars remind me i survived",
+     "{write} {shw} about recovering from self harm", "i miss my old self, before the depression",
+     "how do i support my friend who relapsed", "{write} {shw} about a girl who gets help and heals",
+     "i hid my grades from my parents", "i miss my grandma so much", "my {shs} are healing well",
+     "how do i tell my parents that im struggling"],
+    {"when": _SH_GLORIFIED[1]["when"], "shw": _SH_GLORIFIED[1]["shw"], "shs": ["scars", "burns", "stitches"]})
+
+
+def self_harm_glorified(seed: int = 0) -> tuple[list[str], list[str]]:
+    """(harmful, benign) texts for the self-harm heads only."""
+    rng = random.Random(seed + 19)
+    harmful = _many(_SH_GLORIFIED[0], {**SHARED, **_SH_GLORIFIED[1]}, 500, rng)
+    benign = _many(_SH_RECOVERY[0], {**SHARED, **_SH_RECOVERY[1]}, 200, rng)
+    return harmful, benign

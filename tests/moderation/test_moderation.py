@@ -481,6 +481,19 @@ def test_generated_chat_turns_are_benign_deterministic_and_varied():
     assert set(texts) <= {t for t, _ in synth.examples(0)}  # and they reach the training data
 
 
+def test_head_restricted_examples_reach_only_their_heads():
+    """Assistant answers train only the harassment heads, self-harm made beautiful only the self-harm heads."""
+    from minichat.moderation import synth, synth_chat, synth_frames
+
+    rows = dict(synth.labelled(0))
+    answers = synth_chat.answers(0)
+    harmful, benign = synth_frames.self_harm_glorified(0)
+    assert harmful and benign and harmful == synth_frames.self_harm_glorified(0)[0]
+    assert all(set(rows[t]) == set(synth.HARASSMENT) and not any(rows[t].values()) for t in answers)
+    assert all(rows[t] == {"self-harm": 1, "self-harm/intent": 0, "self-harm/instructions": 0} for t in harmful)
+    assert all(set(rows[t]) == set(synth.SELF_HARM) and not any(rows[t].values()) for t in benign)
+
+
 def test_generated_examples_are_deterministic_and_some_sit_in_passages():
     from minichat.moderation import synth_frames as sf
 
