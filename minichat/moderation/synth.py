@@ -167,7 +167,7 @@ def labelled(seed: int = 0) -> list[tuple[str, dict[str, int]]]:
     rows += [(t, {c: 0 for c in HARASSMENT}) for t in synth_chat.answers(seed)]
     # self-harm made beautiful, and recovery in the same words, for the self-harm heads only (synth_frames)
     harmful, benign = synth_frames.self_harm_glorified(seed)
-    rows += [(t, {"self-harm": 1, "self-harm/intent": 0, "self-harm/instructions": 0}) for t in harmful]
+    rows += [(t, {c: int(c == "self-harm") for c in SELF_HARM}) for t in harmful]
     return rows + [(t, {c: 0 for c in SELF_HARM}) for t in benign]
 
 
