@@ -109,3 +109,15 @@ def test_web_api_errors(api):
     assert api.post("/api/conversations", json={"model": "gpt-9"}).status_code == 404
     assert api.post("/api/conversations", json={"settings": {"temperature": 9}}).status_code == 400
     assert api.delete(f"/api/conversations/{c['id']}").json()["deleted"] is True
+
+
+def test_config_defaults_follow_the_default_models_sampling(api, live):
+    """The page's sampling defaults are the default model's recommended ones (the built-in model's card's)."""
+    tiny = live.server.config.app.state.services.models.get("tiny")
+    assert api.get("/api/config").json()["defaults"] == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512}
+    tiny.sampling = {"temperature": 0.2, "top_p": 0.9}
+    try:
+        d = api.get("/api/config").json()["defaults"]
+        assert d == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 512}
+    finally:
+        tiny.sampling = {}
