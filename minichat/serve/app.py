@@ -119,7 +119,7 @@ def _opts(svc: Services, m: ServedModel, prompt_len: int, *, max_tokens: int | N
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens or 0,
         dry_multiplier=dry_default if req.dry_multiplier is None else req.dry_multiplier,
-        dry_base=req.dry_base or 1.75, dry_allowed_length=req.dry_allowed_length or 2)
+        **{k: getattr(req, k) for k in ("dry_base", "dry_allowed_length") if getattr(req, k) is not None})
 
 
 def _top_p_ok(req) -> None:

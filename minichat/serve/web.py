@@ -90,6 +90,10 @@ class ComparisonBody(BaseModel):
 DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512}
 
 
+def _defaults(m) -> dict:
+    return {**DEFAULTS, **m.sampling}
+
+
 def _store(svc: Services):
     if svc.store is None:
         raise APIError(404, "this server keeps no store (store_url none), so the web chat is off")
@@ -102,8 +106,8 @@ async def _call(fn, *args, **kwargs):
 
 @router.get("/config")
 async def config(svc: Services = Depends(services), owner: str | None = Depends(require_key)):
-    defaults = {**DEFAULTS, **svc.models.get(svc.models.default).sampling}
-    return {"models": svc.models.names(), "default_model": svc.models.default, "defaults": defaults,
+    return {"models": svc.models.names(), "default_model": svc.models.default,
+            "defaults": _defaults(svc.models.get(svc.models.default)),
             "moderation": svc.moderator is not None, "auth": bool(owner)}
 
 
@@ -194,8 +198,7 @@ async def generate(cid: str, request: Request, svc: Services = Depends(services)
     conv = await _call(st.get_conversation, cid, owner=owner)
     by_id = {x["id"]: x for x in conv["messages"]}
     m = svc.models.get(b.model or conv["model"] or svc.models.default)
-    settings = {**DEFAULTS, **m.sampling, **conv["settings"],
-                **(b.settings.model_dump(exclude_none=True) if b.settings else {})}
+    settings = {**_defaults(m), **conv["settings"], **(b.settings.model_dump(exclude_none=True) if b.settings else {})}
 
     if b.content is not None:  # send, or edit and resend (a sibling of the edited message)
         if not b.content.strip():
