@@ -19,6 +19,13 @@ from minichat.errors import MinichatError
 from minichat.model import ModelConfig, Transformer
 
 
+def read_scalar(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """head(h) (..., D) -> (...) in fp32, also under autocast: in bf16 the head's bias rounds to ~0.4% of itself,
+    which would undo the reward model's normalising shift and quantise the scores PPO compares."""
+    with torch.autocast(h.device.type, enabled=False):
+        return torch.nn.functional.linear(h.float(), head.weight.float(), head.bias.float()).squeeze(-1)
+
+
 class ScalarModel(Transformer):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -44,7 +51,7 @@ class ScalarModel(Transformer):
         _, h = super().forward(idx, key_mask=key_mask, return_hidden=True, logits="none")
         if not per_token:
             h = h[:, -1]
-        return self.head(h).squeeze(-1).float()
+        return read_scalar(self.head, h)
 
     def hidden(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's final hidden states (B, T, D), e.g. to read rewards and values from one pass."""
@@ -64,7 +71,7 @@ class ScalarModel(Transformer):
         key_mask = torch.cat([prompt_mask[owner], answer_mask], 1)
         _, h = super().forward(answers, cache=cache, key_mask=key_mask, return_hidden=True, logits="none")
         last = h[torch.arange(N, device=h.device), answer_lens.to(h.device) - 1]  # (N, D)
-        return self.head(last).squeeze(-1).float()
+        return read_scalar(self.head, last)
 
     def freeze_trunk(self, train_last_layers: int = 0) -> list[nn.Parameter]:
         """Freeze the trunk except its last `train_last_layers` blocks (and final norm); the head always trains.

@@ -31,6 +31,7 @@ import torch.nn as nn
 from minichat import config as C
 from minichat import runtime
 from minichat.errors import ConfigError, MinichatError
+from minichat.heads import read_scalar
 from minichat.losses import (KL_ESTIMATORS, entropy_from_logits, gae, group_centered, masked_mean, ppo_policy_loss,
                              ppo_value_loss, ptx_loss, token_logprobs, whiten)
 
@@ -194,7 +195,7 @@ class ValueHeadOnTrunk(nn.Module):
         self.head = copy.deepcopy(head)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).squeeze(-1).float()
+        return read_scalar(self.head, hidden)
 
 
 def _all_mean(values: list[float], dist: runtime.Dist, device) -> list[float]:
@@ -374,7 +375,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
             del ref_logits
             h = reward.hidden(lay["ids"], key_mask=lay["key_mask"])
             last_pos = P + lay["lengths"] - 1
-            score = reward.head(h[torch.arange(B, device=device), last_pos]).squeeze(-1).float()
+            score = read_scalar(reward.head, h[torch.arange(B, device=device), last_pos])
             trunk_h = None
             if value is None:
                 old_values = torch.zeros(B, R, device=device)

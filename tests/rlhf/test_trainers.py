@@ -135,7 +135,13 @@ def test_reward_model_learns_and_is_normalised(reward_run):
 
     train_c, _ = split_holdout(load_comparisons(cfg.data.train), cfg.data.val_fraction, cfg.runtime.seed)
     seqs = [sum(encode_answer_turn(tok, c.prompt, c.answers[0]), []) for c in train_c]
-    assert abs(float(score_sequences(rm, seqs, tok.pad_id).mean())) < 1e-3
+    # scored at the run's precision (bf16 autocast where this CPU multiplies bf16 faster: its rounding alone
+    # moves the mean by ~2e-3)
+    from minichat import runtime
+
+    cpu = torch.device("cpu")
+    with torch.no_grad(), runtime.autocast(cpu, runtime.resolve_dtype(cfg.runtime.dtype, cpu)):
+        assert abs(float(score_sequences(rm, seqs, tok.pad_id).mean())) < 1e-3
     # a good answer outscores a bad one on a prompt never seen
     good, bad = ([sum(encode_answer_turn(tok, [{"role": "user", "content": "tell me about cats"}], a), [])]
                  for a in ("cats is good good", "cats is bad bad"))
