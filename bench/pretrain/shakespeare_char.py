@@ -55,7 +55,7 @@ def part1(steps, repeats):
     from minichat.model import ModelConfig, Transformer
 
     rows = []
-    configs = [(1, torch.float32, False), (2, torch.float32, False), (2, torch.bfloat16, False),
+    configs = [(1, torch.float32, False), (1, torch.bfloat16, False), (2, torch.float32, False), (2, torch.bfloat16, False),
                (1, torch.float32, True), (2, torch.float32, True)]
     for threads, dtype, comp in configs:
         for name, make in (("nanoGPT-shaped GPT-2", lambda: GPT2()),
