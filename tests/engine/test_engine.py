@@ -942,3 +942,18 @@ def test_engine_step_follows_a_thread_tuner(tiny):
         assert seen[0][1] == len(prompts(tok))  # rows: the waiting prompts of the first step
     finally:
         torch.set_num_threads(prev)
+
+
+def test_bf16_weights_use_bf16_big_matmuls_only_where_the_cpu_is_faster_in_bf16(tiny, monkeypatch):
+    from minichat import runtime
+
+    model, tok = tiny
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    for speedup, big in ((0.5, "fp32"), (3.8, "bf16")):
+        monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda s=speedup: s)
+        eng = Engine(model, tok, weights="bf16")
+        assert eng.layers[0].qkv.big.kind == big and eng.layers[0].qkv.small.kind == "bf16"
+        p = (prompts(tok)[0] * 8)[:40]  # longer than small_rows: the prompt goes through the big matmuls
+        ref = Engine(model, tok, weights="fp32").generate([p], SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0]
+        got = eng.generate([p], SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0]
+        assert got.token_ids == ref.token_ids and abs(got.logprobs[0] - ref.logprobs[0]) < 0.05
