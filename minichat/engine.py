@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from minichat import runtime
 from minichat.errors import MinichatError
 from minichat.kernels import KV_SCALE_BYTES, kv_head_dim  # an int8 cache row: head_dim values, then their scale
 
@@ -302,15 +303,6 @@ class _F32:
 
     def __call__(self, x):
         return F.linear(x, self.w)
-
-
-def _cpu_bf16_fast() -> bool:
-    """Big bf16 matmuls (prefill, big batches) only where this CPU multiplies bf16 faster than fp32, the rule
-    of training's auto precision: on a Xeon whose AMX was hidden bf16 ran at half the fp32 rate; on an EPYC with
-    avx512_bf16, a 1,000-token prefill of SmolLM2-135M took 0.69 s in bf16 instead of 1.5 s in fp32."""
-    from minichat import runtime
-
-    return runtime.cpu_has_amx() or runtime.cpu_bf16_speedup() >= 1.5
 
 
 class _BF16:
@@ -782,7 +774,9 @@ class Engine:
         small, big = {
             "fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int4": ("int4", "fp32"), "w8a8": ("w8a8", "w8a8"),
             "auto": ("auto", "fp32"), "fast": ("auto", "w8a8-rows"),
-            "bf16": ("bf16", "bf16" if dev.type != "cpu" or _cpu_bf16_fast() else "fp32"),
+            # big bf16 matmuls on a CPU only where it multiplies bf16 faster: on an EPYC with avx512_bf16 a
+            # 1,000-token prefill of SmolLM2-135M took 0.69 s instead of 1.50 (a Xeon with AMX hidden: half speed)
+            "bf16": ("bf16", "bf16" if dev.type != "cpu" or runtime.cpu_prefers_bf16() else "fp32"),
         }[mode]
         exact_first = big.startswith("w8a8")
         smooth = _smoothing(model, self.tokenizer) if big == "w8a8-rows" else {"layers": [None] * len(model.layers)}
