@@ -209,14 +209,14 @@ def preset_gpu() -> PipelineConfig:
                           eval_every=250, eval_batches=20, save_every=500, log_every=20)
     cfg.reward = TrainConfig(max_steps=1000, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50,
                              weight_decay=0.0, eval_every=250, eval_batches=40, save_every=500, log_every=20)
-    # the default's PPO method (4 answers per prompt with a group baseline, the SFT likelihood in the score, a
-    # penalty for unfinished answers) at this scale: with a value model and the reward model alone, the preset's
-    # 24M model scaled down to 40-60 iterations on an H200 won 51.8% / 48.3% against SFT, and reward hacking
-    # took generation accuracy from 87% to 23% (bench/results/gpu.md)
+    # the default's PPO method (4 answers per prompt with a group baseline, the SFT likelihood in the score) at
+    # this scale: with a value model and the reward model alone, the preset's 24M model scaled down to 40-60
+    # iterations on an H200 won 51.8% / 48.3% against SFT, and reward hacking took generation accuracy from 87%
+    # to 23% (bench/results/gpu.md)
     cfg.ppo = PPOAlgoConfig(iterations=300, rollout_batch=128, samples_per_prompt=4, baseline="group",
-                            ref_logp_coef=1.0, unfinished_penalty=-1.0, max_new_tokens=48, minibatch=32, epochs=2,
-                            lr=2e-5, value_lr=1e-4, warmup_iterations=10, kl_coef=0.05, ptx_coef=0.5,
-                            ptx_data="corpus", ptx_batch=16, ptx_seq_len=128)
+                            ref_logp_coef=1.0, max_new_tokens=48, minibatch=32, epochs=2, lr=2e-5, value_lr=1e-4,
+                            warmup_iterations=10, kl_coef=0.05, ptx_coef=0.5, ptx_data="corpus", ptx_batch=16,
+                            ptx_seq_len=128)
     cfg.rsft = RSFTSettings(train=TrainConfig(  # off, as the default; --rsft.samples 16 switches it on
         max_steps=500, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0, eval_every=250,
         eval_batches=20, save_every=250, log_every=20))

@@ -5,6 +5,8 @@
 #   1. tests/test_cuda.py: forward pass, engine and the tiny pipeline on the GPU against the CPU
 #   2. bench/gpu/gpu_bench.py: training tokens/s and MFU (eager, compiled), batched decoding tokens/s
 #   3. the pipeline's gpu preset, scaled down to a few minutes, with its stage times and report card
+#   4. the same run's PPO-ptx and evaluation again with the preset's earlier PPO method (a value model, the
+#      reward model alone as the score), side by side with 3 (SKIP_OLD_PPO=1 leaves it out)
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -22,10 +24,11 @@ echo "== 2. gpu_bench"
 echo "== 3. pipeline --preset gpu (scaled down)"
 run=/tmp/gpu-check-run
 rm -rf "$run"  # a run folder left by an earlier check would be resumed, not rerun
-timeout "${T_PIPE:-240}" $PY -m minichat.cli pipeline --preset gpu --out_dir "$run" --ablations false \
-    --world.corpus_docs 50000 --world.sft_prompts 2000 --world.rm_prompts 2000 --world.ppo_prompts 4000 \
-    --world.eval_prompts 330 --pretrain.max_steps 1200 --sft.max_steps 400 --reward.max_steps 250 \
-    --ppo.iterations 40 --eval.best_of_n 4 ${PIPE_ARGS:-} > "$OUT/pipeline.log" 2>&1
+# the gpu preset scaled down to a few minutes (PIPE_ARGS may override any of it)
+SCALED="--ablations false --world.corpus_docs 50000 --world.sft_prompts 2000 --world.rm_prompts 2000
+    --world.ppo_prompts 4000 --world.eval_prompts 330 --pretrain.max_steps 1200 --sft.max_steps 400
+    --reward.max_steps 250 --ppo.iterations 40 --eval.best_of_n 4 ${PIPE_ARGS:-}"
+timeout "${T_PIPE:-240}" $PY -m minichat.cli pipeline --preset gpu --out_dir "$run" $SCALED > "$OUT/pipeline.log" 2>&1
 echo "pipeline exit $?"
 grep -E '^\[pipeline\]|Error|error' "$OUT/pipeline.log" | tail -30
 cp "$run/pipeline.json" "$OUT/" 2>/dev/null
@@ -39,3 +42,13 @@ except OSError:
 for k, v in d["stages"].items():
     print(f"{k:12s} {v['wall_s']:7.1f} s")
 EOF
+
+echo "== 4. PPO-ptx with the preset's earlier method, on the same run"
+if [ -z "${SKIP_OLD_PPO:-}" ] && [ -f "$run/report/report.md" ]; then
+    timeout "${T_OLD:-240}" $PY -m minichat.cli pipeline --preset gpu --out_dir "$run" $SCALED --from ppo \
+        --ppo.baseline value --ppo.samples_per_prompt 1 --ppo.ref_logp_coef 0 > "$OUT/pipeline_old_ppo.log" 2>&1
+    echo "exit $?"
+    cp "$run/report/report.md" "$OUT/report_old_ppo.md" 2>/dev/null
+    cp "$run/eval/metrics.json" "$OUT/metrics_old_ppo.json" 2>/dev/null
+    grep -E 'PPO-ptx wins|^\| PPO-ptx' "$OUT/report.md" "$OUT/report_old_ppo.md" 2>/dev/null
+fi
