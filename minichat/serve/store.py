@@ -167,6 +167,7 @@ class Store:
         self.version_locations = [str(MIGRATIONS_DIR / "versions")] + [str(v) for v in version_locations or []]
         self.engine = _make_engine(self.url, echo)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._session, "before_flush", _check_lengths)
         self._lock = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         if migrate:
             self.migrate()
@@ -508,6 +509,29 @@ class Store:
         return d
 
 
+def _check_lengths(session: Session, flush_context, instances) -> None:
+    """Refuse a string longer than its column before anything is written, on every backend alike: PostgreSQL
+    would fail the transaction with a driver error, and SQLite would keep the whole string."""
+    from sqlalchemy import inspect as sa_inspect
+
+    for obj in (*session.new, *session.dirty):
+        for attr in sa_inspect(obj).mapper.column_attrs:
+            limit = getattr(attr.columns[0].type, "length", None)
+            value = getattr(obj, attr.key, None)
+            if limit and isinstance(value, str) and len(value) > limit:
+                raise MinichatError(f"{obj.__tablename__}.{attr.key} takes at most {limit} characters, got "
+                                    f"{len(value)}: {value[:40]!r}...")
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL holds no password we could find
+        return url
+
+
 def _make_engine(url: str, echo: bool) -> Engine:
     try:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -522,8 +546,11 @@ def _make_engine(url: str, echo: bool) -> Engine:
 
                 kwargs["poolclass"] = StaticPool  # one shared connection, or every session sees an empty database
         engine = create_engine(url, **kwargs)
-    except (SQLAlchemyError, ValueError, ImportError) as e:
-        raise MinichatError(f"cannot use store URL {url!r}: {e}") from None
+    except ImportError as e:  # the URL's driver (e.g. psycopg for postgresql+psycopg://) is not installed
+        hint = " (pip install 'minichat[postgres]')" if url.startswith("postgresql") else ""
+        raise MinichatError(f"cannot use store URL {_hide_password(url)!r}: {e}{hint}") from None
+    except (SQLAlchemyError, ValueError) as e:
+        raise MinichatError(f"cannot use store URL {_hide_password(url)!r}: {e}") from None
     except OSError as e:
         raise MinichatError(f"cannot create the store's folder for {url!r}: {e}") from None
     if engine.dialect.name == "sqlite":

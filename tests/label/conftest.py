@@ -35,10 +35,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(db_url):
     from minichat.serve.store import Store
 
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    s = Store(db_url)
     yield s
     s.close()
 

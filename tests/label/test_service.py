@@ -6,10 +6,11 @@ import json
 
 import pytest
 from tests.label.conftest import login, write_jsonl
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select
 
 from minichat.errors import MinichatError
 from minichat.label.importer import read_prompts
+from minichat.label.models import Prompt
 from minichat.label.service import (
     Forbidden, Labeling, ProjectConfig, Unauthorized, export_counts, pair_agreement, ranks_from_groups,
 )
@@ -111,6 +112,16 @@ def test_imported_answers_must_number_k(lab, tmp_path):
         lab.import_prompts("k5", read_prompts(write_jsonl(tmp_path / "p.jsonl", PROMPTS)))
     with pytest.raises(MinichatError, match="k .* must be 4..9"):
         ProjectConfig(k=3).validate()
+
+
+def test_an_over_long_field_imports_nothing(lab, tmp_path):
+    lab.create_project("long", ProjectConfig(tasks=["ranking"], models=[], k=4))
+    rows = [PROMPTS[0], {"prompt": "Hi", "answers": [{"content": "a", "model": "m" * 301}, "b", "c", "d"]}]
+    with pytest.raises(MinichatError, match="label_answers.model takes at most 300 characters"):
+        lab.import_prompts("long", read_prompts(write_jsonl(tmp_path / "long.jsonl", rows)))
+    lab.import_prompts("long", read_prompts(write_jsonl(tmp_path / "ok.jsonl", rows[:1])))
+    with lab.store.session() as s:  # the refused transaction wrote nothing; the next one works
+        assert s.scalar(select(func.count()).select_from(Prompt)) == 1
 
 
 def test_ranking_must_be_a_permutation_with_ties():

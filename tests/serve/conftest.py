@@ -96,8 +96,8 @@ def make_server(model_files: ModelFiles, tmp_path: Path, *, moderation: bool = T
     from minichat.serve.store import Store
 
     engine = cfg_fields.pop("engine", EngineSettings(device="cpu", weights="fp32", max_batch=8))
-    cfg = ServeConfig(models=model_files.specs(), store_url=f"sqlite:///{tmp_path / 'store.db'}",
-                      engine=engine, **cfg_fields)
+    cfg_fields.setdefault("store_url", f"sqlite:///{tmp_path / 'store.db'}")
+    cfg = ServeConfig(models=model_files.specs(), engine=engine, **cfg_fields)
     cfg.validate()
     models = ModelRegistry.load(cfg.models, cfg.engine, max_queue=cfg.max_queue)
     store = Store(cfg.store_url)

@@ -14,8 +14,10 @@ from minichat.serve.store import HEAD_REVISION, Base, NotFound, Store
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'deep' / 'er' / 'store.db'}")  # folders are created on first use
+def store(db_url, tmp_path):
+    if db_url.startswith("sqlite"):
+        db_url = f"sqlite:///{tmp_path / 'deep' / 'er' / 'store.db'}"  # folders are created on first use
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -31,8 +33,8 @@ def test_migrations_create_the_models_schema(store):
     assert {"conversations", "messages", "moderation_decisions", "feedback", "comparisons", "alembic_version"} <= names
 
 
-def test_reopen_is_idempotent_and_keeps_data(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_reopen_is_idempotent_and_keeps_data(db_url):
+    url = db_url
     s = Store(url)
     cid = s.create_conversation(title="kept")["id"]
     s.close()
@@ -41,7 +43,7 @@ def test_reopen_is_idempotent_and_keeps_data(tmp_path):
     s2.close()
 
 
-def test_a_new_branch_of_migrations_adds_tables(tmp_path):
+def test_a_new_branch_of_migrations_adds_tables(db_url, tmp_path):
     """How the labeling app extends the store: its own revisions, depending on ours, in another folder."""
     versions = tmp_path / "label_versions"
     versions.mkdir()
@@ -58,7 +60,7 @@ def test_a_new_branch_of_migrations_adds_tables(tmp_path):
         def downgrade():
             op.drop_table("label_projects")
     '''))
-    url = f"sqlite:///{tmp_path / 'b.db'}"
+    url = db_url
     Store(url).close()  # an existing database at our head
     s = Store(url, version_locations=[str(versions)])
     # alembic records only heads: l001 depends on 0001, so it stands for both
@@ -70,6 +72,22 @@ def test_a_new_branch_of_migrations_adds_tables(tmp_path):
 def test_bad_url_is_a_clear_error():
     with pytest.raises(MinichatError, match="store URL"):
         Store("nosuchdialect://x")
+    with pytest.raises(MinichatError, match="store URL") as e:  # the message never shows a password
+        Store("nosuchdialect://ann:hunter2secret@host/db")
+    assert "hunter2secret" not in str(e.value)
+
+
+def test_strings_longer_than_their_column_are_refused_alike_on_every_backend(store):
+    """PostgreSQL fails such a write with a driver error and SQLite keeps the whole string: the store refuses
+    it on both, with the field's name, and writes nothing."""
+    store.create_conversation(title="t" * 200, model="m")
+    with pytest.raises(MinichatError, match=r"conversations.title takes at most 200 characters, got 201"):
+        store.create_conversation(title="t" * 201)
+    c = store.create_conversation(title="ok")
+    with pytest.raises(MinichatError, match=r"messages.model takes at most 200"):
+        store.add_message(c["id"], role="user", content="x" * 100_000, model="m" * 201)  # Text has no limit
+    assert [x["title"] for x in store.list_conversations()] == ["ok", "t" * 200]
+    assert store.get_conversation(c["id"])["messages"] == []
 
 
 def test_conversation_tree_edit_and_regenerate(store):

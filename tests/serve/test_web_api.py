@@ -121,3 +121,38 @@ def test_config_defaults_follow_the_default_models_sampling(api, live):
         assert d == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 512}
     finally:
         tiny.sampling = {}
+
+
+def test_web_chat_and_api_on_a_postgresql_store(model_files, tmp_path, postgres):
+    """`minichat serve --store_url postgresql+psycopg://...`: the web chat's tree, feedback and comparisons and
+    the API's stored exchanges on a real PostgreSQL server."""
+    from openai import OpenAI
+
+    from tests.serve.conftest import make_server
+
+    srv, store = make_server(model_files, tmp_path, store_url=postgres.new_database(), store_api_conversations=True)
+    srv.start()
+    try:
+        assert store.engine.dialect.name == "postgresql"
+        with httpx.Client(base_url=srv.url, timeout=30) as api:
+            c = api.post("/api/conversations", json={"model": "script", "settings": {"temperature": 0}}).json()
+            ev = events(srv, c["id"], {"parent_id": None, "content": "Why is the sky blue?"})
+            assert ev[-1]["message"]["content"] == model_files.script_text
+            user_id, a1 = ev[0]["user_message"]["id"], ev[-1]["message"]["id"]
+            a2 = events(srv, c["id"], {"reply_to": user_id})[-1]["message"]["id"]
+            assert api.post(f"/api/messages/{a1}/feedback", json={"rating": 1}).json()["rating"] == 1
+            assert api.post("/api/comparisons", json={"chosen_id": a1, "rejected_id": a2}).status_code == 200
+            r = api.post("/api/conversations", json={"title": "t" * 201})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "title"
+        with OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            r = client.chat.completions.create(model="script", temperature=0,
+                                               messages=[{"role": "user", "content": "Hello?"}])
+            assert r.choices[0].message.content == model_files.script_text
+        conv = store.get_conversation(c["id"])
+        assert len(conv["messages"]) == 3 and conv["path"] == [user_id, a2]
+        assert [x["source"] for x in store.list_conversations()] == ["api", "web"]
+        pairs = list(store.preference_pairs())
+        assert any(p["meta"]["chosen_id"] == a1 and p["meta"]["rejected_id"] == a2 for p in pairs)
+    finally:
+        srv.stop()
+        store.close()
