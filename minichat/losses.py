@@ -1,4 +1,5 @@
-"""The RLHF math as small pure functions on tensors (no models, no state), each checked by hand in the tests.
+"""The RLHF math as small pure functions on tensors (no models, no state), each checked by hand in the tests
+(tests/rlhf/test_losses.py) and against its definition on random inputs (test_loss_properties.py, hypothesis).
 
 Shapes: B rows (sequences), T positions, V vocabulary. A `mask` is a float or bool tensor with 1 on positions
 that count. Log-probabilities are natural logs.
@@ -20,6 +21,11 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 scores (autocast) up to fp32 for the loss; fp64 stays fp64 (`.float()` would round it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -73,7 +79,7 @@ def ranking_loss(r_w: torch.Tensor, r_l: torch.Tensor, group: torch.Tensor | Non
     kind='hinge' uses max(0, margin − (r_w − r_l)) instead of −log σ(r_w − r_l).
     """
     if kind == "logsigmoid":
-        per_pair = -F.logsigmoid(r_w.float() - r_l.float())
+        per_pair = -F.logsigmoid(at_least_fp32(r_w) - at_least_fp32(r_l))
     elif kind == "hinge":
         per_pair = hinge_loss(r_w, r_l, margin)
     else:
@@ -89,7 +95,7 @@ def ranking_loss(r_w: torch.Tensor, r_l: torch.Tensor, group: torch.Tensor | Non
 
 def hinge_loss(r_w: torch.Tensor, r_l: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Per pair max(0, m − (r_w − r_l)): zero once the winner leads by the margin (no further push)."""
-    return F.relu(margin - (r_w.float() - r_l.float()))
+    return F.relu(margin - (at_least_fp32(r_w) - at_least_fp32(r_l)))
 
 
 # --- KL between the policy and the reference -------------------------------------------------------------
@@ -186,7 +192,7 @@ def group_centered(scores: torch.Tensor, k: int, scale: bool = False, eps: float
         raise ValueError(f"{scores.shape[0]} scores do not split into groups of k = {k}")
     if k == 1:
         return scores
-    g = scores.float().view(-1, k)
+    g = at_least_fp32(scores).view(-1, k)
     mean = g.mean(1, keepdim=True)
     out = (g - mean) * (k / (k - 1))
     if scale:
@@ -209,8 +215,8 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
     The implicit reward is β(log π − log π_ref); the loss is −log σ(r_w − r_l) (with label smoothing ε:
     −(1−ε) log σ(z) − ε log σ(−z), the conservative DPO of Mitchell 2023).
     """
-    r_w = beta * (pi_w.float() - ref_w.float())
-    r_l = beta * (pi_l.float() - ref_l.float())
+    r_w = beta * (at_least_fp32(pi_w) - at_least_fp32(ref_w))
+    r_l = beta * (at_least_fp32(pi_l) - at_least_fp32(ref_l))
     z = r_w - r_l
     loss = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     with torch.no_grad():
