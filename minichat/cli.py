@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except MinichatError as e:
         print(f"minichat {verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's answer about a path (missing folder, permission, full disk): no traceback
+        print(f"minichat {verb}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nminichat {verb}: interrupted", file=sys.stderr)
         return 130

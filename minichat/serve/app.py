@@ -637,6 +637,8 @@ def main(argv: list[str]) -> int:
     cfg.validate()
     logging.basicConfig(level=cfg.log_level.upper() if cfg.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.log_level not in ("debug", "trace"):  # alembic's INFO lines (plugins, DDL mode) on every start are noise
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if not cfg.is_loopback() and not cfg.all_api_keys():
         log.warning("listening on %s without API keys: anyone who can reach it can use it", cfg.host)
     models, store, moderator = build_services(cfg)

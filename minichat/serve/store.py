@@ -547,7 +547,8 @@ def _make_engine(url: str, echo: bool) -> Engine:
                 kwargs["poolclass"] = StaticPool  # one shared connection, or every session sees an empty database
         engine = create_engine(url, **kwargs)
     except ImportError as e:  # the URL's driver (e.g. psycopg for postgresql+psycopg://) is not installed
-        hint = " (pip install 'minichat[postgres]')" if url.startswith("postgresql") else ""
+        hint = (" (PostgreSQL: pip install 'minichat[postgres]' and a postgresql+psycopg:// URL)"
+                if url.startswith("postgres") else "")
         raise MinichatError(f"cannot use store URL {_hide_password(url)!r}: {e}{hint}") from None
     except (SQLAlchemyError, ValueError) as e:
         raise MinichatError(f"cannot use store URL {_hide_password(url)!r}: {e}") from None

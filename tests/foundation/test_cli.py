@@ -53,6 +53,16 @@ def test_clear_errors_without_traceback(tmp_path, setup, args, message):
     assert "Traceback" not in r.stderr
 
 
+def test_an_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should go")
+    r = pretrain(tmp_path, "--train.out_dir", str(blocker / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "minichat pretrain: error:" in r.stderr and str(blocker) in r.stderr
+    r = minichat("pipeline", "--preset", "tiny", "--out_dir", str(blocker / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "minichat pipeline: error:" in r.stderr
+
+
 def test_corrupted_checkpoint_on_resume(tmp_path):
     assert pretrain(tmp_path, "--train.max_steps", "5", "--sample.num_samples", "0").returncode == 0
     ck = tmp_path / "run" / "checkpoints"
