@@ -240,6 +240,9 @@ def run(cfg: EvalConfig) -> dict:
     from minichat.gguf_import import load
 
     cfg.fill_from_run()
+    if not cfg.tasks and cfg.run:
+        raise MinichatError(f"{cfg.run} is not a pipeline run folder (no data/eval_tasks.jsonl; `minichat pipeline "
+                            "--out_dir DIR` writes one), or set --tasks")
     if not cfg.tasks:
         raise MinichatError("set --tasks (held-out tasks JSONL) or --run (a pipeline run folder)")
     if not cfg.sft:
