@@ -424,9 +424,9 @@ def format_summary(s: dict) -> str:
     for name, m in s["models"].items():
         w = m.get("win_vs_sft")
         ws = f"{w['win_rate']:.1%} [{w['ci_low']:.0%},{w['ci_high']:.0%}]" if w else "—"
-        lines.append(f"{LABELS.get(name, name):<22} {m['likert']['mean']:>6.2f} {ws:>18} {m['accuracy']:>8.1%} "
-                     f"{m['refusal']['rate']:>6.0%} {m['false_refusal']['rate']:>9.1%} "
-                     f"{m['premise_challenged']['rate']:>7.0%} {_fmt(m.get('kl_from_sft')):>6} {_fmt(m.get('val_ppl')):>7}")
+        lines.append(f"{LABELS.get(name, name):<22} {m['likert']['mean']:>6.2f} {ws:>18} {_pct(m['accuracy'], 1):>8} "
+                     f"{_pct(m['refusal']['rate']):>6} {_pct(m['false_refusal']['rate'], 1):>9} "
+                     f"{_pct(m['premise_challenged']['rate']):>7} {_fmt(m.get('kl_from_sft')):>6} {_fmt(m.get('val_ppl')):>7}")
     for k, r in s.get("reward_models", {}).items():
         lines.append(f"reward model ({k}): pairwise accuracy vs held-out labelers {r['accuracy']:.1%} on {r['pairs']} "
                      f"pairs of held-out prompts" + (f", {r['accuracy_train_prompts']:.1%} on {r['pairs_train_prompts']} "
@@ -437,3 +437,8 @@ def format_summary(s: dict) -> str:
 
 def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
+
+
+def _pct(x, digits: int = 0) -> str:
+    """A rate as a percentage; "—" where nothing was there to count (e.g. no false premise among few prompts)."""
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}%}"
