@@ -1,4 +1,4 @@
-"""Concurrent labelers on one SQLite store: no record lost, none duplicated, overlap never exceeded."""
+"""Concurrent labelers on one store (SQLite and PostgreSQL): no record lost, none duplicated, overlap never exceeded."""
 from __future__ import annotations
 
 import subprocess
@@ -104,9 +104,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_processes_on_one_sqlite_file(tmp_path):
-    """Three OS processes label the same store at once (SQLite's file locks, not a Python lock, between them)."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_processes_on_one_store(db_url, tmp_path):
+    """Three OS processes label the same store at once: on one SQLite file (its file locks, not a Python lock,
+    between them) and on one PostgreSQL database (its transactions and unique constraints)."""
+    url = db_url
     store = Store(url)
     lab = Labeling(store)
     _setup(lab, tmp_path, overlap=2)
