@@ -44,9 +44,13 @@ class PostgresServer:
                        text=True, timeout=120)
 
     def start(self) -> "PostgresServer":
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync", "-E", "UTF8")
-        opts = f"-c listen_addresses='' -k {self.sock} -c fsync=off -c full_page_writes=off"
-        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-w", "-l", str(self.root / "log"), "start")
+        try:
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync", "-E", "UTF8")
+            opts = f"-c listen_addresses='' -k {self.sock} -c fsync=off -c full_page_writes=off"
+            self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-w", "-l", str(self.root / "log"), "start")
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         return self
 
     def stop(self) -> None:
