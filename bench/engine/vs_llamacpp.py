@@ -8,7 +8,8 @@ Per thread count, the median of --repeats runs of:
   decode tok/s   (n - 1) / (T(n) - T(1)), T(k) the time to generate k tokens from the chat prompt (prefill included
                  in both, so it cancels)
   prefill        T(1) for a 512-token prompt: the time to first token
-and, once, how often each minichat mode's greedy tokens equal llama.cpp's (16 chat prompts, 32 tokens each):
+and, once, how often each minichat mode's greedy tokens equal llama.cpp's (16 chat prompts decoded as one batch by
+minichat, as a server would, 32 tokens each):
 the same file read by two implementations should give the same text, up to their different rounding.
 llama.cpp runs the GGUF's own Q4_1 weights; minichat converts the same file once and runs its weight modes
 (`auto`, the chat's default: int4 weight-only at batch 1; `fast`: the server's). The KV state is reset before
