@@ -339,36 +339,6 @@ class _Int8WeightOnly:
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale)
 
 
-class _Int8TwoPass:
-    """int8 weights with one scale per row, times activations carried as two int8 rows: x ≈ (s₁·q₁ + z₁) +
-    (s₂·q₂ + z₂), the second row quantizing the first one's residual (an error of ~1/65,000 of the row's range),
-    summed in int32 by the VNNI matmul, fp32 out. The head at small batch in `auto`: SmolLM2's 49,152 × 576 head
-    took 1.69 ms per token through torch's int8 weight-only kernel on one thread and takes 0.67 ms so, and
-    where that kernel rounds the activations and the logits to bf16 (max error 0.16 on SmolLM2's logits) this
-    one is off by 0.003."""
-
-    kind = "int8x2"
-
-    def __init__(self, w, kernels):
-        q, scale = _int8_rows(w, kernels)
-        self.packed = kernels.pack_s8(q)
-        self.scale = torch.stack([scale, q.sum(1, dtype=torch.float32) * scale]).contiguous()  # as _W8A8IntMM's
-        self.kernels = kernels
-
-    @staticmethod
-    def fits(w, kernels) -> bool:
-        return kernels is not None and kernels.vnni and w.device.type == "cpu" and w.shape[0] % 64 == 0 \
-            and w.shape[1] % 4 == 0
-
-    def __call__(self, x):
-        K, M = self.kernels, x.shape[0]
-        x = x.float().contiguous()
-        q1, r1 = K.norm_quant(x, None, norm=False)  # x ≈ s·q + z per row; r = (s, z)
-        q2, r2 = K.norm_quant((x - (q1.float() * r1[:, :1] + r1[:, 1:])).contiguous(), None, norm=False)
-        out = K.gemm_s8(torch.cat([q1, q2]), *self.packed, torch.cat([r1, r2]), self.scale)
-        return out[:M].add_(out[M:])
-
-
 class _Int4WeightOnly:
     """4-bit weights in groups of 32 with a scale and a zero each (exactly Q4_1's shape of quantization)."""
 
@@ -547,6 +517,30 @@ class _W8A8IntMM:
         s = ((hi - lo) / 254).clamp_(min=1e-30)
         xq = torch.round((x - z) / s).to(torch.int8)
         return self.mm(xq.contiguous()).float().mul_(s * self.scale[0]).add_(z * self.scale[1])
+
+
+class _Int8TwoPass(_W8A8IntMM):
+    """int8 weights with one scale per row, times activations carried as two int8 rows: x ≈ (s₁·q₁ + z₁) +
+    (s₂·q₂ + z₂), the second row quantizing the first one's residual (an error of ~1/65,000 of the row's range),
+    summed in int32 by the VNNI matmul, fp32 out. The head at small batch: SmolLM2's 49,152 × 576 head took
+    1.69 ms per token through torch's int8 weight-only kernel on one thread and takes 0.67 ms so, and where that
+    kernel rounds the activations and the logits to bf16 (max error 0.16 on SmolLM2's logits) this one is off
+    by 0.003 (one-pass W8A8: 0.74). The weights are _W8A8IntMM's, without smoothing."""
+
+    kind = "int8x2"
+
+    @staticmethod
+    def fits(w, kernels) -> bool:
+        return kernels is not None and kernels.vnni and w.device.type == "cpu" and w.shape[0] % 64 == 0 \
+            and w.shape[1] % 4 == 0
+
+    def __call__(self, x):
+        K, M = self.kernels, x.shape[0]
+        x = x.float().contiguous()
+        q1, r1 = K.norm_quant(x, None, norm=False)  # x ≈ s·q + z per row; r = (s, z)
+        q2, r2 = K.norm_quant((x - (q1.float() * r1[:, :1] + r1[:, 1:])).contiguous(), None, norm=False)
+        out = K.gemm_s8(torch.cat([q1, q2]), *self.packed, torch.cat([r1, r2]), self.scale)
+        return out[:M].add_(out[M:])
 
 
 def _w8a8(w):
