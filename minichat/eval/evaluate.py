@@ -424,9 +424,9 @@ def format_summary(s: dict) -> str:
     for name, m in s["models"].items():
         w = m.get("win_vs_sft")
         ws = f"{w['win_rate']:.1%} [{w['ci_low']:.0%},{w['ci_high']:.0%}]" if w else "—"
-        lines.append(f"{LABELS.get(name, name):<22} {m['likert']['mean']:>6.2f} {ws:>18} {_pct(m['accuracy'], 1):>8} "
-                     f"{_pct(m['refusal']['rate']):>6} {_pct(m['false_refusal']['rate'], 1):>9} "
-                     f"{_pct(m['premise_challenged']['rate']):>7} {_fmt(m.get('kl_from_sft')):>6} {_fmt(m.get('val_ppl')):>7}")
+        lines.append(f"{LABELS.get(name, name):<22} {m['likert']['mean']:>6.2f} {ws:>18} {_fmt(m['accuracy'], '.1%'):>8} "
+                     f"{_fmt(m['refusal']['rate'], '.0%'):>6} {_fmt(m['false_refusal']['rate'], '.1%'):>9} "
+                     f"{_fmt(m['premise_challenged']['rate'], '.0%'):>7} {_fmt(m.get('kl_from_sft')):>6} {_fmt(m.get('val_ppl')):>7}")
     for k, r in s.get("reward_models", {}).items():
         lines.append(f"reward model ({k}): pairwise accuracy vs held-out labelers {r['accuracy']:.1%} on {r['pairs']} "
                      f"pairs of held-out prompts" + (f", {r['accuracy_train_prompts']:.1%} on {r['pairs_train_prompts']} "
@@ -435,10 +435,6 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
-
-
-def _pct(x, digits: int = 0) -> str:
-    """A rate as a percentage; "—" where nothing was there to count (e.g. no false premise among few prompts)."""
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}%}"
+def _fmt(x, spec: str = ".2f") -> str:
+    """x formatted; "—" where there is nothing to show (e.g. the rate of false premises among prompts with none)."""
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
