@@ -43,8 +43,12 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return cfg
 
 
-def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict_for_save(model: torch.nn.Module, merge_adapters: bool) -> dict[str, torch.Tensor]:
+    from minichat.lora import has_lora, merge_lora_tensors
+
     sd = model.state_dict()
+    if merge_adapters and has_lora(sd):
+        sd = merge_lora_tensors(sd)
     # tied weights: keep one name so safetensors never sees two views of one buffer
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
@@ -58,8 +62,10 @@ def save_checkpoint(
     extra_config: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    merge_adapters: bool = True,
 ) -> Path:
-    """Write a checkpoint folder atomically (temp folder, then rename over any old one)."""
+    """Write a checkpoint folder atomically (temp folder, then rename over any old one). LoRA adapters are
+    folded into their weights unless merge_adapters=False (a stage's resumable checkpoints keep them apart)."""
     from safetensors.torch import save_file
 
     final = Path(directory)
@@ -67,7 +73,7 @@ def save_checkpoint(
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        tensors = _state_dict_for_save(model)
+        tensors = _state_dict_for_save(model, merge_adapters)
         if extra_tensors:
             tensors.update({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -133,6 +139,10 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
     except (SafetensorError, OSError, ValueError) as e:
         raise MinichatError(f"{f} is corrupted or unreadable: {e}") from None
     own = model.state_dict()
+    from minichat.lora import has_lora, merge_lora_tensors
+
+    if has_lora(tensors) and not has_lora(own):  # a LoRA stage's resumable checkpoint, read as a plain model
+        tensors = merge_lora_tensors(tensors)
     extra = {k: v for k, v in tensors.items() if k not in own}
     sd = {k: v for k, v in tensors.items() if k in own}
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False) and "embed.weight" in sd:
@@ -178,7 +188,7 @@ class CheckpointManager:
 
     def save(self, step: int, **kwargs) -> Path:
         name = f"step_{step:07d}"
-        path = save_checkpoint(self.dir / name, **kwargs)
+        path = save_checkpoint(self.dir / name, merge_adapters=False, **kwargs)
         atomic_write_text(self.dir / "latest", name + "\n")
         old = sorted(d for d in self.dir.glob("step_*") if d.is_dir() and d.name != name)
         for d in old[: max(0, len(old) - (self.keep - 1))]:

@@ -5,6 +5,7 @@ Shapes: B rows (sequences), T positions, V vocabulary. A `mask` is a float or bo
 that count. Log-probabilities are natural logs.
 
     masked_lm_loss   -(1/n) Σ_t m_t log p(y_t | y_<t)                        SFT, ptx
+    selected_lm_loss the same from logits computed only where m_t = 1       SFT (the head skips the rest)
     ranking_loss     -(1/C) Σ_{w≻l} log σ(r_w − r_l), one term per prompt     InstructGPT eq. 1
     hinge_loss       max(0, m − (r_w − r_l))                                  the alternative it asks about
     kl_k1/k2/k3      per-token estimators of KL(π‖π_ref) from samples of π    (Schulman, "Approximating KL")
@@ -18,6 +19,7 @@ that count. Log-probabilities are natural logs.
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,19 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
         return nll.sum()
     if reduction == "mean":
         return nll.sum() / mask.float().sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def selected_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """masked_lm_loss for logits computed only where mask is True (`Transformer(select=mask)`): logits (N, V),
+    targets and mask (B, T). Equal to masked_lm_loss on the full logits for a 0/1 mask."""
+    sel = mask.bool()
+    nll = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+    if reduction == "sum":
+        return nll
+    if reduction == "mean":
+        return nll / sel.sum().clamp(min=1)
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
@@ -140,10 +155,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked positions (keeping the mean when shift_mean is False)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x − mean) / std over the masked positions (keeping the mean when shift_mean is False).
+    all_sum: sums a tensor over processes (DDP), so every process whitens by the statistics of the whole batch,
+    as one process holding all of it would."""
+    if all_sum is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        m = mask.to(x.dtype)
+        n, total = all_sum(torch.stack([m.sum(), (x * m).sum()]))
+        n = n.clamp(min=1)
+        mean = total / n
+        var = all_sum(((x - mean) ** 2 * m).sum()) / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -15,6 +15,7 @@ do not fit the context are truncated from the left; each case is counted in a Da
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import re
@@ -181,21 +182,13 @@ class EpochSampler:
 
 
 class Sequences:
-    """SFT rows of (ids, mask) in seeded epoch order; `pack` concatenates them into full-length rows
-    (fewer pad tokens; a row may then hold the end of one conversation and the start of the next)."""
+    """SFT rows of (ids, mask) in seeded epoch order. `pack` puts whole conversations together into rows of at
+    most seq_len + 1 tokens (best fit, longest first: few pad tokens) and records which conversation each token
+    belongs to, so attention and positions stay within a conversation (`Transformer(doc_ids=...)`)."""
 
     def __init__(self, examples: list[SFTExample], seq_len: int, pad_id: int, pack: bool, seed: int = 0):
-        self.seq_len, self.pad_id = seq_len, pad_id
-        if pack:
-            ids = [t for e in examples for t in e.ids]
-            msk = [m for e in examples for m in e.mask]
-            L = seq_len + 1
-            if len(ids) < L:  # too little data for one full row: pad the single row
-                ids += [pad_id] * (L - len(ids))
-                msk += [False] * (L - len(msk))
-            self.rows = [SFTExample(ids[i * L:(i + 1) * L], msk[i * L:(i + 1) * L]) for i in range(len(ids) // L)]
-        else:
-            self.rows = examples
+        self.seq_len, self.pad_id, self.pack = seq_len, pad_id, pack
+        self.rows = pack_examples(examples, seq_len + 1) if pack else examples
         self.sampler = EpochSampler(len(self.rows), seed)
 
     def __len__(self) -> int:
@@ -205,27 +198,68 @@ class Sequences:
         return sum(len(r.ids) - 1 for r in self.rows)
 
     def batch(self, step: int, batch: int, part: int = 0, n_parts: int = 1):
-        """(x, y, loss mask) right-padded to the longest row; part::n_parts of the global batch."""
-        return collate_sft([self.rows[i] for i in self.sampler.indices(step, batch, part, n_parts)], self.pad_id)
+        """(x, y, loss mask, doc ids or None) right-padded to the longest row; part::n_parts of the global batch."""
+        return collate_sft([self.rows[i] for i in self.sampler.indices(step, batch, part, n_parts)], self.pad_id,
+                           self.pack)
 
     def all_batches(self, batch: int):
         for s in range(0, len(self.rows), batch):
-            yield collate_sft(self.rows[s:s + batch], self.pad_id)
+            yield collate_sft(self.rows[s:s + batch], self.pad_id, self.pack)
 
 
-def collate_sft(rows: list[SFTExample], pad_id: int):
+@dataclass
+class PackedRow(SFTExample):
+    docs: list[int] = field(default_factory=list)  # per token: which of the row's conversations it belongs to
+
+
+def pack_examples(examples: list[SFTExample], capacity: int) -> list[PackedRow]:
+    """Best-fit decreasing bin packing of whole conversations into rows of at most `capacity` tokens.
+    Deterministic: ties keep the input order. A conversation's first target is never trained (it would be
+    predicted from the previous conversation's last token)."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].ids), i))
+    free: list[tuple[int, int]] = []  # (tokens still free, row index), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        n = len(examples[i].ids)
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    out = []
+    for members in rows:
+        members.sort()  # conversations in file order within a row
+        ids, mask, docs = [], [], []
+        for j, i in enumerate(members):
+            e = examples[i]
+            ids += e.ids
+            mask += [False] + list(e.mask[1:])
+            docs += [j] * len(e.ids)
+        out.append(PackedRow(ids, mask, docs))
+    return out
+
+
+def collate_sft(rows: list[SFTExample], pad_id: int, with_docs: bool = False):
+    """x, y (B, L) ids and their shift, m (B, L) loss mask; with_docs: also doc ids (B, L), -1 on padding."""
     import torch
 
     L = max(len(r.ids) for r in rows) - 1
     x = torch.full((len(rows), L), pad_id, dtype=torch.long)
     y = torch.full((len(rows), L), pad_id, dtype=torch.long)
     m = torch.zeros((len(rows), L), dtype=torch.float32)
+    d = torch.full((len(rows), L), -1, dtype=torch.long) if with_docs else None
     for i, r in enumerate(rows):
         n = len(r.ids) - 1
         x[i, :n] = torch.tensor(r.ids[:-1])
         y[i, :n] = torch.tensor(r.ids[1:])
         m[i, :n] = torch.tensor(r.mask[1:], dtype=torch.float32)  # target t is trained if it is an assistant token
-    return x, y, m
+        if d is not None:
+            d[i, :n] = torch.tensor(r.docs[:-1] if isinstance(r, PackedRow) else [0] * n)
+    return (x, y, m, d) if with_docs else (x, y, m)
 
 
 # --- preferences -------------------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def main(argv: list[str]) -> int:
     sv = store_arg(sub.add_parser("serve", help="serve the labeling page alone (no models loaded)"))
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8001)
+    sv.add_argument("--session-hours", type=float, default=14 * 24,
+                    help="how long a login lasts before the page asks again (default 336 = 14 days)")
 
     ex = store_arg(sub.add_parser("export", help="write sft/rankings/pairs/ratings JSONL for the trainers"))
     ex.add_argument("--out", "-o", required=True, help="output folder")
@@ -181,7 +183,9 @@ def main(argv: list[str]) -> int:
         from minichat.serve.store import Store
 
         store = Store(ns.store or None)
-        app = create_app(store)
+        if ns.session_hours <= 0:
+            raise MinichatError(f"--session-hours must be positive, got {ns.session_hours}")
+        app = create_app(store, ns.session_hours)
         print(f"minichat label: http://{ns.host}:{ns.port}/label/  (store {store.safe_url})", flush=True)
         uvicorn.run(app, host=ns.host, port=ns.port, log_level="info", timeout_graceful_shutdown=5)
         store.close()

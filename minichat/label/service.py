@@ -169,12 +169,20 @@ def strict_pairs(ranks: list[int]) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------- the service
 
+def _hours(td: dt.timedelta) -> str:
+    h = td.total_seconds() / 3600
+    return f"{h / 24:g} days" if h >= 48 else f"{h:g} hours"
+
+
 class Labeling:
     """The labeling app on a serving `Store` (whose tables it extends on open)."""
 
-    def __init__(self, store: Store, migrate: bool = True, retries: int = 20):
+    def __init__(self, store: Store, migrate: bool = True, retries: int = 20, session_hours: float = 14 * 24):
+        if session_hours <= 0:
+            raise MinichatError(f"session_hours must be positive, got {session_hours}")
         self.store = store
         self.retries = retries
+        self.session_ttl = dt.timedelta(hours=session_hours)  # a login lasts this long, then asks again
         if migrate:
             ensure_schema(store)
 
@@ -275,6 +283,7 @@ class Labeling:
         token = secrets.token_urlsafe(32)
 
         def go(s):
+            s.query(LoginSession).filter(LoginSession.created_at < utcnow() - self.session_ttl).delete()  # old ones
             s.add(LoginSession(token_hash=_token_hash(token), user_id=user["id"]))
 
         self._tx(go)
@@ -286,9 +295,13 @@ class Labeling:
         with self.store.session() as s:
             row = s.get(LoginSession, _token_hash(token))
             u = s.get(User, row.user_id) if row is not None else None
-            if u is None or not u.active:
-                raise Unauthorized("the session has ended; log in again")
-            return self._user_dict(u)
+            expired = row is not None and row.created_at < utcnow() - self.session_ttl
+            if u is not None and u.active and not expired:
+                return self._user_dict(u)
+        if expired:
+            self.logout(token)
+            raise Unauthorized(f"the session expired (logins last {_hours(self.session_ttl)}); log in again")
+        raise Unauthorized("the session has ended; log in again")
 
     def logout(self, token: str) -> None:
         self._tx(lambda s: s.query(LoginSession).filter(LoginSession.token_hash == _token_hash(token)).delete())

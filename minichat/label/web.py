@@ -225,16 +225,16 @@ async def patch_user(name: str, request: Request, lab: Labeling = Depends(labeli
     return await _call(lab.update_user, name, role=b.role, held_out=b.held_out, active=b.active)
 
 
-def mount(app: FastAPI, store) -> Labeling:
+def mount(app: FastAPI, store, session_hours: float = 14 * 24) -> Labeling:
     """Add the labeling app to a FastAPI app that has the serving store (creating its tables if needed)."""
-    lab = Labeling(store)
+    lab = Labeling(store, session_hours=session_hours)
     app.state.labeling = lab
     app.include_router(router)
     app.mount("/label/static", StaticFiles(directory=STATIC), name="label-static")
     return lab
 
 
-def create_app(store) -> FastAPI:
+def create_app(store, session_hours: float = 14 * 24) -> FastAPI:
     """The labeling app alone (`minichat label serve`): no models loaded."""
     import logging
 
@@ -251,5 +251,5 @@ def create_app(store) -> FastAPI:
     async def health():
         return {"status": "ok", "labeling": True}
 
-    mount(app, store)
+    mount(app, store, session_hours)
     return app

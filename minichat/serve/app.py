@@ -316,7 +316,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             app.include_router(web_router)
             from minichat.label.web import mount as mount_label
 
-            mount_label(app, store)  # the labeling app at /label (its tables are added to the store)
+            mount_label(app, store, cfg.label_session_hours)  # the labeling app at /label (its tables are added to the store)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
         @app.get("/", include_in_schema=False)

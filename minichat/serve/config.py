@@ -59,6 +59,7 @@ class ServeConfig:
     # run the checks in a child process: in-process, their Python held the GIL that the engine thread needs
     # between ops (at 32 streaming clients a decode step took ~70 ms instead of ~49)
     moderation_process: bool = True
+    label_session_hours: float = 336.0  # how long a login to the labeling app at /label lasts (14 days)
     store_api_conversations: bool = False  # also keep /v1/chat/completions exchanges in the store
     max_queue: int = 64  # sequences that may wait for a place in the batch, per model; beyond: 429
     max_n: int = 16  # largest `n` a request may ask for
@@ -77,6 +78,8 @@ class ServeConfig:
             raise ConfigError("models: give at least one model to serve (e.g. --models smollm2)")
         if not 0.0 <= self.dry_multiplier <= 10.0:
             raise ConfigError(f"dry_multiplier must be in [0, 10] (0 = off), got {self.dry_multiplier}")
+        if self.label_session_hours <= 0:
+            raise ConfigError(f"label_session_hours must be positive, got {self.label_session_hours}")
         if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):

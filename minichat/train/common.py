@@ -59,10 +59,13 @@ def collate_answers(seqs: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def sequence_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t mask_t log π(y_t | x_≤t) per row: (B,)."""
-    from minichat.losses import token_logprobs
+    """Σ_t mask_t log π(y_t | x_≤t) per row: (B,). The head runs only where mask_t ≠ 0 (the answers)."""
+    import torch.nn.functional as F
 
-    return (token_logprobs(model(x), y) * mask).sum(1)
+    sel = mask != 0
+    lp = -F.cross_entropy(model(x, select=sel).float(), y[sel], reduction="none")  # (N,)
+    out = torch.zeros(x.shape[0], dtype=lp.dtype, device=lp.device)
+    return out.index_add(0, sel.nonzero()[:, 0], lp * mask[sel].to(lp.dtype))
 
 
 class PtxStream:

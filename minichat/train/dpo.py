@@ -13,6 +13,7 @@ import torch
 from minichat import config as C
 from minichat import runtime
 from minichat.errors import ConfigError, MinichatError
+from minichat.lora import LoRAConfig, add_lora, lora_flops
 from minichat.losses import dpo_loss, ranking_pairs
 from minichat.train.loop import TrainConfig, Trainer
 from minichat.train.reward import RewardDataConfig
@@ -28,6 +29,7 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         out_dir="runs/dpo", max_steps=200, batch_size=8, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
         eval_every=50, eval_batches=20, save_every=100, log_every=10))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # --lora.rank 16: train low-rank adapters only
     runtime: runtime.RuntimeConfig = field(default_factory=runtime.RuntimeConfig)
 
     def validate(self) -> None:
@@ -95,6 +97,8 @@ def run(cfg: DPOConfig) -> dict:
             ref_train = reference_logprobs(ref, train, pad, device, B)
             ref_val = reference_logprobs(ref, val, pad, device, B) if val else None
         del ref
+        total = model.num_params()
+        trainable = add_lora(model, cfg.lora, cfg.runtime.seed)
         sampler = EpochSampler(len(train), cfg.runtime.seed)
 
         def batch_fn(step: int, part: int, n_parts: int):
@@ -126,11 +130,14 @@ def run(cfg: DPOConfig) -> dict:
         trainer = Trainer(
             cfg.train, cfg.runtime, model, tok, device=device, dtype=dtype, dist=dist,
             batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn if val else None,
-            tokens_per_step=int(B * avg) // dist.world, flops_per_token=model.flops_per_token(int(avg / 2)),
+            tokens_per_step=int(B * avg) // dist.world,
+            flops_per_token=lora_flops(model, int(avg / 2), trainable / total) if cfg.lora.rank
+            else model.flops_per_token(int(avg / 2)),
             checkpoint_config={"kind": "lm", "stage": "dpo", "dpo": C.to_dict(cfg)}, stage="dpo",
         )
         if dist.is_main:
-            print(f"[dpo] {model.num_params():,} parameters from {cfg.init_from}; {len(train):,} train pairs, "
+            lora = f" (LoRA rank {cfg.lora.rank}: {trainable:,} trained)" if cfg.lora.rank else ""
+            print(f"[dpo] {total:,} parameters{lora} from {cfg.init_from}; {len(train):,} train pairs, "
                   f"{len(val):,} held out; beta {cfg.beta}; device {device}, processes {dist.world}")
             print(report.summary())
         result = trainer.fit()

@@ -208,6 +208,20 @@ def _all_mean(values: list[float], dist: runtime.Dist, device) -> list[float]:
     return (t / dist.world).tolist()
 
 
+def _all_sum(dist: runtime.Dist):
+    """A function summing a tensor over the processes (None for one process)."""
+    if not dist.enabled:
+        return None
+    import torch.distributed as tdist
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        tdist.all_reduce(t)
+        return t
+
+    return all_sum
+
+
 def _tensors_for_save(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     sd = module.state_dict()
     if getattr(getattr(module, "cfg", None), "tie_embeddings", False):
@@ -394,8 +408,8 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         rewards[torch.arange(B, device=device), lay["lengths"] - 1] += terminal
         # 4. advantages (no value model: λ = 1 and V = 0 make GAE the sum of the rewards still to come)
         adv, returns = gae(rewards, old_values * mask, mask, a.gamma, a.lam if value is not None else 1.0)
-        if a.whiten_advantages:
-            adv = whiten(adv, mask)
+        if a.whiten_advantages:  # over every process's rollouts, as one process would
+            adv = whiten(adv, mask, all_sum=_all_sum(dist))
         t_score = time.perf_counter() - t1
 
         # 5. PPO epochs over minibatches

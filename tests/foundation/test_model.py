@@ -101,6 +101,25 @@ def test_left_padded_batch_matches_unpadded():
     torch.testing.assert_close(step[1, -1], m(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_packed_row_computes_each_document_alone(impl):
+    """doc_ids: three documents and padding in one row give exactly the logits of each document run alone."""
+    m = tiny()
+    m.set_attention(impl)
+    docs = [torch.randint(0, 61, (1, n)) for n in (7, 4, 9)]
+    row = torch.cat(docs + [torch.zeros(1, 3, dtype=torch.long)], 1)  # (1, 23)
+    ids = torch.tensor([[0] * 7 + [1] * 4 + [2] * 9 + [-1] * 3])
+    out = m(row, doc_ids=ids)
+    torch.testing.assert_close(out[:, :7], m(docs[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 7:11], m(docs[1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 11:20], m(docs[2]), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+    # without doc_ids the later documents see the earlier ones: different logits
+    assert not torch.allclose(m(row)[:, 7:11], out[:, 7:11], atol=1e-3)
+    with pytest.raises(ValueError, match="doc_ids"):
+        m(row, cache=m.new_cache(1), doc_ids=ids)
+
+
 def test_cache_overflow_and_long_input_errors():
     m = tiny(max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):

@@ -259,6 +259,34 @@ def test_accounts_logins_and_sessions(lab):
         lab.login("ann", "a new password")
 
 
+def test_sessions_expire(lab):
+    """A login lasts session_hours: an older session is refused (and removed), a fresh one works, and logging in
+    clears the expired sessions of everyone."""
+    from minichat.label.models import Session as LoginSession
+
+    _, token = lab.add_user("bo")
+    old, _ = lab.login("bo", token)
+    other, _ = lab.login("bo", token)
+    with lab.store.session() as s:  # both logged in 15 days ago; the default lifetime is 14 days
+        for row in s.scalars(select(LoginSession)):
+            row.created_at -= dt.timedelta(days=15)
+    with pytest.raises(Unauthorized, match="expired .*14 days"):
+        lab.authenticate(old)
+    with pytest.raises(Unauthorized, match="ended"):  # removed, not merely refused
+        lab.authenticate(old)
+    new, _ = lab.login("bo", token)
+    assert lab.authenticate(new)["name"] == "bo"
+    with lab.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(LoginSession)) == 1  # `other` was cleared at login
+    short = Labeling(lab.store, migrate=False, session_hours=2)
+    with pytest.raises(Unauthorized, match="2 hours"):
+        with lab.store.session() as s:
+            s.scalars(select(LoginSession)).one().created_at -= dt.timedelta(hours=3)
+        short.authenticate(new)
+    with pytest.raises(MinichatError, match="positive"):
+        Labeling(lab.store, migrate=False, session_hours=0)
+
+
 def test_pairwise_agreement_by_hand():
     # a: 0 < 1 < 2; b: 0 < 2 < 1 -> pairs (0,1) agree, (0,2) agree, (1,2) opposite: 2/3
     assert pair_agreement([0, 1, 2], [0, 2, 1]) == (2.0, 3)

@@ -44,6 +44,32 @@ def test_sft_mask_trains_exactly_the_assistant_tokens(tok):
     assert [i for i, k in zip(ids, mask) if k] == trained
 
 
+def test_packing_keeps_whole_conversations_and_trains_the_same_tokens(tok):
+    import random
+
+    rng = random.Random(0)
+    words = "red blue green sky sea tree stone bird".split()
+    convs = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 12)))},
+              {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 20)))}]
+             for _ in range(60)]
+    examples = D.encode_sft(convs, tok, 256)
+    seqs = D.Sequences(examples, 256, tok.pad_id, pack=True)
+    assert all(len(r.ids) <= 257 for r in seqs.rows)
+    assert len(seqs) < len(examples) / 2  # several conversations per row
+    # every conversation exactly once, whole: each row is its documents' ids in order
+    pieces = sorted(tuple(r.ids[r.docs.index(j):len(r.docs) - r.docs[::-1].index(j)])
+                    for r in seqs.rows for j in set(r.docs))
+    assert pieces == sorted(tuple(e.ids) for e in examples)
+    x, y, m, d = D.collate_sft(seqs.rows, tok.pad_id, with_docs=True)
+    _, _, m1 = D.collate_sft(examples, tok.pad_id)
+    assert m.sum() == m1.sum()  # the same assistant tokens are trained
+    # no trained target is the first token of a conversation (predicted from the previous one)
+    starts = (d[:, 1:] != d[:, :-1])
+    assert not (m[:, :-1].bool() & starts).any()
+    lengths = [len(r.ids) - 1 for r in seqs.rows]
+    assert [int((row >= 0).sum()) for row in d] == lengths  # -1 marks exactly the padding
+
+
 def test_sft_truncation_is_counted(tok):
     conv = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "yes"}]
     rep = D.DataReport()

@@ -16,6 +16,32 @@ def test_masked_lm_loss_counts_only_masked_tokens():
     assert L.masked_lm_loss(logits, y, torch.tensor([[1.0, 1.0]]), "sum").item() == pytest.approx(-math.log(0.75) + math.log(2))
 
 
+def test_selected_lm_loss_is_the_masked_loss_from_fewer_logits():
+    # the same two positions as above; the head ran only at position 0 (mask 1, 0): logits (1, V)
+    y = torch.tensor([[1, 0]])
+    sel = torch.tensor([[1.0, 0.0]])
+    assert L.selected_lm_loss(torch.tensor([[0.0, math.log(3.0)]]), y, sel).item() == pytest.approx(-math.log(0.75))
+    logits = torch.randn(3, 5, 7)
+    y, mask = torch.randint(0, 7, (3, 5)), (torch.rand(3, 5) > 0.5).float()
+    for red in ("mean", "sum"):
+        torch.testing.assert_close(L.selected_lm_loss(logits[mask.bool()], y, mask, red),
+                                   L.masked_lm_loss(logits, y, mask, red))
+
+
+def test_sequence_logprobs_runs_the_head_at_answers_only():
+    from minichat.model import ModelConfig, Transformer
+    from minichat.train.common import sequence_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, max_seq_len=16))
+    x, y = torch.randint(0, 30, (3, 8)), torch.randint(0, 30, (3, 8))
+    mask = torch.zeros(3, 8)
+    mask[0, 5:], mask[1, 2:4] = 1, 1  # row 2: nothing counts
+    full = (L.token_logprobs(model(x), y) * mask).sum(1)
+    torch.testing.assert_close(sequence_logprobs(model, x, y, mask), full)
+    assert sequence_logprobs(model, x, y, mask)[2].item() == 0.0
+
+
 def test_ranking_pairs_with_ties():
     # ranks 0 < 1 = 1 < 2: every pair but the tie (1, 2): C(4,2) - 1 = 5
     assert sorted(L.ranking_pairs([0, 1, 1, 2])) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
@@ -70,6 +96,34 @@ def test_whiten():
     # (1, 2, 3): mean 2, variance 2/3 -> ±√(3/2); the masked 100 is ignored and zeroed
     w = L.whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))
     assert w.tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], rel=1e-5)
+
+
+def test_whiten_across_processes_uses_the_whole_batch():
+    """Two 'processes' (threads meeting at a barrier, as all_reduce does) each whiten their half of a batch by
+    the statistics of both halves: together they give what one process whitening the whole batch gives."""
+    import threading
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 5) * 3 + 1, (torch.rand(6, 5) > 0.3).float()
+    x[:3] += 10  # the halves differ, so per-half whitening would differ from the whole's
+    whole = L.whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def process(rank):
+        def all_sum(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        rows = slice(3 * rank, 3 * rank + 3)
+        out[rank] = L.whiten(x[rows], mask[rows], all_sum=all_sum)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat(out), whole)
+    assert not torch.allclose(L.whiten(x[:3], mask[:3]), whole[:3], atol=1e-2)
 
 
 def test_group_centered_leave_one_out_by_hand():

@@ -35,6 +35,24 @@ def test_sft_lowers_held_out_loss_and_resumes(tiny_lm, sft_file, tmp_path):
     load_model(tmp_path / "sft")  # an ordinary LM checkpoint
 
 
+def test_packed_sft_loss_equals_the_padded_loss(tiny_lm, sft_file):
+    """Packing changes the batch layout, not the objective: summed over the same conversations, the packed
+    rows' loss equals the padded rows' loss (attention and positions stay within each conversation)."""
+    from minichat.checkpoint import load_model
+    from minichat.data.chat import Sequences, encode_sft, load_sft
+    from minichat.losses import masked_lm_loss
+
+    model, tok, _ = load_model(tiny_lm)
+    examples = encode_sft(load_sft(sft_file), tok, 95)
+    packed, padded = Sequences(examples, 95, tok.pad_id, True), Sequences(examples, 95, tok.pad_id, False)
+    assert len(packed) < len(padded) / 2
+    with torch.no_grad():
+        a = sum(float(masked_lm_loss(model(x, doc_ids=d), y, m, reduction="sum"))
+                for x, y, m, d in packed.all_batches(4))
+        b = sum(float(masked_lm_loss(model(x), y, m, reduction="sum")) for x, y, m in padded.all_batches(4))
+    assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_sft_packing(tiny_lm, sft_file, tmp_path):
     from minichat.train import sft
 
