@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -221,6 +222,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.checkpoint_activations = False  # training: recompute blocks in backward (less memory)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -306,8 +308,12 @@ class Transformer(nn.Module):
             else:
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)[None, None]
         x = self.drop(self.embed(idx))  # (B, T, D)
+        recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for blk in self.layers:
-            x = blk(x, cos, sin, cache, mask, causal)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, None, mask, causal, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, cache, mask, causal)
         if cache is not None:
             cache.length += T
         h = self.norm(x)  # (B, T, D)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,9 +27,11 @@ SETTINGS = {  # name: (lora rank, pack, learning rate): `minichat sft`'s default
     "LoRA 16, padded": (16, False, 5e-4),
     "LoRA 16, packed": (16, True, 5e-4),
 }
-MORE = {  # run by --only: the learning rates tried for the preset
+MORE = {  # run by --only: the learning rates tried for the preset, and recomputed activations
     "LoRA 16, packed, lr 2e-4": (16, True, 2e-4),
     "LoRA 16, packed, lr 1e-3": (16, True, 1e-3),
+    "full, packed, recompute": (0, True, 3e-5),
+    "LoRA 16, packed, recompute": (16, True, 5e-4),
 }
 
 
@@ -58,6 +61,7 @@ def one(args: argparse.Namespace) -> None:
     t.out_dir, t.max_steps, t.batch_size, t.warmup_steps, t.lr, t.min_lr = args.out, args.steps, 8, 0, lr, lr / 10
     t.eval_every, t.eval_batches, t.save_every, t.progress, t.log_every = 0, 100, 0, False, 1
     t.resume, t.peak_tflops = "never", 1.0
+    t.activation_checkpointing = args.setting.endswith("recompute")
     cfg.runtime.threads = args.threads
     res = sft.run(cfg)
     rows = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
@@ -88,7 +92,7 @@ def main() -> None:
         return one(a)
     if not HH.is_file():
         raise SystemExit(f"skipped: {HH} is not here (the benchmark reads ../shared)")
-    work = Path(tempfile.mkdtemp(prefix="sft_lora_"))
+    work = Path(tempfile.mkdtemp(prefix="sft_lora_"))  # removed at the end
     train, val = write_data(work, a.train_rows, a.val_rows)
     names = [n.strip() for n in a.only.split(";") if n.strip()] or list(SETTINGS)
     runs = [(n, "") for n in names]
@@ -108,7 +112,9 @@ def main() -> None:
             if p.returncode:
                 raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
             results[label].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out, ignore_errors=True)  # SmolLM2 checkpoints with optimizer state: GBs per run
             print(label, results[label][-1], flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\n{a.steps} steps of batch 8 (rows of <= 256 tokens), {a.threads} threads, medians of {a.repeats} runs; "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print("| setting | s / step | conversation tokens / s | peak memory (GiB) | held-out loss after the steps |")
