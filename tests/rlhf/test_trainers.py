@@ -53,6 +53,23 @@ def test_packed_sft_loss_equals_the_padded_loss(tiny_lm, sft_file):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_sft_with_activation_checkpointing_trains_the_same_model(tiny_lm, sft_file, tmp_path):
+    from minichat.checkpoint import load_model
+    from minichat.train import sft
+
+    for name, recompute in (("plain", False), ("recompute", True)):
+        cfg = sft.preset_tiny()
+        cfg.init_from, cfg.data.train, cfg.data.pack = str(tiny_lm), str(sft_file), True
+        cfg.train.out_dir, cfg.train.max_steps, cfg.train.eval_every = str(tmp_path / name), 4, 0
+        cfg.train.activation_checkpointing = recompute
+        _quiet(cfg.train)
+        sft.run(cfg)
+    a, b = load_model(tmp_path / "plain")[0], load_model(tmp_path / "recompute")[0]
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=k)
+    assert not torch.equal(a.layers[0].attn.wq.weight, load_model(tiny_lm)[0].layers[0].attn.wq.weight)
+
+
 def test_sft_packing(tiny_lm, sft_file, tmp_path):
     from minichat.train import sft
 
