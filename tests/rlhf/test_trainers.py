@@ -370,6 +370,23 @@ def test_reward_under_torchrun_ddp(tiny_lm, reward_run, tmp_path):
     assert rows[-1]["step"] == 6
 
 
+def test_sft_lora_packed_under_torchrun_ddp(tiny_lm, sft_file, tmp_path):
+    """LoRA adapters (the rest frozen) and packed rows with document masks, in two processes (gloo)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "minichat.cli", "sft", "--preset", "tiny", "--init_from", str(tiny_lm), "--data.train", str(sft_file),
+           "--data.pack", "true", "--lora.rank", "4", "--train.out_dir", str(out), "--train.max_steps", "6",
+           "--train.progress", "false", "--runtime.threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "processes 2" in r.stdout and "LoRA rank 4" in r.stdout and "packed" in r.stdout
+    from minichat.checkpoint import load_model
+
+    tuned, base = load_model(out)[0], load_model(tiny_lm)[0]
+    assert not torch.equal(tuned.layers[0].attn.wq.weight, base.layers[0].attn.wq.weight)
+    assert torch.equal(tuned.embed.weight, base.embed.weight)
+
+
 def test_cli_reports_bad_input_without_traceback(tiny_lm, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answers": ["x", "y"]}\n{"prompt": oops}\n')
