@@ -208,7 +208,9 @@ def _default_system(template: str) -> str | None:
     if "messages[0]['role'] != 'system'" not in template.replace('"', "'"):
         return None
     m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
-    return m.group(1).replace("\\n", "\n") if m else None
+    if m is None:
+        return None
+    return re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(1))  # \n \' \\
 
 
 # ----------------------------------------------------------------------------------------------- caching
