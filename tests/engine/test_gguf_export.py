@@ -125,4 +125,5 @@ def test_llama_cpp_runs_the_export_as_minichat_does(tiny_ckpt_path, tmp_path):
     with torch.no_grad():
         for _ in range(8):
             cur.append(int(model(torch.tensor([cur]))[0, -1].argmax()))
+    llm.close()
     assert greedy == cur[len(ids):]
