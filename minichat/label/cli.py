@@ -62,6 +62,12 @@ def _print_stats(d: dict) -> None:
               f"of {ag['tasks']} tasks ranked by several labelers")
     else:
         print("inter-labeler agreement: no task has been ranked by two labelers yet")
+    ra = ag.get("ratings") or {}
+    if ra.get("pairs"):
+        alpha = "-" if ra["alpha"] is None else f"{ra['alpha']:.2f}"
+        print(f"Likert ratings of the same answer: {100 * ra['exact']:.1f}% equal, {100 * ra['within_one']:.1f}% within "
+              f"one point, mean difference {ra['mean_abs_diff']:.2f}, Krippendorff's alpha {alpha} "
+              f"({ra['pairs']} pairs over {ra['answers']} answers)")
 
 
 def _project_cmd(argv: list[str]) -> int:

@@ -161,6 +161,28 @@ def pair_agreement(a: list[int], b: list[int]) -> tuple[float, int]:
     return score, n
 
 
+def rating_agreement(units: list[list[int]]) -> dict:
+    """Agreement of Likert ratings: `units` holds, per answer, the ratings several labelers gave it (answers
+    rated once are left out). Over pairs of ratings of one answer: the share that are equal, the share within one
+    point, the mean absolute difference; and Krippendorff's alpha for interval data,
+    1 − D_o / D_e, where D_o is the mean squared difference within an answer and D_e across all its ratings
+    (1 = perfect, 0 = chance)."""
+    units = [u for u in units if len(u) >= 2]
+    pairs = [(a, b) for u in units for a, b in combinations(u, 2)]
+    if not pairs:
+        return {"answers": 0, "pairs": 0, "exact": None, "within_one": None, "mean_abs_diff": None, "alpha": None}
+    values = [v for u in units for v in u]
+    n = len(values)
+    # Krippendorff: each unit's ordered pairs weighted by 1 / (m_u − 1); D_e over all ordered pairs of values
+    d_o = sum(2 * sum((a - b) ** 2 for a, b in combinations(u, 2)) / (len(u) - 1) for u in units) / n
+    d_e = sum(2 * (a - b) ** 2 for a, b in combinations(values, 2)) / (n * (n - 1))
+    return {"answers": len(units), "pairs": len(pairs),
+            "exact": sum(a == b for a, b in pairs) / len(pairs),
+            "within_one": sum(abs(a - b) <= 1 for a, b in pairs) / len(pairs),
+            "mean_abs_diff": sum(abs(a - b) for a, b in pairs) / len(pairs),
+            "alpha": (1.0 - d_o / d_e) if d_e > 0 else None}
+
+
 def strict_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     """(better, worse) index pairs of a ranking; ties give none."""
     return [(i, j) if ranks[i] < ranks[j] else (j, i) for i, j in combinations(range(len(ranks)), 2)
@@ -699,8 +721,18 @@ class Labeling:
     # ------------------------------------------------------------------ dashboard
     def agreement(self, project=None, *, include_held_out: bool = True) -> dict:
         """Pairwise agreement on comparisons between labelers who ranked the same task: overall, per labeler
-        (against everyone else) and per pair of labelers."""
+        (against everyone else) and per pair of labelers; and agreement of the Likert ratings of answers that
+        several labelers rated (`ratings`, see rating_agreement)."""
         with self.store.session() as s:
+            rq = (select(Rating.answer_id, Rating.likert, User.held_out)
+                  .join(Assignment, Rating.assignment_id == Assignment.id).join(User, Assignment.user_id == User.id)
+                  .join(Task, Assignment.task_id == Task.id).where(Assignment.status == "done"))
+            if project is not None:
+                rq = rq.where(Task.project_id == self._project(s, project).id)
+            by_answer: dict[int, list[int]] = defaultdict(list)
+            for answer_id, likert, held_out in s.execute(rq):
+                if include_held_out or not held_out:
+                    by_answer[answer_id].append(int(likert))
             q = (select(Ranking, Assignment, User, Task).join(Assignment, Ranking.assignment_id == Assignment.id)
                  .join(User, Assignment.user_id == User.id).join(Task, Assignment.task_id == Task.id))
             if project is not None:
@@ -728,6 +760,7 @@ class Labeling:
                 per_pair[key][1] += k
         rate = lambda v: (v[0] / v[1]) if v[1] else None  # noqa: E731
         return {"agreement": (total / n) if n else None, "pairs": n, "tasks": tasks,
+                "ratings": rating_agreement(list(by_answer.values())),
                 "per_labeler": {u: {"agreement": rate(v), "pairs": int(v[1])} for u, v in sorted(per_user.items())},
                 "per_pair": {k: {"agreement": rate(v), "pairs": int(v[1])} for k, v in sorted(per_pair.items())}}
 
@@ -786,7 +819,7 @@ class Labeling:
         lab_rows = sorted(labelers.values(), key=lambda r: r["labeler"])
         if user["role"] != "admin":
             lab_rows = [r for r in lab_rows if r["labeler"] == user["name"]]
-            agreement = {"agreement": agreement["agreement"], "pairs": agreement["pairs"], "tasks": agreement["tasks"]}
+            agreement = {k: agreement[k] for k in ("agreement", "pairs", "tasks", "ratings")}
         return {"projects": out_projects, "labelers": lab_rows, "agreement": agreement}
 
     # ------------------------------------------------------------------ export
@@ -869,4 +902,4 @@ def export_counts(rows: dict[str, list[dict]]) -> dict[str, int]:
 
 
 __all__ = ["CATEGORIES", "FLAGS", "Forbidden", "Labeling", "ProjectConfig", "Unauthorized", "ensure_schema",
-           "export_counts", "pair_agreement", "ranks_from_groups", "strict_pairs"]
+           "export_counts", "pair_agreement", "ranks_from_groups", "rating_agreement", "strict_pairs"]

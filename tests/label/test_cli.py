@@ -72,3 +72,14 @@ def test_cli_errors_are_clear_and_without_traceback(tmp_path):
     assert minichat(["label", "project", "create", "p", "--store", url]) == 2  # exists
     assert minichat(["label", "project", "create", "q", "--k", "12", "--store", url]) == 2
     assert minichat(["label", "export", "--out", str(tmp_path / "x"), "--project", "nope", "--store", url]) == 2
+
+
+def test_stats_print_rating_agreement(capsys):
+    from minichat.label.cli import _print_stats
+
+    ratings = {"answers": 3, "pairs": 4, "exact": 0.25, "within_one": 0.5, "mean_abs_diff": 1.25, "alpha": 0.8333}
+    _print_stats({"projects": [], "labelers": [], "agreement": {"agreement": None, "pairs": 0, "tasks": 0,
+                                                                "ratings": ratings}})
+    out = capsys.readouterr().out
+    assert "25.0% equal, 50.0% within one point, mean difference 1.25, Krippendorff's alpha 0.83" in out
+    assert "(4 pairs over 3 answers)" in out

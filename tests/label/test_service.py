@@ -13,6 +13,7 @@ from minichat.label.importer import read_prompts
 from minichat.label.models import Prompt
 from minichat.label.service import (
     Forbidden, Labeling, ProjectConfig, Unauthorized, export_counts, pair_agreement, ranks_from_groups,
+    rating_agreement,
 )
 from minichat.serve.store import NotFound, Store
 
@@ -293,6 +294,40 @@ def test_pairwise_agreement_by_hand():
     # a tie against an order counts half; two ties are not counted
     assert pair_agreement([0, 0, 1], [0, 1, 1]) == (0.5 + 1.0 + 0.5, 3)
     assert pair_agreement([0, 0], [0, 0]) == (0.0, 0)
+
+
+def test_rating_agreement_by_hand():
+    # answer 1 rated (7, 6): |d| = 1; answer 2 rated (3, 3, 1): pairs |0|, |2|, |2|; answer 3 rated once: left out
+    r = rating_agreement([[7, 6], [3, 3, 1], [5]])
+    assert r["answers"] == 2 and r["pairs"] == 4
+    assert r["exact"] == 0.25 and r["within_one"] == 0.5 and r["mean_abs_diff"] == pytest.approx(5 / 4)
+    # Krippendorff's interval alpha, by hand: values 7 6 3 3 1 (n = 5).
+    # D_o = [2·1²/1 + 2·(0² + 2² + 2²)/2] / 5 = (2 + 8) / 5 = 2
+    # D_e = 2·Σ_{i<j}(v_i − v_j)² / (5·4): Σ = 1+16+16+36 + 9+9+25 + 0+4 + 4 = 120 -> 240 / 20 = 12
+    assert r["alpha"] == pytest.approx(1 - 2 / 12)
+    assert rating_agreement([[4, 4], [2, 2]])["alpha"] == 1.0  # perfect agreement
+    assert rating_agreement([[1, 5], [5, 1]])["alpha"] == pytest.approx(-0.5)  # worse than chance
+    assert rating_agreement([[3], [4]])["pairs"] == 0 and rating_agreement([])["alpha"] is None
+
+
+def test_ratings_agreement_in_the_dashboard(lab, tmp_path):
+    project = "rated"
+    lab.create_project(project, ProjectConfig(tasks=["rating"], models=[], k=4, overlap=2, rate_answers=4))
+    lab.import_prompts(project, read_prompts(write_jsonl(tmp_path / "r.jsonl", PROMPTS[:1])))
+    ann, bob = login(lab, "ann"), login(lab, "bob")
+    given = {"ann": {"a1": 7, "a2": 5, "a3": 3, "a4": 1}, "bob": {"a1": 6, "a2": 5, "a3": 1, "a4": 1}}
+    shown = None
+    for u in (ann, bob):
+        a = lab.next_assignment(u, project, "rating")
+        shown = sorted(x["content"] for x in a["answers"])
+        lab.submit_rating(u, a["id"], [{"answer_id": x["id"], "likert": given[u["name"]][x["content"]], "flags": {}}
+                                       for x in a["answers"]])
+    diffs = [abs(given["ann"][c] - given["bob"][c]) for c in shown]  # the same task: overlap 2
+    r = lab.agreement(project)["ratings"]
+    assert r["pairs"] == len(shown) == 4
+    assert r["exact"] == pytest.approx(diffs.count(0) / len(diffs))
+    assert r["mean_abs_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert lab.dashboard(ann, project)["agreement"]["ratings"] == r  # labelers see the overall figures
 
 
 def test_agreement_dashboard_and_held_out_export(lab, project):

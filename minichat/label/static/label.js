@@ -314,6 +314,12 @@
         }).join("") + "</table>";
       h += "<p>Inter-labeler agreement on comparisons: <b id='agreement'>" + pct(d.agreement.agreement) + "</b> over " +
         d.agreement.pairs + " answer pairs.</p>";
+      var ra = d.agreement.ratings;
+      if (ra && ra.pairs) {
+        h += "<p id='rating-agreement'>Likert ratings of the same answer: " + pct(ra.exact) + " equal, " + pct(ra.within_one) +
+          " within one point, mean difference " + ra.mean_abs_diff.toFixed(2) + ", Krippendorff's alpha " +
+          (ra.alpha === null ? "—" : ra.alpha.toFixed(2)) + " (" + ra.pairs + " pairs of ratings).</p>";
+      }
       $("dash-body").innerHTML = h;
       document.querySelectorAll(".held-out").forEach(function (c) {
         c.addEventListener("change", function () {
