@@ -21,9 +21,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minichat.errors import ConfigError
 
