@@ -57,7 +57,7 @@ def bench_ppo(work: Path, iterations: int) -> dict:
     return {"ppo_iterations": rows}
 
 
-def bench_rm(work: Path, n_train: int, n_val: int, steps: int) -> dict:
+def bench_rm(work: Path, n_train: int, n_val: int, steps: int, lora: int = 0) -> dict:
     from minichat.data.chat import read_jsonl
     from minichat.train import reward
 
@@ -72,10 +72,13 @@ def bench_rm(work: Path, n_train: int, n_val: int, steps: int) -> dict:
     t = cfg.train
     t.out_dir, t.max_steps, t.batch_size, t.eval_every, t.save_every, t.progress = str(work / "rm"), steps, 8, 0, 0, False
     t.resume, t.warmup_steps, t.lr, t.min_lr, t.peak_tflops = "never", 5, 3e-4, 3e-5, 1.0
+    if lora:  # adapters on every block instead of the last 2 blocks trained whole; SFT's LoRA learning rate
+        cfg.train_last_layers, cfg.lora.rank, cfg.lora.alpha = -1, lora, 2.0 * lora
+        t.lr, t.min_lr = 5e-4, 5e-5
     t0 = time.perf_counter()
     res = reward.run(cfg)
     return {"rm_val_accuracy": res.get("val_accuracy"), "rm_val_pairs": res.get("val_pairs"), "rm_train": n_train,
-            "rm_steps": steps, "rm_batch": 8, "rm_wall_s": time.perf_counter() - t0, "warnings": res.get("warnings")}
+            "rm_steps": steps, "rm_batch": 8, "rm_lora": lora, "rm_wall_s": time.perf_counter() - t0, "warnings": res.get("warnings")}
 
 
 def main() -> None:
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--rm-train", type=int, default=400)
     ap.add_argument("--rm-val", type=int, default=200)
     ap.add_argument("--rm-steps", type=int, default=40)
+    ap.add_argument("--rm-lora", type=int, default=0, help="LoRA rank on every block (0: the last 2 blocks train)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if not HH.is_file():
@@ -98,7 +102,7 @@ def main() -> None:
     if a.only in ("all", "ppo"):
         res.update(bench_ppo(work, a.ppo_iterations))
     if a.only in ("all", "rm"):
-        res.update(bench_rm(work, a.rm_train, a.rm_val, a.rm_steps))
+        res.update(bench_rm(work, a.rm_train, a.rm_val, a.rm_steps, a.rm_lora))
     res["load_avg_end"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     (work / f"results_{a.only}.json").write_text(json.dumps(res, indent=2))

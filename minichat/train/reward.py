@@ -15,6 +15,7 @@ import torch
 from minichat import config as C
 from minichat import runtime
 from minichat.errors import ConfigError, MinichatError
+from minichat.lora import LoRAConfig, add_lora, lora_flops
 from minichat.losses import ranking_loss
 from minichat.train.loop import TrainConfig, Trainer
 
@@ -42,6 +43,7 @@ class RewardConfig:
     train_last_layers: int = -1  # -1: train the whole trunk; k >= 0: freeze all but the last k blocks (+ head)
     normalize: bool = True  # shift the head's bias so reference demonstrations score mean 0
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on every block instead of trained blocks
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         out_dir="runs/reward", max_steps=200, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_steps=10, weight_decay=0.0,
         eval_every=50, eval_batches=50, save_every=100, log_every=10))
@@ -52,6 +54,8 @@ class RewardConfig:
             raise ConfigError(f"loss must be logsigmoid or hinge, got {self.loss!r}")
         if self.margin <= 0:
             raise ConfigError("margin must be positive")
+        if self.lora.rank and self.train_last_layers >= 0:
+            raise ConfigError("choose LoRA (--lora.rank) or --train_last_layers, not both: set --train_last_layers -1")
 
 
 def preset_tiny() -> RewardConfig:
@@ -161,6 +165,9 @@ def run(cfg: RewardConfig) -> dict:
         train, val, train_c, report = prepare(cfg, tok, max_len)
         if cfg.train_last_layers >= 0:
             model.freeze_trunk(cfg.train_last_layers)
+        if cfg.lora.rank:
+            add_lora(model, cfg.lora, cfg.runtime.seed)
+            model.head.requires_grad_(True)  # the scalar head is new: it trains whole
         sampler = EpochSampler(len(train), cfg.runtime.seed)
         B, pad = cfg.train.batch_size, tok.pad_id
 
@@ -184,8 +191,10 @@ def run(cfg: RewardConfig) -> dict:
         n_tok = sum(len(r.prompt) + sum(len(a) for a in r.answers) for r in train) / len(train)
         # a frozen block runs forward only: FLOPs ≈ forward · (1 + 2 · the trained share of the weights), or the
         # MFU of a reward model that trains its last 2 of 30 blocks read ~2.7x too high (over 100%)
-        if cfg.train_last_layers >= 0:
-            share = sum(p.numel() for p in model.parameters() if p.requires_grad) / sum(p.numel() for p in model.parameters())
+        share = sum(p.numel() for p in model.parameters() if p.requires_grad) / sum(p.numel() for p in model.parameters())
+        if cfg.lora.rank:
+            flops = lora_flops(model, int(n_tok), share)
+        elif cfg.train_last_layers >= 0:
             flops = model.flops_per_token(int(n_tok), training=False) * (1 + 2 * share)
         else:
             flops = model.flops_per_token(int(n_tok))

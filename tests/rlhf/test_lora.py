@@ -99,3 +99,28 @@ def test_dpo_with_lora(tiny_lm, pref_file, tmp_path):
     res = dpo.run(cfg)
     assert res["step"] == 10
     load_model(tmp_path / "dpo")
+
+
+def test_reward_model_with_lora(tiny_lm, tmp_path):
+    """The trunk frozen under adapters, the scalar head trained whole; the final checkpoint is an ordinary
+    reward model (PPO's value model starts from it)."""
+    import random
+
+    from minichat.heads import load_scalar_model
+    from minichat.train import reward
+    from tests.rlhf.rlhf_util import COLORS, write_jsonl
+
+    rng = random.Random(2)
+    rows = [{"prompt": f"tell me about {c}", "answers": [f"{c} is good good", f"{c} is bad bad"]}
+            for c in (rng.choice(COLORS) for _ in range(60))]
+    cfg = reward.preset_tiny()
+    cfg.init_from, cfg.data.train, cfg.data.val_fraction = str(tiny_lm), str(write_jsonl(tmp_path / "p.jsonl", rows)), 0.2
+    cfg.lora.rank, cfg.lora.alpha = 8, 16.0
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.lr, cfg.train.progress = str(tmp_path / "rm"), 30, 3e-3, False
+    res = reward.run(cfg)
+    assert res["val_accuracy"] >= 0.9
+    rm, _, _ = load_scalar_model(tmp_path / "rm")
+    assert not any("lora" in k for k in rm.state_dict())
+    cfg.train_last_layers = 2
+    with pytest.raises(ConfigError, match="not both"):
+        cfg.validate()
