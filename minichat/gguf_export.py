@@ -1,11 +1,11 @@
 """`minichat export`: a minichat language model as a GGUF file, for llama.cpp, Ollama, LM Studio and the like.
 
-    minichat export runs/pipeline/ppo my-model.gguf [--dtype f16|f32|bf16|q8_0]
+    minichat export runs/pipeline/ppo my-model.gguf [--dtype f16|f32|bf16|q8_0|q5_1|q5_0|q4_1|q4_0]
 
 The mirror of gguf_import.py, written with llama.cpp's own `gguf` package: the "llama" architecture's metadata,
 tensors under llama.cpp's names with Q/K rows permuted back to its interleaved RoPE layout, and the byte-level
 BPE tokenizer (tokens, types, merges, ChatML template, stop token). Norms stay f32, as llama.cpp's converter
-keeps them. Character-level models have no GGUF tokenizer to map to and are refused.
+keeps them; 4- and 5-bit files keep the embeddings at 8 bits. Character-level models have no GGUF tokenizer to map to and are refused.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 
 from minichat.errors import MinichatError
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, ...
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, ...
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
 _OURS_TO_GGUF = {
     "attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight", "attn.wk.weight": "attn_k.weight",
     "attn.wv.weight": "attn_v.weight", "attn.wo.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
@@ -90,8 +91,9 @@ def export_gguf(model_path: str, out: str | Path, dtype: str = "f16") -> dict:
         raise MinichatError(f"{model_path}: its tokenizer has no chat tokens, so no chat template can be written")
     if len(fields["tokens"]) != c.vocab_size:
         raise MinichatError(f"the tokenizer has {len(fields['tokens'])} tokens but the model {c.vocab_size} rows")
-    qtype = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
-             "q8_0": GGMLQuantizationType.Q8_0}[dtype]
+    qtype = GGMLQuantizationType[dtype.upper()]
+    # 4/5-bit files keep the embeddings (also the tied output layer) at 8 bits, as SmolLM2's own Q4_1 file does
+    embed_qtype = GGMLQuantizationType.Q8_0 if dtype[1] in "45" else qtype
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,14 +140,15 @@ def export_gguf(model_path: str, out: str | Path, dtype: str = "f16") -> dict:
             tensors.append(("output.weight", sd["lm_head.weight"]))
         for tname, t in tensors:
             t = np.ascontiguousarray(t, dtype=np.float32)
-            if t.ndim == 1 or qtype == GGMLQuantizationType.F32:  # norms stay f32
+            q = embed_qtype if tname in ("token_embd.weight", "output.weight") else qtype
+            if t.ndim == 1 or q == GGMLQuantizationType.F32:  # norms stay f32
                 w.add_tensor(tname, t)
-            elif qtype == GGMLQuantizationType.F16:
+            elif q == GGMLQuantizationType.F16:
                 w.add_tensor(tname, t.astype(np.float16))
             else:
-                if qtype == GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
-                    raise MinichatError(f"q8_0 needs rows that are a multiple of 32 wide; {tname} is {t.shape[-1]}")
-                w.add_tensor(tname, quantize(t, qtype), raw_dtype=qtype)
+                if q != GGMLQuantizationType.BF16 and t.shape[-1] % 32:
+                    raise MinichatError(f"{dtype} needs rows that are a multiple of 32 wide; {tname} is {t.shape[-1]}")
+                w.add_tensor(tname, quantize(t, q), raw_dtype=q)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

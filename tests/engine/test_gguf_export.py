@@ -69,6 +69,27 @@ def test_low_precision_exports_stay_close(tiny_ckpt_path, tmp_path, dtype, rel):
     assert 0 < float((ours - ref).norm() / ref.norm()) < rel  # relative error of the logits
 
 
+@pytest.mark.parametrize("dtype", ["q4_1", "q5_0"])
+def test_four_and_five_bit_exports_hold_exactly_the_rounded_weights(tiny_ckpt_path, tmp_path, dtype):
+    """Each matrix read back is gguf's own rounding of ours (blocks of 32 along a row, so Q/K's row permutation
+    commutes with it); the embeddings, also the tied output layer, stay at 8 bits as in SmolLM2's Q4_1 file."""
+    import gguf
+
+    model, _, ckpt = tiny_ckpt_path
+    export_gguf(str(ckpt), tmp_path / "m.gguf", dtype)
+    _, sd, _, _ = read_gguf(tmp_path / "m.gguf")
+
+    def rounded(t, q):
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), q), q))
+
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        want = v if v.ndim == 1 else rounded(v, gguf.GGMLQuantizationType.Q8_0 if k == "embed.weight"
+                                             else gguf.GGMLQuantizationType[dtype.upper()])
+        assert torch.equal(sd[k], want), k
+
+
 def test_bad_requests_are_explained(tmp_path):
     from minichat.model import ModelConfig, Transformer
     from minichat.tokenizer import CharTokenizer
