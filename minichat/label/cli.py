@@ -68,6 +68,11 @@ def _print_stats(d: dict) -> None:
         print(f"Likert ratings of the same answer: {100 * ra['exact']:.1f}% equal, {100 * ra['within_one']:.1f}% within "
               f"one point, mean difference {ra['mean_abs_diff']:.2f}, Krippendorff's alpha {alpha} "
               f"({ra['pairs']} pairs over {ra['answers']} answers)")
+    flags = ag.get("flags") or {}
+    if flags:
+        print("metadata flags, agreement (alpha): " + ", ".join(
+            f"{f} {100 * r['exact']:.0f}% ({'-' if r['alpha'] is None else format(r['alpha'], '.2f')})"
+            for f, r in sorted(flags.items())))
 
 
 def _project_cmd(argv: list[str]) -> int:

@@ -724,15 +724,18 @@ class Labeling:
         (against everyone else) and per pair of labelers; and agreement of the Likert ratings of answers that
         several labelers rated (`ratings`, see rating_agreement)."""
         with self.store.session() as s:
-            rq = (select(Rating.answer_id, Rating.likert, User.held_out)
+            rq = (select(Rating.answer_id, Rating.likert, Rating.flags, User.held_out)
                   .join(Assignment, Rating.assignment_id == Assignment.id).join(User, Assignment.user_id == User.id)
                   .join(Task, Assignment.task_id == Task.id).where(Assignment.status == "done"))
             if project is not None:
                 rq = rq.where(Task.project_id == self._project(s, project).id)
             by_answer: dict[int, list[int]] = defaultdict(list)
-            for answer_id, likert, held_out in s.execute(rq):
+            by_flag: dict[str, dict[int, list[int]]] = {f: defaultdict(list) for f in FLAGS}
+            for answer_id, likert, flags, held_out in s.execute(rq):
                 if include_held_out or not held_out:
                     by_answer[answer_id].append(int(likert))
+                    for f in FLAGS:
+                        by_flag[f][answer_id].append(int(bool((flags or {}).get(f, False))))
             q = (select(Ranking, Assignment, User, Task).join(Assignment, Ranking.assignment_id == Assignment.id)
                  .join(User, Assignment.user_id == User.id).join(Task, Assignment.task_id == Task.id))
             if project is not None:
@@ -761,6 +764,9 @@ class Labeling:
         rate = lambda v: (v[0] / v[1]) if v[1] else None  # noqa: E731
         return {"agreement": (total / n) if n else None, "pairs": n, "tasks": tasks,
                 "ratings": rating_agreement(list(by_answer.values())),
+                # yes/no metadata: on 0/1 values the interval alpha is the nominal one, "exact" the agreement
+                "flags": {f: {k: r[k] for k in ("pairs", "exact", "alpha")} for f, units in by_flag.items()
+                          if (r := rating_agreement(list(units.values())))["pairs"]},
                 "per_labeler": {u: {"agreement": rate(v), "pairs": int(v[1])} for u, v in sorted(per_user.items())},
                 "per_pair": {k: {"agreement": rate(v), "pairs": int(v[1])} for k, v in sorted(per_pair.items())}}
 
@@ -819,7 +825,7 @@ class Labeling:
         lab_rows = sorted(labelers.values(), key=lambda r: r["labeler"])
         if user["role"] != "admin":
             lab_rows = [r for r in lab_rows if r["labeler"] == user["name"]]
-            agreement = {k: agreement[k] for k in ("agreement", "pairs", "tasks", "ratings")}
+            agreement = {k: agreement[k] for k in ("agreement", "pairs", "tasks", "ratings", "flags")}
         return {"projects": out_projects, "labelers": lab_rows, "agreement": agreement}
 
     # ------------------------------------------------------------------ export

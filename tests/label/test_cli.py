@@ -78,8 +78,11 @@ def test_stats_print_rating_agreement(capsys):
     from minichat.label.cli import _print_stats
 
     ratings = {"answers": 3, "pairs": 4, "exact": 0.25, "within_one": 0.5, "mean_abs_diff": 1.25, "alpha": 0.8333}
+    flags = {"hallucination": {"pairs": 4, "exact": 0.75, "alpha": 0.5333}, "harmful_advice": {"pairs": 4, "exact": 1.0,
+                                                                                              "alpha": None}}
     _print_stats({"projects": [], "labelers": [], "agreement": {"agreement": None, "pairs": 0, "tasks": 0,
-                                                                "ratings": ratings}})
+                                                                "ratings": ratings, "flags": flags}})
     out = capsys.readouterr().out
+    assert "metadata flags, agreement (alpha): hallucination 75% (0.53), harmful_advice 100% (-)" in out
     assert "25.0% equal, 50.0% within one point, mean difference 1.25, Krippendorff's alpha 0.83" in out
     assert "(4 pairs over 3 answers)" in out

@@ -316,11 +316,13 @@ def test_ratings_agreement_in_the_dashboard(lab, tmp_path):
     lab.import_prompts(project, read_prompts(write_jsonl(tmp_path / "r.jsonl", PROMPTS[:1])))
     ann, bob = login(lab, "ann"), login(lab, "bob")
     given = {"ann": {"a1": 7, "a2": 5, "a3": 3, "a4": 1}, "bob": {"a1": 6, "a2": 5, "a3": 1, "a4": 1}}
+    flagged = {"ann": {"a3", "a4"}, "bob": {"a4"}}  # they agree on a1, a2, a4 and differ on a3
     shown = None
     for u in (ann, bob):
         a = lab.next_assignment(u, project, "rating")
         shown = sorted(x["content"] for x in a["answers"])
-        lab.submit_rating(u, a["id"], [{"answer_id": x["id"], "likert": given[u["name"]][x["content"]], "flags": {}}
+        lab.submit_rating(u, a["id"], [{"answer_id": x["id"], "likert": given[u["name"]][x["content"]],
+                                        "flags": {"hallucination": x["content"] in flagged[u["name"]]}}
                                        for x in a["answers"]])
     diffs = [abs(given["ann"][c] - given["bob"][c]) for c in shown]  # the same task: overlap 2
     r = lab.agreement(project)["ratings"]
@@ -328,6 +330,12 @@ def test_ratings_agreement_in_the_dashboard(lab, tmp_path):
     assert r["exact"] == pytest.approx(diffs.count(0) / len(diffs))
     assert r["mean_abs_diff"] == pytest.approx(sum(diffs) / len(diffs))
     assert lab.dashboard(ann, project)["agreement"]["ratings"] == r  # labelers see the overall figures
+    f = lab.agreement(project)["flags"]
+    assert f["hallucination"]["pairs"] == 4 and f["hallucination"]["exact"] == 0.75
+    # nominal alpha by hand: values (0,0) (0,0) (1,0) (1,1); D_o = 2·1/1 / 8 = 1/4;
+    # D_e = 2·(ones·zeros = 3·5) / (8·7) = 30/56 -> alpha = 1 − (1/4)/(30/56) = 1 − 56/120
+    assert f["hallucination"]["alpha"] == pytest.approx(1 - 56 / 120)
+    assert f["harmful_advice"]["exact"] == 1.0 and f["harmful_advice"]["alpha"] is None  # all "no": no spread
 
 
 def test_agreement_dashboard_and_held_out_export(lab, project):

@@ -320,6 +320,13 @@
           " within one point, mean difference " + ra.mean_abs_diff.toFixed(2) + ", Krippendorff's alpha " +
           (ra.alpha === null ? "—" : ra.alpha.toFixed(2)) + " (" + ra.pairs + " pairs of ratings).</p>";
       }
+      var fl = d.agreement.flags || {};
+      var names = Object.keys(fl).sort();
+      if (names.length) {
+        h += "<p id='flag-agreement'>Metadata flags, agreement (alpha): " + names.map(function (f) {
+          return esc(f.replace(/_/g, " ")) + " " + pct(fl[f].exact) + " (" + (fl[f].alpha === null ? "—" : fl[f].alpha.toFixed(2)) + ")";
+        }).join(", ") + ".</p>";
+      }
       $("dash-body").innerHTML = h;
       document.querySelectorAll(".held-out").forEach(function (c) {
         c.addEventListener("change", function () {
