@@ -114,3 +114,34 @@ def test_demonstrate_rank_by_keyboard_reload_export(browser, served, tmp_path):
     assert rk["ranks"] == [0, 0, 1, 2] and rk["meta"]["models"] == ["tiny"] * 4
     pairs = (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == 5  # 6 pairs but one tie
+
+
+def test_dashboard_shows_agreement_on_ratings_and_flags(browser, served, tmp_path):
+    """Two labelers rate the same answers (through the service); the page's dashboard reports their agreement."""
+    from minichat.label.importer import read_prompts
+    from minichat.label.service import ProjectConfig
+    from tests.label.conftest import login
+
+    lab = served.lab
+    lab.create_project("rated", ProjectConfig(tasks=["rating"], models=[], k=4, overlap=2, rate_answers=2))
+    lab.import_prompts("rated", read_prompts(write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "Name a colour.", "answers": ["red", "the sea"]}])))
+    for name, likert, flag in (("bo", {"red": 6, "the sea": 2}, set()), ("cy", {"red": 6, "the sea": 1}, {"the sea"})):
+        u = login(lab, name)
+        a = lab.next_assignment(u, "rated", "rating")
+        lab.submit_rating(u, a["id"], [{"answer_id": x["id"], "likert": likert[x["content"]],
+                                        "flags": {"hallucination": x["content"] in flag}} for x in a["answers"]])
+    page = browser.new_context().new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(served.url + "/label/")
+    page.fill("#login-name", "ann")
+    page.fill("#login-secret", "ann-password")
+    page.click("#login-submit")
+    page.wait_for_selector("#conversation .turn.user")  # logged in, her first task shown
+    page.click("#dashboard-toggle")
+    page.wait_for_selector("#rating-agreement")
+    text = page.inner_text("#rating-agreement")
+    assert "50.0% equal" in text and "100.0% within one point" in text and "(2 pairs of ratings)" in text
+    assert "hallucination 50.0%" in page.inner_text("#flag-agreement")
+    assert not errors
