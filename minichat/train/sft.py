@@ -158,6 +158,9 @@ def run(cfg: SFTConfig) -> dict:
                   f"({'packed' if cfg.data.pack else 'padded'}, {avg_len:.0f} tokens on average), "
                   f"{len(val) if val else 0:,} held out; device {device}, processes {dist.world}")
             print(report.summary())
+            if cfg.lora.rank and cfg.train.lr < 1e-4:
+                print(f"[sft] note: LoRA at lr {cfg.train.lr:g}; adapters usually want about 10x full fine-tuning's "
+                      "rate (--preset lora uses 5e-4)")
         result = trainer.fit()
         if dist.is_main:
             print(f"[sft] done: step {result.get('step')}, val_loss {result.get('val_loss', float('nan')):.4f}; "
