@@ -93,7 +93,7 @@ def export_gguf(model_path: str, out: str | Path, dtype: str = "f16") -> dict:
         raise MinichatError(f"the tokenizer has {len(fields['tokens'])} tokens but the model {c.vocab_size} rows")
     qtype = GGMLQuantizationType[dtype.upper()]
     # 4/5-bit files keep the embeddings (also the tied output layer) at 8 bits, as SmolLM2's own Q4_1 file does
-    embed_qtype = GGMLQuantizationType.Q8_0 if dtype[1] in "45" else qtype
+    embed_qtype = GGMLQuantizationType.Q8_0 if dtype in ("q5_1", "q5_0", "q4_1", "q4_0") else qtype
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,18 +45,26 @@ def served(tiny_lm, tmp_path):
     store.close()
 
 
-def test_demonstrate_rank_by_keyboard_reload_export(browser, served, tmp_path):
-    ctx = browser.new_context()
-    page = ctx.new_page()
-    errors = []
+def _open(browser, url: str):
+    """A fresh page on the labeling app, and the list its script errors go to."""
+    page = browser.new_context().new_page()
+    errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(served.url + "/label/")
-    page.fill("#login-name", "ann")
-    page.fill("#login-secret", "wrong-password")
+    page.goto(url + "/label/")
+    return page, errors
+
+
+def _log_in(page, name: str, secret: str) -> None:
+    page.fill("#login-name", name)
+    page.fill("#login-secret", secret)
     page.click("#login-submit")
+
+
+def test_demonstrate_rank_by_keyboard_reload_export(browser, served, tmp_path):
+    page, errors = _open(browser, served.url)
+    _log_in(page, "ann", "wrong-password")
     page.wait_for_selector("#login-error:text('wrong name')")
-    page.fill("#login-secret", "ann-password")
-    page.click("#login-submit")
+    _log_in(page, "ann", "ann-password")
     page.wait_for_selector("#conversation .turn.user")
     assert "Prefer true" in page.inner_text("#guidelines") and page.inner_text("#guidelines strong") == "true"
     assert page.inner_text("#category") == "generation"
@@ -98,7 +106,7 @@ def test_demonstrate_rank_by_keyboard_reload_export(browser, served, tmp_path):
     page.wait_for_selector("#ranking-line:text('2 = 4  >  1  >  3')")
     page.click("#history li.done.demonstration")
     page.wait_for_function("document.querySelector('#demo-text').value.includes('gull laughs')")
-    ctx.close()
+    page.context.close()
     assert errors == [], errors
 
     # the export has both
@@ -131,17 +139,13 @@ def test_dashboard_shows_agreement_on_ratings_and_flags(browser, served, tmp_pat
         a = lab.next_assignment(u, "rated", "rating")
         lab.submit_rating(u, a["id"], [{"answer_id": x["id"], "likert": likert[x["content"]],
                                         "flags": {"hallucination": x["content"] in flag}} for x in a["answers"]])
-    page = browser.new_context().new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(served.url + "/label/")
-    page.fill("#login-name", "ann")
-    page.fill("#login-secret", "ann-password")
-    page.click("#login-submit")
+    page, errors = _open(browser, served.url)
+    _log_in(page, "ann", "ann-password")
     page.wait_for_selector("#conversation .turn.user")  # logged in, her first task shown
     page.click("#dashboard-toggle")
     page.wait_for_selector("#rating-agreement")
     text = page.inner_text("#rating-agreement")
     assert "50.0% equal" in text and "100.0% within one point" in text and "(2 pairs of ratings)" in text
     assert "hallucination 50.0%" in page.inner_text("#flag-agreement")
+    page.context.close()
     assert not errors
