@@ -604,9 +604,18 @@ def _auto_small(w: torch.Tensor, kernels=None):
     return ("int4", groups) if groups[2] < 1e-2 else ("int8", None)
 
 
+def _block_weights(blk) -> dict[str, torch.Tensor]:
+    """A block's matrices as the engine applies them: q, k, v stacked, gate and up stacked; LoRA adapters
+    (PPO trains through them) merged in."""
+    from minichat.lora import effective_weight as w
+
+    a, m = blk.attn, blk.mlp
+    return {"qkv": torch.cat([w(a.wq), w(a.wk), w(a.wv)]), "wo": w(a.wo),
+            "gate_up": torch.cat([w(m.w_gate), w(m.w_up)]), "down": w(m.w_down)}
+
+
 class _Layer:
     def __init__(self, blk, small, big, device, small_rows, exact_first=False, kernels=None, smooth=None):
-        a, m = blk.attn, blk.mlp
         smooth = smooth or {}
 
         def lin(w, name):
@@ -615,10 +624,11 @@ class _Layer:
 
         self.attn_norm = blk.attn_norm.weight.detach().float().to(device)
         self.mlp_norm = blk.mlp_norm.weight.detach().float().to(device)
-        self.qkv = lin(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), "qkv")
-        self.wo = lin(a.wo.weight, "wo")
-        self.gate_up = lin(torch.cat([m.w_gate.weight, m.w_up.weight]), "gate_up")
-        self.down = lin(m.w_down.weight, "down")
+        w = _block_weights(blk)
+        self.qkv = lin(w["qkv"], "qkv")
+        self.wo = lin(w["wo"], "wo")
+        self.gate_up = lin(w["gate_up"], "gate_up")
+        self.down = lin(w["down"], "down")
         # the norm weights the fused big-batch path applies before quantizing: smoothing folded in
         self.attn_norm_big = _fold(self.attn_norm, self.qkv.big)
         self.mlp_norm_big = _fold(self.mlp_norm, self.gate_up.big)
@@ -673,13 +683,7 @@ def _smoothing(model, tokenizer, alpha: float = 0.5) -> dict:
 
     layers = []
     for i, b in enumerate(model.layers):
-        a, m = b.attn, b.mlp
-        layers.append({
-            "qkv": factor((i, "qkv"), torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])),
-            "wo": factor((i, "wo"), a.wo.weight),
-            "gate_up": factor((i, "gate_up"), torch.cat([m.w_gate.weight, m.w_up.weight])),
-            "down": factor((i, "down"), m.w_down.weight),
-        })
+        layers.append({name: factor((i, name), w) for name, w in _block_weights(b).items()})
     return {"layers": layers, "head": factor("head", model.lm_head.weight)}
 
 

@@ -6,6 +6,9 @@ Only A and B train, so the optimizer keeps state for a few hundred thousand numb
 and the backward pass skips the frozen weights' gradients (for SmolLM2 the biggest is the tied 49k-word head).
 At the start B = 0, so the model computes exactly what it did before.
 
+PPO: the reference model is the policy with its adapters switched off (`adapters_disabled`), so the frozen
+weights are held once; the engine samples from `merged_weight()`, W + α/r · B A computed when it is built.
+
 Checkpoints: a stage's resumable checkpoints keep W, A, B and the scale apart (`<name>.lora_A`, `.lora_B`,
 `.lora_scale`), so a resume continues exactly; its final checkpoint is merged (W + α/r · B A) into an ordinary
 model that the engine, chat and server read as any other. `load_weights` merges unmerged checkpoints too.
@@ -13,6 +16,7 @@ model that the engine, chat and server read as any other. `load_weights` merges 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +70,26 @@ class LoRALinear(nn.Linear):
             self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
         self.register_buffer("lora_scale", torch.tensor(alpha / rank, dtype=torch.float32))
         self.drop = nn.Dropout(dropout)
+        self.adapter_enabled = True  # False: exactly the frozen layer (PPO's reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         y = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return y
         return y + F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + α/r · B A as a new tensor (out, in); the frozen W alone while the adapter is switched off."""
+        if not self.adapter_enabled:
+            return self.weight.detach()
+        return self.weight + self.lora_scale.to(self.weight.dtype) * (self.lora_B @ self.lora_A)
 
     def merged(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.weight + self.lora_scale * (self.lora_B @ self.lora_A))
+            lin.weight.copy_(self.merged_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
@@ -98,6 +112,25 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> int:
     if n == 0:
         raise ConfigError(f"lora.targets {cfg.targets!r} matched no linear layer of the model")
     return n
+
+
+def effective_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight a linear layer applies: merged with its adapter for a LoRALinear (what the engine reads)."""
+    return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block `model` computes exactly its frozen base (every adapter off); restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.adapter_enabled for m in layers]
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, on in zip(layers, before):
+            m.adapter_enabled = on
 
 
 def lora_flops(model, seq_len: int, trained_share: float) -> float:

@@ -2,6 +2,7 @@
 and a reward model on real human preferences (Anthropic HH harmless, ../shared) with held-out accuracy.
 
     python bench/rlhf/bench_smollm2.py [--only sft|ppo|rm] [--rm-train 400] [--rm-val 200] [--rm-steps 40]
+    python bench/rlhf/bench_smollm2.py --only ppo --ppo-lora 16 [--ppo-recompute] [--ppo-shared-value]   # PPO through adapters (peak memory in the JSON)
 
 Affordable on a 2-core CPU by design: the reward model trains only its last 2 blocks and the head (the rest
 of the trunk is frozen), on a subset of the data, with prompts cut from the left to 192 tokens.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ def bench_sft(work: Path, steps: int) -> dict:
     return {"sft_tokens_per_s": steps * 4 * 256 / res["train_time_s"], "steps": steps, "batch": 4, "seq_len": 256}
 
 
-def bench_ppo(work: Path, iterations: int) -> dict:
+def bench_ppo(work: Path, iterations: int, lora: int = 0, recompute: bool = False, shared_value: bool = False) -> dict:
     from minichat.checkpoint import save_checkpoint
     from minichat.data.chat import load_comparisons
     from minichat.gguf_import import load
@@ -49,12 +51,16 @@ def bench_ppo(work: Path, iterations: int) -> dict:
     save_checkpoint(work / "rm_smol", scalar_from_lm(lm), tok, extra_config={"kind": "reward"})
     prompts = [{"prompt": c.prompt} for c in load_comparisons(HH, limit=64) if len(c.prompt) == 1]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    cfg = ppo.PPOConfig(policy_from="smollm2", reward_from=str(work / "rm_smol"), prompts=str(work / "prompts.jsonl"),
-                        out_dir=str(work / "ppo"), save_every=0, progress=False, resume="never")
+    cfg = (ppo.preset_lora() if lora else ppo.PPOConfig())
+    cfg.lora.rank, cfg.lora.alpha = lora, 2.0 * lora
+    cfg.ppo.activation_checkpointing, cfg.ppo.value_on_reward_trunk = recompute, shared_value
+    cfg.policy_from, cfg.reward_from, cfg.prompts = "smollm2", str(work / "rm_smol"), str(work / "prompts.jsonl")
+    cfg.out_dir, cfg.save_every, cfg.progress, cfg.resume = str(work / "ppo"), 0, False, "never"
     cfg.ppo.iterations, cfg.ppo.rollout_batch, cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_len = iterations, 16, 64, 128
     ppo.run(cfg)
     rows = [json.loads(l) for l in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    return {"ppo_iterations": rows}
+    return {"ppo_iterations": rows, "ppo_lora": lora, "ppo_activation_checkpointing": recompute,
+            "ppo_value_on_reward_trunk": shared_value}
 
 
 def bench_rm(work: Path, n_train: int, n_val: int, steps: int, lora: int = 0) -> dict:
@@ -86,6 +92,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["all", "sft", "ppo", "rm"], default="all")
     ap.add_argument("--sft-steps", type=int, default=4)
     ap.add_argument("--ppo-iterations", type=int, default=2)
+    ap.add_argument("--ppo-lora", type=int, default=0, help="LoRA rank for PPO's policy and value (0: full)")
+    ap.add_argument("--ppo-recompute", action="store_true", help="PPO with activation checkpointing")
+    ap.add_argument("--ppo-shared-value", action="store_true", help="PPO's value: a head on the reward trunk")
     ap.add_argument("--rm-train", type=int, default=400)
     ap.add_argument("--rm-val", type=int, default=200)
     ap.add_argument("--rm-steps", type=int, default=40)
@@ -100,10 +109,11 @@ def main() -> None:
     if a.only in ("all", "sft"):
         res.update(bench_sft(work, a.sft_steps))
     if a.only in ("all", "ppo"):
-        res.update(bench_ppo(work, a.ppo_iterations))
+        res.update(bench_ppo(work, a.ppo_iterations, a.ppo_lora, a.ppo_recompute, a.ppo_shared_value))
     if a.only in ("all", "rm"):
         res.update(bench_rm(work, a.rm_train, a.rm_val, a.rm_steps, a.rm_lora))
     res["load_avg_end"] = os.getloadavg()
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(json.dumps(res, indent=2))
     (work / f"results_{a.only}.json").write_text(json.dumps(res, indent=2))
 

@@ -15,10 +15,13 @@ Each iteration:
 
 Memory: policy + reference + reward + value = four trunks, or three with `ppo.value_on_reward_trunk`
 (the value head then reads the frozen reward trunk's hidden states; only the head trains), or three with
-`ppo.baseline group` (no value model at all).
+`ppo.baseline group` (no value model at all). With `--lora.rank r` the policy and the value model train
+low-rank adapters only (no optimizer state for their frozen weights), and the reference is the policy with
+its adapters switched off: one trunk fewer again.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -32,6 +35,7 @@ from minichat import config as C
 from minichat import runtime
 from minichat.errors import ConfigError, MinichatError
 from minichat.heads import read_scalar
+from minichat.lora import LoRAConfig, add_lora, adapters_disabled
 from minichat.losses import (KL_ESTIMATORS, entropy_from_logits, gae, group_centered, masked_mean, ppo_policy_loss,
                              ppo_value_loss, ptx_loss, token_logprobs, whiten)
 
@@ -80,6 +84,9 @@ class PPOAlgoConfig:
     grad_clip: float = 1.0
     value_on_reward_trunk: bool = False  # value = a head on the frozen reward trunk (one trunk less)
     max_prompt_len: int = 0  # 0: the context minus max_new_tokens
+    # recompute each block in the backward pass: the saved activations of policy and value (~1.2 MB a token
+    # for SmolLM2) dominate PPO's memory once LoRA has removed the optimizer state
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -122,7 +129,14 @@ class PPOConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     progress: bool = True
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    # --lora.rank 16: policy and value train adapters only; the reference is the policy with them off
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     runtime: runtime.RuntimeConfig = field(default_factory=runtime.RuntimeConfig)
+
+    def validate(self) -> None:
+        if self.lora.rank and self.ppo.ema > 0:
+            raise ConfigError("ppo.ema averages whole weights; with LoRA (--lora.rank) it is not available: "
+                              "set --ppo.ema 0")
 
 
 def preset_tiny() -> PPOConfig:
@@ -130,7 +144,16 @@ def preset_tiny() -> PPOConfig:
         iterations=4, rollout_batch=8, max_new_tokens=16, minibatch=4, lr=1e-4, value_lr=1e-4))
 
 
-PRESETS = {"default": PPOConfig, "tiny": preset_tiny}
+def preset_lora() -> PPOConfig:
+    """The lean PPO: adapters of rank 16 on every linear layer of the blocks (learning at 10x full
+    fine-tuning's rate) and recomputed activations. SmolLM2-135M: 3.6-3.9 GiB peak instead of 10.1-10.3,
+    at about the same time per iteration (bench/results/rlhf.md)."""
+    cfg = PPOConfig(out_dir="runs/ppo-lora", lora=LoRAConfig(rank=16, alpha=32.0))
+    cfg.ppo.lr, cfg.ppo.value_lr, cfg.ppo.activation_checkpointing = 1e-4, 1e-4, True
+    return cfg
+
+
+PRESETS = {"default": PPOConfig, "tiny": preset_tiny, "lora": preset_lora}
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -232,6 +255,7 @@ def _tensors_for_save(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------------------------ the run
 
 def run(cfg: PPOConfig) -> dict:
+    C.validate(cfg)
     device, dtype, dist = runtime.setup(cfg.runtime)
     try:
         return _run(cfg, device, dtype, dist)
@@ -249,7 +273,12 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     a = cfg.ppo
     out = Path(cfg.out_dir)
     policy, tok, _ = load_lm(cfg.policy_from, device)
-    ref = freeze_lm(load_lm(cfg.ref_from or cfg.policy_from, device)[0])
+    add_lora(policy, cfg.lora, cfg.runtime.seed)  # rank 0: nothing changes
+    # with adapters the reference is the policy's own frozen weights (adapters off): not loaded twice
+    ref = None
+    if not cfg.lora.rank or cfg.ref_from not in ("", cfg.policy_from):
+        ref = freeze_lm(load_lm(cfg.ref_from or cfg.policy_from, device)[0])
+    ref_model, ref_mode = (ref, contextlib.nullcontext) if ref is not None else (policy, lambda: adapters_disabled(policy))
     reward, rtok, _ = load_scalar_model(cfg.reward_from, device, allow_lm=False)
     freeze_lm(reward)
     if rtok.vocab_size != tok.vocab_size or rtok.encode("hello world") != tok.encode("hello world"):
@@ -262,6 +291,15 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         value = ValueHeadOnTrunk(reward.head).to(device)
     else:
         value = load_scalar_model(cfg.value_from or cfg.reward_from, device)[0].train()
+        if cfg.lora.rank:
+            add_lora(value, cfg.lora, cfg.runtime.seed + 1)
+            value.head.requires_grad_(True)  # the value head trains whole
+    if a.activation_checkpointing:
+        from minichat.model import Transformer
+
+        for m in (policy, value):
+            if isinstance(m, Transformer):
+                m.checkpoint_activations = True
     policy.train()
 
     # prompts: rendered with the chat template and cut from the left to leave room for the answer
@@ -341,7 +379,9 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         n_tr = sum(p.numel() for p in pol_params) + sum(p.numel() for p in val_params)
         vdesc = ("none (group baseline)" if value is None else "head on the reward trunk" if a.value_on_reward_trunk
                  else cfg.value_from or cfg.reward_from)
-        print(f"[ppo] policy {policy.num_params():,} parameters from {cfg.policy_from}; reward {cfg.reward_from}; "
+        lora = (f" with LoRA rank {cfg.lora.rank} (reference: the same weights, adapters off)"
+                if cfg.lora.rank and ref is None else f" with LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "")
+        print(f"[ppo] policy {policy.num_params():,} parameters from {cfg.policy_from}{lora}; reward {cfg.reward_from}; "
               f"value {vdesc}; {k} answers per prompt; "
               f"{n_tr:,} trained; {len(prompts):,} prompts; device {device}, processes {dist.world}")
         print(report.summary())
@@ -384,7 +424,8 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                 logits, _ = answer_logits(policy, lay, temperature=a.temperature)
                 old_logp = token_logprobs(logits, lay["ids"][:, P:P + R])
                 del logits
-            ref_logits, _ = answer_logits(ref, lay, temperature=a.temperature)
+            with ref_mode():
+                ref_logits, _ = answer_logits(ref_model, lay, temperature=a.temperature)
             ref_logp = token_logprobs(ref_logits, lay["ids"][:, P:P + R])
             del ref_logits
             h = reward.hidden(lay["ids"], key_mask=lay["key_mask"])

@@ -124,3 +124,45 @@ def test_reward_model_with_lora(tiny_lm, tmp_path):
     cfg.train_last_layers = 2
     with pytest.raises(ConfigError, match="not both"):
         cfg.validate()
+
+
+def test_adapters_switch_off_exactly_and_the_engine_samples_the_merged_weights():
+    """PPO's reference is the policy with its adapters off, and its rollouts come from the engine: both must
+    compute what the frozen and the merged model do."""
+    from minichat.engine import Engine, SamplingParams
+    from minichat.lora import adapters_disabled
+
+    model, x = _tiny(), torch.randint(0, 50, (2, 10))
+    base = model(x)
+    add_lora(model, LoRAConfig(rank=3, alpha=6.0))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    adapted = model(x)
+    with adapters_disabled(model):
+        assert torch.equal(model(x), base)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)  # switched back on
+
+    merged = merge_lora(_copy(model))
+
+    def greedy(m):
+        eng = Engine(m, weights="fp32", max_batch=2)
+        reqs = [eng.submit([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0, logprobs=True)),
+                eng.submit([4, 5], SamplingParams(max_tokens=8, temperature=0.0, logprobs=True))]
+        while any(not r.finished for r in reqs):
+            eng.step()
+        return [r.completion() for r in reqs]
+
+    for a, b in zip(greedy(model), greedy(merged)):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    with adapters_disabled(model):
+        frozen = greedy(model)
+    assert any(a.token_ids != b.token_ids for a, b in zip(frozen, greedy(merged)))
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from minichat.errors import MinichatError
+from minichat.errors import ConfigError, MinichatError
 from tests.rlhf.rlhf_util import write_jsonl
 
 
@@ -297,6 +297,56 @@ def test_ppo_iteration_improves_reward_of_a_trivial_task(tiny_lm, reward_run, pr
     assert late > early + 1.0
 
 
+def test_ppo_with_lora_learns_keeps_its_reference_and_resumes_exactly(tiny_lm, reward_run, prompts_file, tmp_path):
+    """Adapters only: the reference is the policy with them off (no second copy), so the first iteration's KL
+    is 0 and the frozen weights never move; the reward still climbs; a resume continues exactly; the final
+    checkpoint is an ordinary model whose change from the SFT model has rank <= r per matrix."""
+    from minichat.checkpoint import load_model, save_checkpoint
+    from minichat.train import ppo
+
+    _, d, _, _ = reward_run
+    # the random tiny model's logits are nearly uniform (embeddings of std 0.02, tied to the head), and only
+    # the embeddings could change that: larger ones give the adapters' changes to the hidden states a say
+    sft, tok, _ = load_model(tiny_lm)
+    with torch.no_grad():
+        sft.embed.weight.mul_(20.0)
+    save_checkpoint(tmp_path / "sft", sft, tok)
+
+    def cfg_for(out, iterations):
+        cfg = ppo.preset_lora()
+        cfg.policy_from, cfg.reward_from, cfg.prompts = str(tmp_path / "sft"), str(d / "run"), str(prompts_file)
+        cfg.out_dir, cfg.progress, cfg.save_every = str(out), False, 5
+        cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+        a = cfg.ppo
+        a.iterations, a.rollout_batch, a.minibatch, a.epochs, a.max_new_tokens = iterations, 16, 8, 2, 8
+        a.lr, a.value_lr, a.kl_coef, a.unfinished_penalty, a.warmup_iterations = 1e-2, 3e-3, 0.0, 0.0, 1
+        return cfg
+
+    ppo.run(cfg_for(tmp_path / "a", 10))
+    ppo.run(cfg_for(tmp_path / "a", 30))  # resumes at iteration 10
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 31))
+    assert abs(rows[0]["kl"]) < 1e-4  # policy == reference at the start
+    assert max(abs(r["kl"]) for r in rows[-5:]) > 0.01  # and it moved away through the adapters
+    early, late = (sum(r["reward"] for r in rs) / 3 for rs in (rows[:3], rows[-3:]))
+    assert late > early + 1.0
+
+    tuned, _, _ = load_model(tmp_path / "a")
+    for (k, w), w0 in zip(tuned.state_dict().items(), sft.state_dict().values()):
+        if k.endswith(("wq.weight", "w_down.weight")):
+            assert 0 < torch.linalg.matrix_rank(w - w0) <= 4, k
+        elif k.endswith(("embed.weight", "norm.weight")):
+            assert torch.equal(w, w0), k
+    ppo.run(cfg_for(tmp_path / "b", 30))
+    for (k, w), w2 in zip(tuned.state_dict().items(), load_model(tmp_path / "b")[0].state_dict().values()):
+        assert torch.equal(w, w2), k  # the resumed run is the uninterrupted one
+
+    bad = cfg_for(tmp_path / "c", 1)
+    bad.ppo.ema = 0.5
+    with pytest.raises(ConfigError, match="ema"):
+        ppo.run(bad)
+
+
 def test_ppo_group_baseline_without_value_model(tiny_lm, reward_run, prompts_file, tmp_path):
     """k answers per prompt and a leave-one-out group baseline: no value model is trained or saved, the
     first update is on-policy, and the run resumes."""
@@ -380,6 +430,25 @@ def test_sft_lora_packed_under_torchrun_ddp(tiny_lm, sft_file, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "processes 2" in r.stdout and "LoRA rank 4" in r.stdout and "packed" in r.stdout
+    from minichat.checkpoint import load_model
+
+    tuned, base = load_model(out)[0], load_model(tiny_lm)[0]
+    assert not torch.equal(tuned.layers[0].attn.wq.weight, base.layers[0].attn.wq.weight)
+    assert torch.equal(tuned.embed.weight, base.embed.weight)
+
+
+def test_ppo_lora_preset_under_torchrun_ddp(tiny_lm, reward_run, prompts_file, tmp_path):
+    """The lean PPO (adapters, the reference as adapters off, recomputed activations) in two processes."""
+    _, d, _, _ = reward_run
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           "-m", "minichat.cli", "ppo", "--preset", "lora", "--policy_from", str(tiny_lm), "--reward_from",
+           str(d / "run"), "--prompts", str(prompts_file), "--out_dir", str(out), "--ppo.iterations", "2",
+           "--ppo.rollout_batch", "8", "--ppo.minibatch", "4", "--ppo.max_new_tokens", "8", "--progress", "false",
+           "--runtime.threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "processes 2" in r.stdout and "LoRA rank 16 (reference: the same weights, adapters off)" in r.stdout
     from minichat.checkpoint import load_model
 
     tuned, base = load_model(out)[0], load_model(tiny_lm)[0]
