@@ -1,4 +1,6 @@
 """LoRA: adapters start as a no-op, only they train, merging is exact, and SFT/DPO checkpoints stay plain."""
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,13 +29,18 @@ def test_adapters_start_as_a_no_op_and_only_they_train():
     assert all(p.grad is None for k, p in model.named_parameters() if k not in trained)
 
 
-def test_merged_model_computes_what_the_adapted_one_does():
-    model, x = _tiny(), torch.randint(0, 50, (2, 10))
+def _adapted(model):
+    """Rank-3 adapters (alpha / rank = 2) with B drawn at random, so they change what the model computes."""
     add_lora(model, LoRAConfig(rank=3, alpha=6.0))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_()
+    return model
+
+
+def test_merged_model_computes_what_the_adapted_one_does():
+    model, x = _adapted(_tiny()), torch.randint(0, 50, (2, 10))
     adapted = model(x)
     base_wq = model.layers[0].attn.wq.weight.clone()
     merge_lora(model)
@@ -134,17 +141,12 @@ def test_adapters_switch_off_exactly_and_the_engine_samples_the_merged_weights()
 
     model, x = _tiny(), torch.randint(0, 50, (2, 10))
     base = model(x)
-    add_lora(model, LoRAConfig(rank=3, alpha=6.0))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_()
-    adapted = model(x)
+    adapted = _adapted(model)(x)
     with adapters_disabled(model):
         assert torch.equal(model(x), base)
     torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)  # switched back on
 
-    merged = merge_lora(_copy(model))
+    merged = merge_lora(copy.deepcopy(model))
 
     def greedy(m):
         eng = Engine(m, weights="fp32", max_batch=2)
@@ -160,9 +162,3 @@ def test_adapters_switch_off_exactly_and_the_engine_samples_the_merged_weights()
     with adapters_disabled(model):
         frozen = greedy(model)
     assert any(a.token_ids != b.token_ids for a, b in zip(frozen, greedy(merged)))
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
