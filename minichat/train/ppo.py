@@ -16,8 +16,8 @@ Each iteration:
 Memory: policy + reference + reward + value = four trunks, or three with `ppo.value_on_reward_trunk`
 (the value head then reads the frozen reward trunk's hidden states; only the head trains), or three with
 `ppo.baseline group` (no value model at all). With `--lora.rank r` the policy and the value model train
-low-rank adapters only (no optimizer state for their frozen weights), and the reference is the policy with
-its adapters switched off: one trunk fewer again.
+low-rank adapters only (no optimizer state for their frozen weights); the reference is the policy with its
+adapters switched off, and the value model is the reward model with its own adapters switched on: two trunks.
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ class PPOConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     progress: bool = True
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
-    # --lora.rank 16: policy and value train adapters only; the reference is the policy with them off
+    # --lora.rank 16: policy and value train adapters only; the reference is the policy with them off, the
+    # reward the value model with them off
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     runtime: runtime.RuntimeConfig = field(default_factory=runtime.RuntimeConfig)
 
@@ -146,7 +147,7 @@ def preset_tiny() -> PPOConfig:
 
 def preset_lora() -> PPOConfig:
     """The lean PPO: adapters of rank 16 on every linear layer of the blocks (learning at 10x full
-    fine-tuning's rate) and recomputed activations. SmolLM2-135M: 3.6-3.9 GiB peak instead of 10.1-10.3,
+    fine-tuning's rate) and recomputed activations. SmolLM2-135M: 3.1-3.4 GiB peak instead of 10.1-10.3,
     at about the same time per iteration (bench/results/rlhf.md)."""
     cfg = PPOConfig(out_dir="runs/ppo-lora", lora=LoRAConfig(rank=16, alpha=32.0))
     cfg.ppo.lr, cfg.ppo.value_lr, cfg.ppo.activation_checkpointing = 1e-4, 1e-4, True
@@ -221,6 +222,22 @@ class ValueHeadOnTrunk(nn.Module):
         return read_scalar(self.head, hidden)
 
 
+class ValueOnAdaptedRewardTrunk(nn.Module):
+    """V(s) = its own head on the reward model's weights plus the value's LoRA adapters. The reward is read with
+    the adapters switched off, the values with them on, so the reward weights are held once (LoRA runs only).
+    The trunk is the reward model's own module, so it follows the value's train/eval mode, as the policy's
+    scoring pass does (models here train without dropout)."""
+
+    def __init__(self, reward: nn.Module):
+        super().__init__()
+        self.trunk = reward
+        self.head = copy.deepcopy(reward.head).requires_grad_(True)
+
+    def forward(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None, per_token: bool = True) -> torch.Tensor:
+        h = self.trunk.hidden(idx, key_mask=key_mask)  # (B, T, D)
+        return read_scalar(self.head, h if per_token else h[:, -1])
+
+
 def _all_mean(values: list[float], dist: runtime.Dist, device) -> list[float]:
     if not dist.enabled:
         return values
@@ -247,6 +264,8 @@ def _all_sum(dist: runtime.Dist):
 
 def _tensors_for_save(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     sd = module.state_dict()
+    if isinstance(module, ValueOnAdaptedRewardTrunk):  # the reward's own weights come from reward_from
+        sd = {k: v for k, v in sd.items() if k.startswith("head.") or ".lora_" in k}
     if getattr(getattr(module, "cfg", None), "tie_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied: stored once, as embed.weight
     return {prefix + k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -289,6 +308,9 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         pass
     elif a.value_on_reward_trunk:
         value = ValueHeadOnTrunk(reward.head).to(device)
+    elif cfg.lora.rank and cfg.value_from in ("", cfg.reward_from):
+        add_lora(reward, cfg.lora, cfg.runtime.seed + 1)  # the value's adapters; the reward reads them off
+        value = ValueOnAdaptedRewardTrunk(reward).train()
     else:
         value = load_scalar_model(cfg.value_from or cfg.reward_from, device)[0].train()
         if cfg.lora.rank:
@@ -297,7 +319,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     if a.activation_checkpointing:
         from minichat.model import Transformer
 
-        for m in (policy, value):
+        for m in [*policy.modules(), *(value.modules() if value is not None else ())]:
             if isinstance(m, Transformer):
                 m.checkpoint_activations = True
     policy.train()
@@ -378,6 +400,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     if dist.is_main:
         n_tr = sum(p.numel() for p in pol_params) + sum(p.numel() for p in val_params)
         vdesc = ("none (group baseline)" if value is None else "head on the reward trunk" if a.value_on_reward_trunk
+                 else "adapters and a head on the reward model's weights" if isinstance(value, ValueOnAdaptedRewardTrunk)
                  else cfg.value_from or cfg.reward_from)
         lora = (f" with LoRA rank {cfg.lora.rank} (reference: the same weights, adapters off)"
                 if cfg.lora.rank and ref is None else f" with LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "")
@@ -428,7 +451,8 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                 ref_logits, _ = answer_logits(ref_model, lay, temperature=a.temperature)
             ref_logp = token_logprobs(ref_logits, lay["ids"][:, P:P + R])
             del ref_logits
-            h = reward.hidden(lay["ids"], key_mask=lay["key_mask"])
+            with adapters_disabled(reward):  # the value's adapters, where they sit on the reward's weights
+                h = reward.hidden(lay["ids"], key_mask=lay["key_mask"])
             last_pos = P + lay["lengths"] - 1
             score = read_scalar(reward.head, h[torch.arange(B, device=device), last_pos])
             trunk_h = None

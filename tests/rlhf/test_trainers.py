@@ -299,8 +299,9 @@ def test_ppo_iteration_improves_reward_of_a_trivial_task(tiny_lm, reward_run, pr
 
 def test_ppo_with_lora_learns_keeps_its_reference_and_resumes_exactly(tiny_lm, reward_run, prompts_file, tmp_path):
     """Adapters only: the reference is the policy with them off (no second copy), so the first iteration's KL
-    is 0 and the frozen weights never move; the reward still climbs; a resume continues exactly; the final
-    checkpoint is an ordinary model whose change from the SFT model has rank <= r per matrix."""
+    is 0 and the frozen weights never move; the value model is the reward model with its own adapters on; the
+    reward still climbs; a resume continues exactly (value adapters included); the final checkpoint is an
+    ordinary model whose change from the SFT model has rank <= r per matrix."""
     from minichat.checkpoint import load_model, save_checkpoint
     from minichat.train import ppo
 
@@ -330,6 +331,13 @@ def test_ppo_with_lora_learns_keeps_its_reference_and_resumes_exactly(tiny_lm, r
     assert max(abs(r["kl"]) for r in rows[-5:]) > 0.01  # and it moved away through the adapters
     early, late = (sum(r["reward"] for r in rs) / 3 for rs in (rows[:3], rows[-3:]))
     assert late > early + 1.0
+
+    # the value model is the reward model's weights plus its own adapters and head: only those are saved
+    from safetensors.torch import load_file
+
+    step = sorted((tmp_path / "a" / "checkpoints").glob("step_*"))[-1]
+    value_keys = [k for k in load_file(str(step / "model.safetensors")) if k.startswith("value.")]
+    assert value_keys and all(k.startswith("value.head.") or ".lora_" in k for k in value_keys)
 
     tuned, _, _ = load_model(tmp_path / "a")
     for (k, w), w0 in zip(tuned.state_dict().items(), sft.state_dict().values()):
