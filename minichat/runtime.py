@@ -138,9 +138,15 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def shutdown_distributed() -> None:
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # DDP wrappers sit in reference cycles and hold the process group: freed only at interpreter exit,
+        # after the group, they left gloo's threads running and a process aborted on exit now and then
+        # ("terminate called without an active exception"). Collect them while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 
