@@ -21,7 +21,6 @@ adapters switched off, and the value model is the reward model with its own adap
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -297,7 +296,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
     ref = None
     if not cfg.lora.rank or cfg.ref_from not in ("", cfg.policy_from):
         ref = freeze_lm(load_lm(cfg.ref_from or cfg.policy_from, device)[0])
-    ref_model, ref_mode = (ref, contextlib.nullcontext) if ref is not None else (policy, lambda: adapters_disabled(policy))
+    ref_model = ref if ref is not None else policy  # read inside adapters_disabled: a no-op for a separate model
     reward, rtok, _ = load_scalar_model(cfg.reward_from, device, allow_lm=False)
     freeze_lm(reward)
     if rtok.vocab_size != tok.vocab_size or rtok.encode("hello world") != tok.encode("hello world"):
@@ -447,7 +446,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                 logits, _ = answer_logits(policy, lay, temperature=a.temperature)
                 old_logp = token_logprobs(logits, lay["ids"][:, P:P + R])
                 del logits
-            with ref_mode():
+            with adapters_disabled(ref_model):
                 ref_logits, _ = answer_logits(ref_model, lay, temperature=a.temperature)
             ref_logp = token_logprobs(ref_logits, lay["ids"][:, P:P + R])
             del ref_logits
