@@ -40,7 +40,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,10 @@ class SamplingParams:
     min_tokens: int = 0  # stop tokens are forbidden before this many tokens
     logprobs: bool = False  # report log π(token) of each sampled token
     top_logprobs: int = 0  # and the k most likely alternatives at each step
+    logit_bias: dict[int, float] | None = None  # OpenAI: added to a token's logit before sampling, in [-100, 100]
+    # a grammar the output must follow (minichat.constrain.JSONGrammar): each request gets its own parser state,
+    # tokens it rejects are masked, and the end-of-turn tokens only once the output is complete
+    grammar: Any = None
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -128,6 +132,8 @@ class SamplingParams:
             raise MinichatError("min_tokens must be >= 0")
         if any(len(s) == 0 for s in self.stop_sequences):
             raise MinichatError("stop_sequences must not contain an empty sequence")
+        if self.logit_bias and not all(-100.0 <= float(v) <= 100.0 for v in self.logit_bias.values()):
+            raise MinichatError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -195,6 +201,7 @@ class Request:
             self.generator = torch.Generator().manual_seed(seed)
         self.row: int | None = None  # slot while running
         self._cancel = False
+        self.constraint = params.grammar.start() if params.grammar is not None else None
 
     @property
     def finished(self) -> bool:
@@ -1198,6 +1205,10 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         ids = self.check_prompt(prompt_ids)
+        V = self.cfg.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if not 0 <= int(t) < V]
+        if bad:
+            raise MinichatError(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{V - 1})")
         stop = self.stop_token_ids if params.stop_token_ids is None else [int(t) for t in params.stop_token_ids]
         req = Request(ids, params, stop, params.seed if seed is None else seed, prompt_index, index)
         with self._lock:
@@ -1359,6 +1370,8 @@ class Engine:
             if self._counts is not None:
                 self._counts[r.row, t] += 1
                 self._seen[r.row, t] = True
+            if r.constraint is not None and t not in r.stop_ids:
+                r.constraint.advance(t)
             reason, stop_reason = self._check_stop(r, t)
             if reason is not None:
                 ev.finished, ev.finish_reason = True, reason
@@ -1377,6 +1390,8 @@ class Engine:
                 return FINISH_STOP, list(seq)
         if len(r.output) >= r.params.max_tokens or r.length >= self.max_seq_len:
             return FINISH_LENGTH, None
+        if r.constraint is not None and not r.stop_ids and r.constraint.finished:
+            return FINISH_STOP, None  # the grammar is complete and there is no end-of-turn token to wait for
         return None, None
 
     def _sample(self, reqs: list[Request], rows: list[int], logits: torch.Tensor):
@@ -1391,6 +1406,13 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.params.min_tokens and len(r.output) < r.params.min_tokens and r.stop_ids:
                 logits[i, list(r.stop_ids)] = float("-inf")
+        for i, r in enumerate(reqs):
+            if r.params.logit_bias:
+                ids = torch.tensor([int(t) for t in r.params.logit_bias], device=logits.device)
+                logits[i, ids] += torch.tensor([float(b) for b in r.params.logit_bias.values()], dtype=logits.dtype,
+                                               device=logits.device)
+            if r.constraint is not None:
+                self._constrain(r, logits[i])
         if any(r.params._penalised for r in reqs):
             logits = self._penalise(reqs, rows, logits)
         if any(r.params.dry_multiplier for r in reqs):
@@ -1408,6 +1430,18 @@ class Engine:
             vals, idx = vals.tolist(), idx.tolist()
             top_list = [list(zip(idx[i][: r.params.top_logprobs], vals[i][: r.params.top_logprobs])) for i, r in enumerate(reqs)]
         return tokens, lp_list, top_list
+
+    @staticmethod
+    def _constrain(r: Request, row: torch.Tensor) -> None:
+        """Mask, in place, the tokens the request's grammar rejects now; end-of-turn only once it is complete."""
+        allowed = r.constraint.allowed()  # (vocabulary of the tokenizer,) bool
+        keep = torch.zeros(row.shape[0], dtype=torch.bool)
+        keep[:allowed.shape[0]] = allowed[:row.shape[0]]
+        stops = [t for t in r.stop_ids if t < row.shape[0]]
+        if stops and (r.constraint.can_end or not keep.any()):  # (nothing allowed: end rather than emit junk)
+            keep[stops] = True
+        if keep.any():
+            row.masked_fill_(~keep.to(row.device), float("-inf"))
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and logits.dtype == torch.float32 and logits.is_contiguous():

@@ -118,7 +118,7 @@ def _opts(svc: Services, m: ServedModel, prompt_len: int, *, max_tokens: int | N
         seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens or 0,
-        dry_multiplier=dry_default if req.dry_multiplier is None else req.dry_multiplier,
+        dry_multiplier=dry_default if req.dry_multiplier is None else req.dry_multiplier, logit_bias=req.token_bias(),
         **{k: getattr(req, k) for k in ("dry_base", "dry_allowed_length") if getattr(req, k) is not None})
 
 
@@ -214,6 +214,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
                      logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
+        opts.grammar = m.grammar(req.response_format)
         rid = new_id("chatcmpl")
         policy = req.moderation
         block_in = policy is None or policy.mode("input") == "block"

@@ -1,6 +1,7 @@
 """The served models: each loaded once, with its own Engine and worker thread, chosen by the `model` field."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ class ServedModel:
     created: int
     # temperature / top_p for requests that leave them out (gguf_import.recommended_sampling); else OpenAI's 1.0
     sampling: dict = field(default_factory=dict)
+    _vocab: object = field(default=None, repr=False)  # minichat.constrain.TokenVocab, built on first use
+    _grammars: dict = field(default_factory=dict, repr=False)
 
     @property
     def context_len(self) -> int:
@@ -34,6 +37,27 @@ class ServedModel:
         except MinichatError as e:
             raise APIError(400, str(e), param="messages") from None
         return ids
+
+    def grammar(self, response_format: dict | None):
+        """The grammar for a request's response_format (None for text); compiled grammars are kept for reuse,
+        with the token masks they have found."""
+        if not response_format or response_format.get("type", "text") == "text":
+            return None
+        from minichat.constrain import SchemaError, TokenVocab, response_format_grammar
+
+        key = json.dumps(response_format, sort_keys=True)
+        g = self._grammars.get(key)
+        if g is None:
+            if self._vocab is None:
+                self._vocab = TokenVocab(self.tokenizer)
+            try:
+                g = response_format_grammar(self._vocab, response_format)
+            except SchemaError as e:
+                raise APIError(400, f"response_format: {e}", param="response_format") from None
+            self._grammars[key] = g
+            if len(self._grammars) > 16:  # each keeps up to ~12 MB of masks (JSONGrammar.mask)
+                self._grammars.pop(next(iter(self._grammars)))
+        return g
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

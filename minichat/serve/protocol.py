@@ -159,8 +159,15 @@ class _Sampling(_Req):
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         if self.logit_bias:
-            raise ParamError("logit_bias", "logit_bias is not supported by this server")
+            for k, v in self.logit_bias.items():
+                if not k.strip().lstrip("-").isdigit():
+                    raise ParamError("logit_bias", f"logit_bias keys must be token ids, got {k!r}")
+                if not -100.0 <= v <= 100.0:
+                    raise ParamError("logit_bias", f"logit_bias values must be in [-100, 100], got {v}")
         return self
+
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -179,8 +186,16 @@ class ChatCompletionRequest(_Sampling):
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools or self.functions:
             raise ParamError("tools" if self.tools else "functions", "tools and functions are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError("response_format", "only response_format {\"type\": \"text\"} is supported")
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind not in ("text", "json_object", "json_schema"):
+                raise ParamError("response_format", "response_format type must be text, json_object or json_schema")
+            spec = rf.get("json_schema")
+            if kind == "json_schema" and (not isinstance(spec, dict) or not isinstance(spec.get("name"), str)
+                                          or not isinstance(spec.get("schema", {}), dict)):
+                raise ParamError("response_format", "a json_schema response_format needs json_schema.name and "
+                                                    "json_schema.schema (an object)")
         return self
 
 
@@ -245,6 +260,8 @@ class GenOptions:
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
+    logit_bias: dict[int, float] | None = None
+    grammar: Any = None  # minichat.constrain.JSONGrammar for response_format json_object / json_schema
 
 
 def new_id(prefix: str) -> str:

@@ -275,7 +275,8 @@ class ModelWorker:
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
             logprobs=opts.logprobs, top_logprobs=opts.top_logprobs, min_tokens=min(opts.min_tokens, opts.max_tokens),
-            dry_multiplier=opts.dry_multiplier, dry_base=opts.dry_base, dry_allowed_length=opts.dry_allowed_length)
+            dry_multiplier=opts.dry_multiplier, dry_base=opts.dry_base, dry_allowed_length=opts.dry_allowed_length,
+            logit_bias=opts.logit_bias, grammar=opts.grammar)
         params.validate()
         self.engine.check_prompt(job.prompt_ids)  # ContextOverflowError before anything is queued
         with self._lock:

@@ -310,3 +310,80 @@ def test_dry_in_extra_body(client):
         client.chat.completions.create(**kw, extra_body={"dry_multiplier": 20})
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**kw, extra_body={"dry_base": 1.0})
+
+
+ANSWER = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "color", "xs"],
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}, "color": {"enum": ["red", "green"]},
+                         "xs": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}}
+
+
+def test_response_format_json_schema(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+    finished = 0
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=USER, response_format=fmt, temperature=1.0,
+                                           seed=seed, max_tokens=300)
+        c = r.choices[0]
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.message.content), ANSWER)
+            finished += 1
+    assert finished >= 2
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, response_format=fmt, temperature=1.0,
+                                                 seed=0, max_tokens=300, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    jsonschema.validate(json.loads(streamed), ANSWER)
+    # the same schema in the openai client's own form: a pydantic model (client.beta ... parse)
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+        n: int
+
+    p = client.beta.chat.completions.parse(model="tiny", messages=USER, response_format=Answer, temperature=0,
+                                           max_tokens=200)
+    if p.choices[0].finish_reason == "stop":
+        assert isinstance(p.choices[0].message.parsed, Answer)
+
+
+def test_response_format_json_object(client):
+    r = client.chat.completions.create(model="tiny", messages=USER, response_format={"type": "json_object"},
+                                       temperature=1.0, seed=0, max_tokens=40)
+    text = r.choices[0].message.content
+    assert text.lstrip().startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    # the script model would say SCRIPT; under the grammar its first token must open an object instead
+    s = client.chat.completions.create(model="script", messages=USER, response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=5)
+    assert s.choices[0].message.content.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("fmt,msg", [
+    ({"type": "yaml"}, "type must be"),
+    ({"type": "json_schema"}, "json_schema.name"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string"}}}, "root must be"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"$ref": "#/nowhere"}}}, "points at nothing"),
+])
+def test_bad_response_format_is_400(client, fmt, msg):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, response_format=fmt)
+    assert e.value.body["param"] == "response_format" and msg in e.value.body["message"], e.value.body
+
+
+def test_logit_bias(client, model_files):
+    from minichat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_files.script)
+    first = tok.encode(model_files.script_text)[0]
+    kw = dict(model="script", messages=USER, temperature=0, max_tokens=3)
+    assert client.chat.completions.create(**kw).choices[0].message.content.startswith(tok.decode([first]))
+    r = client.chat.completions.create(**kw, logit_bias={str(first): -100})
+    assert not r.choices[0].message.content.startswith(tok.decode([first]))
+    other = tok.encode(" fox")[0]
+    r = client.chat.completions.create(**kw, logit_bias={str(other): 100})
+    assert r.choices[0].message.content.startswith(tok.decode([other]))
+    for bad in ({"x": 1}, {"1": 200}, {str(10**7): 5}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**kw, logit_bias=bad)

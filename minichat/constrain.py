@@ -1,0 +1,508 @@
+"""Constrained decoding: the output must be JSON, optionally of a given JSON Schema (OpenAI's `response_format`).
+
+The engine stays on token ids: a request may carry a grammar (`SamplingParams.grammar`), and at each step the
+engine asks its state which token ids may come next, masks the others and tells the state which one it took.
+
+    vocab = TokenVocab(tokenizer)                    # each token's text, once per tokenizer (~1 s for 49k tokens)
+    g = JSONGrammar(vocab)                           # any JSON object ({"type": "json_object"})
+    g = JSONGrammar(vocab, schema={...})             # a JSON Schema ({"type": "json_schema"})
+    state = g.start(); state.allowed() -> (V,) bool; state.advance(token_id); state.can_end; state.finished
+
+How. A character-level pushdown recogniser of JSON, extended by the schema (which keys an object may still take,
+which type a value must have, enums, nested objects and arrays, `$ref`, `anyOf`). A parser state is a set of
+alternatives (a schema's `anyOf` can leave several open), so states are hashable and their masks are cached.
+The mask of a state is found by walking the token texts in sorted order, reusing the parse of the prefix shared
+with the previous token and skipping every token that starts with a prefix already rejected: a walk over a trie
+of the vocabulary, without building one. Inside a string most tokens are plain text, which leaves the state as
+it was; those are one precomputed mask, and only tokens with a quote, a backslash or a control character are
+walked. Whitespace between JSON tokens is a newline and an indent of at most MAX_WS characters (as in llama.cpp's
+JSON grammar), none before the root value, and a number has at most MAX_NUMBER characters: a small model that
+cannot say what it wants must not pad or count forever.
+
+Supported schema keywords: type (one or a list), properties, required, additionalProperties (false, or an
+object without properties takes any keys), items, minItems, maxItems, enum, const, anyOf / oneOf, $ref to
+#/$defs or #/definitions (recursion allowed). Keywords that do not constrain the structure (description,
+title, format, pattern, minLength, ...) are accepted and not enforced. The root must be an object or an array,
+so the end of the value is known without the end of the output.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from minichat.errors import MinichatError
+
+MAX_WS = 20  # whitespace between JSON tokens: one newline at most, first, then up to MAX_WS spaces or tabs
+MAX_NUMBER = 24  # characters of one number (a model must not write digits forever)
+DIGITS = "0123456789"
+HEX = "0123456789abcdefABCDEF"
+_LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds all texts with that prefix
+
+# parser modes (the first field of a state)
+VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE = range(14)
+
+
+class SchemaError(MinichatError):
+    """A JSON Schema this grammar cannot follow (or not a schema at all)."""
+
+
+@dataclass(frozen=True)
+class _Node:
+    kind: str  # any | object | array | string | number | integer | boolean | null | enum | anyof
+    props: tuple = ()  # object: ((key, node id), ...)
+    required: frozenset = frozenset()
+    free_keys: bool = False  # object: any key, any value
+    items: int = 0  # array: node id of the items
+    min_items: int = 0
+    max_items: int | None = None
+    literals: tuple = ()  # enum: the values as compact JSON texts
+    alts: tuple = ()  # anyof: node ids
+
+
+class _Compiler:
+    """JSON Schema -> a table of _Node (ids are indices; `$ref` cycles point back by id)."""
+
+    TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+    def __init__(self, root_schema: Any):
+        self.root = root_schema
+        self.nodes: list[_Node | None] = []
+        self.by_ref: dict[str, int] = {}
+
+    def add(self, node: _Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def compile(self, s: Any, path: str = "#") -> int:
+        if s is True or s == {}:
+            return self.add(_Node("any"))
+        if not isinstance(s, dict):
+            raise SchemaError(f"{path}: a schema must be an object, got {type(s).__name__}")
+        if "$ref" in s:
+            return self.ref(s["$ref"], path)
+        if "const" in s:
+            return self.add(_Node("enum", literals=(self.literal(s["const"]),)))
+        if "enum" in s:
+            vals = s["enum"]
+            if not isinstance(vals, list) or not vals:
+                raise SchemaError(f"{path}.enum must be a non-empty list")
+            return self.add(_Node("enum", literals=tuple(dict.fromkeys(self.literal(v) for v in vals))))
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                subs = s[key]
+                if not isinstance(subs, list) or not subs:
+                    raise SchemaError(f"{path}.{key} must be a non-empty list")
+                base = {k: v for k, v in s.items() if k != key}
+                alts = tuple(self.compile({**base, **sub} if isinstance(sub, dict) else sub, f"{path}.{key}[{i}]")
+                             for i, sub in enumerate(subs))
+                return self.add(_Node("anyof", alts=alts))
+        t = s.get("type")
+        if isinstance(t, list):
+            if not t:
+                raise SchemaError(f"{path}.type must not be an empty list")
+            alts = tuple(self.compile({**s, "type": x}, f"{path}.type[{i}]") for i, x in enumerate(t))
+            return alts[0] if len(alts) == 1 else self.add(_Node("anyof", alts=alts))
+        if t is None:
+            if "properties" in s:
+                t = "object"
+            elif "items" in s:
+                t = "array"
+            else:
+                return self.add(_Node("any"))
+        if t not in self.TYPES:
+            raise SchemaError(f"{path}.type: unknown type {t!r} (expected one of {', '.join(self.TYPES)})")
+        if t == "object":
+            props = s.get("properties") or {}
+            if not isinstance(props, dict):
+                raise SchemaError(f"{path}.properties must be an object")
+            required = s.get("required") or []
+            if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+                raise SchemaError(f"{path}.required must be a list of property names")
+            missing = [k for k in required if k not in props]
+            if missing and props:
+                raise SchemaError(f"{path}.required names {missing[0]!r}, which is not among the properties")
+            if not props:
+                return self.add(_Node("object", free_keys=True))
+            i = self.add(None)  # placeholder: properties may refer back to this node through $ref
+            self.nodes[i] = _Node("object", props=tuple((k, self.compile(v, f"{path}.properties.{k}"))
+                                                        for k, v in props.items()),
+                                  required=frozenset(required))
+            return i
+        if t == "array":
+            lo, hi = s.get("minItems", 0), s.get("maxItems")
+            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+                raise SchemaError(f"{path}: minItems / maxItems must be integers with 0 <= minItems <= maxItems")
+            i = self.add(None)
+            self.nodes[i] = _Node("array", items=self.compile(s.get("items", True), f"{path}.items"),
+                                  min_items=lo, max_items=hi)
+            return i
+        return self.add(_Node(t))
+
+    def ref(self, ref: Any, path: str) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"{path}.$ref: only references inside the schema (#/...) are supported, got {ref!r}")
+        if ref in self.by_ref:
+            return self.by_ref[ref]
+        target: Any = self.root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{path}.$ref {ref!r} points at nothing")
+            target = target[part]
+        # an alternative of one: the id exists before its body, so the target may refer to itself
+        i = self.add(None)
+        self.by_ref[ref] = i
+        self.nodes[i] = _Node("anyof", alts=(self.compile(target, ref),))
+        return i
+
+    @staticmethod
+    def literal(v: Any) -> str:
+        try:
+            return json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise SchemaError(f"enum / const value {v!r} is not JSON: {e}") from None
+
+
+class TokenVocab:
+    """Each token's text, sorted for the prefix walk; built once per tokenizer (grammars share it)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None):
+        n = vocab_size or tokenizer.vocab_size
+        special = set(tokenizer.special_ids)
+        self.size = n
+        self.text: list[str | None] = [None] * n
+        for i in range(min(n, tokenizer.vocab_size)):
+            if i in special:
+                continue
+            t = tokenizer.decode([i])
+            # a token that is part of a UTF-8 character decodes to U+FFFD: it never joins a constrained output
+            if t and "\ufffd" not in t:
+                self.text[i] = t
+        pairs = sorted((t, i) for i, t in enumerate(self.text) if t is not None)
+        self.sorted_text = [t for t, _ in pairs]
+        self.sorted_ids = [i for _, i in pairs]
+        # inside a string: tokens of plain characters leave the parser where it was
+        plain = [i for t, i in pairs if all(c not in '"\\' and c >= " " for c in t)]
+        special_pairs = [(t, i) for t, i in pairs if not all(c not in '"\\' and c >= " " for c in t)]
+        self.plain_ids = plain
+        self.special_text = [t for t, _ in special_pairs]
+        self.special_ids_sorted = [i for _, i in special_pairs]
+
+
+class JSONGrammar:
+    """Token masks that keep an output a JSON value (an object by default) of an optional schema."""
+
+    def __init__(self, vocab: TokenVocab, schema: dict | None = None, cache_size: int = 2048):
+        import numpy as np
+
+        self.vocab = vocab
+        comp = _Compiler(schema)
+        root = comp.add(_Node("object", free_keys=True)) if schema is None else comp.compile(schema)
+        self.nodes: list[_Node] = comp.nodes  # type: ignore[assignment]
+        self.any = comp.add(_Node("any"))
+        self.free_obj = comp.add(_Node("object", free_keys=True))  # what an untyped value's "{" opens
+        self.free_arr = comp.add(_Node("array", items=self.any))
+        self.root = root
+        starts = self._value_starts(root)
+        if not starts or not starts <= {"{", "["}:
+            raise SchemaError("the schema's root must be an object or an array (so the value's end is known)")
+        self.initial = frozenset([(VAL, root, 0, ())])
+        self._masks: OrderedDict = OrderedDict()
+        self._steps: dict = {}
+        self._cache_size = cache_size
+        self._plain = np.zeros(vocab.size, dtype=bool)
+        self._plain[vocab.plain_ids] = True
+
+    def start(self) -> "GrammarState":
+        return GrammarState(self)
+
+    # ------------------------------------------------------------------ the recogniser
+    def _value_starts(self, node: int, seen: frozenset = frozenset()) -> set[str]:
+        n = self.nodes[node]
+        if n.kind == "anyof":
+            if node in seen:
+                return set()
+            return set().union(*(self._value_starts(a, seen | {node}) for a in n.alts))
+        return {"object": {"{"}, "array": {"["}, "string": {'"'}, "boolean": {"t", "f"}, "null": {"n"},
+                "number": {"-"} | set(DIGITS), "integer": {"-"} | set(DIGITS),
+                "enum": {lit[0] for lit in n.literals},
+                "any": {"{", "[", '"', "t", "f", "n", "-"} | set(DIGITS)}[n.kind]
+
+    def step_set(self, states: frozenset, c: str) -> frozenset:
+        key = (states, c)
+        out = self._steps.get(key)
+        if out is None:
+            res: list = []
+            for s in states:
+                res.extend(self._step(s, c))
+            out = frozenset(res)
+            if len(self._steps) > 50_000:
+                self._steps.clear()
+            self._steps[key] = out
+        return out
+
+    def _complete(self, stack: tuple) -> tuple:
+        """A value has ended: back to its container, or done at the root."""
+        return (AFTER, None, 0, stack) if stack else (DONE, None, 0, ())
+
+    def _start_value(self, node: int, c: str, stack: tuple) -> list:
+        n = self.nodes[node]
+        k = n.kind
+        if k == "anyof":
+            out = []
+            for a in n.alts:
+                out.extend(self._start_value(a, c, stack))
+            return out
+        if k == "any":
+            if c == "{":
+                return [(OBJ0, None, 0, stack + (("o", self.free_obj, frozenset(), self.any),))]
+            if c == "[":
+                return [(ARR0, None, 0, stack + (("a", self.free_arr, 0),))]
+            if c == '"':
+                return [(STR, None, 0, stack)]
+            if c == "-" or c in DIGITS:
+                return [self._num_start(c, False, stack)]
+            lit = {"t": "rue", "f": "alse", "n": "ull"}.get(c)
+            return [(LIT, lit, 0, stack)] if lit else []
+        if k == "object":
+            return [(OBJ0, None, 0, stack + (("o", node, frozenset(), self.any),))] if c == "{" else []
+        if k == "array":
+            return [(ARR0, None, 0, stack + (("a", node, 0),))] if c == "[" else []
+        if k == "string":
+            return [(STR, None, 0, stack)] if c == '"' else []
+        if k in ("number", "integer"):
+            return [self._num_start(c, k == "integer", stack)] if (c == "-" or c in DIGITS) else []
+        if k == "boolean":
+            lit = {"t": "rue", "f": "alse"}.get(c)
+            return [(LIT, lit, 0, stack)] if lit else []
+        if k == "null":
+            return [(LIT, "ull", 0, stack)] if c == "n" else []
+        if k == "enum":
+            cands = tuple(x for x in n.literals if x[0] == c)
+            return self._enum_after(cands, 1, stack) if cands else []
+        raise AssertionError(k)
+
+    def _enum_after(self, cands: tuple, pos: int, stack: tuple) -> list:
+        longer = tuple(x for x in cands if len(x) > pos)
+        out = [(ENUM, longer, pos, stack)] if longer else []
+        if len(longer) < len(cands):  # one literal is complete: the value may end here
+            out.append(self._complete(stack))
+        return out
+
+    @staticmethod
+    def _num_start(c: str, integer: bool, stack: tuple) -> tuple:
+        return (NUM, integer, ("minus" if c == "-" else ("zero" if c == "0" else "int"), 1), stack)
+
+    def _keys_left(self, frame: tuple) -> list[str]:
+        n = self.nodes[frame[1]]
+        return [k for k, _ in n.props if k not in frame[2]]
+
+    def _key_start(self, frame: tuple, stack: tuple) -> list:
+        if self.nodes[frame[1]].free_keys:
+            return [(STR, "key", 0, stack)]
+        return [(KSTR, "", 0, stack)] if self._keys_left(frame) else []
+
+    def _step(self, s: tuple, c: str) -> list:
+        mode, a, b, stack = s
+        if mode == STR:  # a == "key": an object's free key; else a value
+            if c == '"':
+                if a == "key":
+                    return [(COLON, None, 0, stack)]
+                return [self._complete(stack)]
+            if c == "\\":
+                return [(ESC, a, 0, stack)]
+            return [s] if c >= " " else []
+        if mode == ESC:
+            if c in '"\\/bfnrt':
+                return [(STR, a, 0, stack)]
+            return [(UHEX, a, 4, stack)] if c == "u" else []
+        if mode == UHEX:
+            if c not in HEX:
+                return []
+            return [(STR, a, 0, stack)] if b == 1 else [(UHEX, a, b - 1, stack)]
+        if mode == KSTR:  # a key of a schema's object: a prefix of a property not used yet
+            frame = stack[-1]
+            left = self._keys_left(frame)
+            if c == '"':
+                if a in left:
+                    node = dict(self.nodes[frame[1]].props)[a]
+                    return [(COLON, None, 0, stack[:-1] + (("o", frame[1], frame[2] | {a}, node),))]
+                return []
+            if c == "\\" or c < " ":
+                return []
+            key = a + c
+            return [(KSTR, key, 0, stack)] if any(k.startswith(key) for k in left) else []
+        if mode == NUM:
+            integer, (sub, n) = a, b
+            nxt = None
+            if c in DIGITS:
+                nxt = {"minus": "zero" if c == "0" else "int", "zero": None, "int": "int", "dot": "frac",
+                       "frac": "frac", "e": "exp", "esign": "exp", "exp": "exp"}[sub]
+            elif c == "." and sub in ("zero", "int") and not integer:
+                nxt = "dot"
+            elif c in "eE" and sub in ("zero", "int", "frac") and not integer:
+                nxt = "e"
+            elif c in "+-" and sub == "e":
+                nxt = "esign"
+            if nxt is not None:
+                return [(NUM, integer, (nxt, n + 1), stack)] if n < MAX_NUMBER else []
+            if sub in ("zero", "int", "frac", "exp"):  # the number ended before this character
+                return self._step(self._complete(stack), c)
+            return []
+        if mode == LIT:
+            if c != a[0]:
+                return []
+            return [(LIT, a[1:], 0, stack)] if len(a) > 1 else [self._complete(stack)]
+        if mode == ENUM:
+            out = []
+            cands = tuple(x for x in a if x[b] == c)
+            if cands:
+                out = self._enum_after(cands, b + 1, stack)
+            return out
+        if mode == DONE:
+            return []
+        # the modes between tokens take whitespace, as llama.cpp's JSON grammar does: a newline, then an indent
+        # (not before the root: the output starts with its value)
+        if c == "\n" or c == " " or c == "\t":
+            ok = (b == 0) if c == "\n" else (b <= MAX_WS)
+            return [(mode, a, b + 1, stack)] if ok and (stack or mode != VAL) else []
+        if mode == VAL:
+            return self._start_value(a, c, stack)
+        frame = stack[-1] if stack else None
+        if mode == OBJ0:
+            if c == '"':
+                return self._key_start(frame, stack)
+            if c == "}" and self.nodes[frame[1]].required <= frame[2]:
+                return [self._complete(stack[:-1])]
+            return []
+        if mode == KEY:
+            return self._key_start(frame, stack) if c == '"' else []
+        if mode == COLON:
+            return [(VAL, frame[3], 0, stack)] if c == ":" else []
+        if mode == ARR0:
+            n = self.nodes[frame[1]]
+            if c == "]" and n.min_items == 0:
+                return [self._complete(stack[:-1])]
+            if n.max_items == 0:
+                return []
+            return self._start_value(n.items, c, stack[:-1] + (("a", frame[1], 1),))
+        if mode == AFTER:
+            n = self.nodes[frame[1]]
+            if frame[0] == "a":
+                if c == "," and (n.max_items is None or frame[2] < n.max_items):
+                    return [(VAL, n.items, 0, stack[:-1] + (("a", frame[1], frame[2] + 1),))]
+                if c == "]" and frame[2] >= n.min_items:
+                    return [self._complete(stack[:-1])]
+                return []
+            if c == ",":
+                return [(KEY, None, 0, stack)] if (n.free_keys or self._keys_left(frame)) else []
+            if c == "}" and n.required <= frame[2]:
+                return [self._complete(stack[:-1])]
+            return []
+        raise AssertionError(mode)
+
+    # ------------------------------------------------------------------ masks
+    def mask(self, states: frozenset):
+        """(vocab.size,) bool tensor: the tokens whose whole text the parser accepts from `states`. Masks are
+        cached per state as packed bits (6 KB for a 49k vocabulary, against 48 KB as bools)."""
+        import numpy as np
+        import torch
+
+        packed = self._masks.get(states)
+        if packed is not None:
+            self._masks.move_to_end(states)
+        else:
+            v = self.vocab
+            if len(states) == 1 and next(iter(states))[0] == STR:
+                m = self._plain.copy()
+                ids = self._walk(states, v.special_text, v.special_ids_sorted)
+            else:
+                m = np.zeros(v.size, dtype=bool)
+                ids = self._walk(states, v.sorted_text, v.sorted_ids)
+            m[ids] = True
+            packed = np.packbits(m)
+            self._masks[states] = packed
+            if len(self._masks) > self._cache_size:
+                self._masks.popitem(last=False)
+        return torch.from_numpy(np.unpackbits(packed, count=self.vocab.size).view(bool))
+
+    def _walk(self, start: frozenset, texts: list[str], ids: list[int]) -> list[int]:
+        out: list[int] = []
+        n = len(texts)
+        i = 0
+        prev = ""  # the text whose prefix states are in `at`
+        at = [start]  # at[k]: the states after prev[:k]
+        while i < n:
+            t = texts[i]
+            k, m = 0, min(len(prev), len(t))
+            while k < m and prev[k] == t[k]:
+                k += 1
+            del at[k + 1:]
+            s = at[k]
+            j = k
+            while j < len(t):
+                s = self.step_set(s, t[j])
+                if not s:
+                    break
+                at.append(s)
+                j += 1
+            if j == len(t):
+                out.append(ids[i])
+                prev = t
+                i += 1
+            else:  # t[:j + 1] is rejected: so is every token that starts with it
+                i = bisect.bisect_left(texts, t[:j + 1] + _LAST, i + 1)
+                prev = t[:j]
+        return out
+
+
+class GrammarState:
+    """One request's place in its grammar."""
+
+    def __init__(self, grammar: JSONGrammar):
+        self.grammar = grammar
+        self.states = grammar.initial
+
+    def allowed(self):
+        return self.grammar.mask(self.states)
+
+    @property
+    def can_end(self) -> bool:
+        return any(s[0] == DONE for s in self.states)
+
+    @property
+    def finished(self) -> bool:
+        """The value is complete and nothing may follow it."""
+        return all(s[0] == DONE for s in self.states)
+
+    def advance(self, token_id: int) -> bool:
+        """Take the token; False (and a dead state that allows nothing) when the grammar rejects it."""
+        text = self.grammar.vocab.text[token_id] if 0 <= token_id < self.grammar.vocab.size else None
+        s = self.states if text is not None else frozenset()
+        for c in text or "":
+            s = self.grammar.step_set(s, c)
+            if not s:
+                break
+        self.states = s
+        return bool(s)
+
+
+def response_format_grammar(vocab: TokenVocab, response_format: dict | None) -> JSONGrammar | None:
+    """OpenAI's response_format -> a grammar (None for plain text). Raises SchemaError on a bad format."""
+    if not response_format:
+        return None
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSONGrammar(vocab)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise SchemaError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        schema = spec.get("schema", {"type": "object"})
+        return JSONGrammar(vocab, schema)
+    raise SchemaError(f"response_format type must be text, json_object or json_schema, got {kind!r}")

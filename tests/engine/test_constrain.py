@@ -1,0 +1,266 @@
+"""Constrained decoding (minichat.constrain): every valid output stays possible token by token, no invalid one
+is, and the engine's outputs under a grammar parse and follow their schema."""
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minichat.constrain import JSONGrammar, SchemaError, TokenVocab, response_format_grammar
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "height": {"type": "number"},
+        "city": {"enum": ["Paris", "Rome", "Oslo"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "pet": {"type": ["object", "null"], "properties": {"kind": {"type": "string"}, "legs": {"type": "integer"}},
+                "required": ["kind"], "additionalProperties": False},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+TREE = {  # recursive, through $defs
+    "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                       "required": ["v"], "additionalProperties": False}},
+    "$ref": "#/$defs/node",
+}
+LIST = {"type": "array", "items": {"anyOf": [{"type": "string"}, {"const": 7}]}, "minItems": 1, "maxItems": 4}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from minichat.tokenizer import BPETokenizer
+
+    rng = random.Random(0)
+    texts = []
+    for _ in range(300):  # JSON-shaped text, so merges such as '": "' and '},' exist
+        obj = {"name": rng.choice(["Ann", "Bo", "Cy"]), "age": rng.randint(0, 99), "tags": ["a", "b"][: rng.randint(0, 2)],
+               "city": rng.choice(["Paris", "Rome"]), "ok": rng.random() < 0.5, "pet": None}
+        texts.append(json.dumps(obj, indent=rng.choice([None, 2])))
+        texts.append("The answer is yes, and the weather is fine today.")
+    return BPETokenizer.train(texts, vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return TokenVocab(tok)
+
+
+def feed(grammar, tok, text):
+    """Feed the tokens of `text`; returns (index of the first token the grammar rejects or None, final state)."""
+    state = grammar.start()
+    for k, t in enumerate(tok.encode(text)):
+        if not bool(state.allowed()[t]):
+            return k, state
+        assert state.advance(t)
+    return None, state
+
+
+_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+_int = st.integers(-10**6, 10**6)
+
+
+def _value(schema):
+    """A hypothesis strategy of values that follow the schemas above."""
+    if schema is PERSON:
+        pet = st.one_of(st.none(), st.fixed_dictionaries({"kind": _text}, optional={"legs": _int}))
+        return st.fixed_dictionaries(
+            {"name": _text, "age": _int, "city": st.sampled_from(["Paris", "Rome", "Oslo"])},
+            optional={"height": st.floats(-1e6, 1e6, allow_nan=False), "tags": st.lists(_text, max_size=3),
+                      "pet": pet, "ok": st.booleans()})
+    if schema is TREE:
+        return st.recursive(st.fixed_dictionaries({"v": _int}),
+                            lambda kids: st.fixed_dictionaries({"v": _int, "kids": st.lists(kids, max_size=2)}),
+                            max_leaves=5)
+    if schema is LIST:
+        return st.lists(st.one_of(_text, st.just(7)), min_size=1, max_size=4)
+    # any JSON object
+    scalars = st.one_of(st.none(), st.booleans(), _int, st.floats(allow_nan=False, allow_infinity=False), _text)
+    anyv = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(_text, c, max_size=3)),
+                        max_leaves=8)
+    return st.dictionaries(_text, anyv, max_size=4)
+
+
+def _dump(value, style: int) -> str:
+    if style == 0:
+        return json.dumps(value, separators=(",", ":"))
+    if style == 1:
+        return json.dumps(value)
+    return json.dumps(value, indent=2, ensure_ascii=True)
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, TREE, LIST], ids=["object", "person", "tree", "list"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), style=st.integers(0, 2))
+def test_every_valid_value_can_be_generated(tok, vocab, schema, data, style):
+    grammar = JSONGrammar(vocab, schema)
+    value = data.draw(_value(schema))
+    text = _dump(value, style)
+    bad, state = feed(grammar, tok, text)
+    assert bad is None, (text, bad)
+    assert state.can_end and state.finished, text
+
+
+@pytest.mark.parametrize("schema,text", [
+    (None, '{"a": 1,}'),  # trailing comma
+    (None, '{"a": 01}'),  # leading zero
+    (None, '[1, 2]'),  # json_object: the root is an object
+    (None, '{"a": tru}'),
+    (None, '{"a": "x\ny"}'),  # raw control character inside a string
+    (None, '{"a": "\\q"}'),  # unknown escape
+    (PERSON, '{"name": "A", "age": 3}'),  # a required key missing at "}"
+    (PERSON, '{"name": "A", "age": 3.5, "city": "Rome"}'),  # integer
+    (PERSON, '{"name": "A", "age": 3, "city": "Berlin"}'),  # enum
+    (PERSON, '{"name": "A", "name": "B", "age": 3, "city": "Rome"}'),  # a key twice
+    (PERSON, '{"nick": "A"}'),  # not a property
+    (PERSON, '{"name": 5}'),  # type
+    (PERSON, '{"name": "A", "age": 3, "city": "Rome", "tags": ["a", "b", "c", "d"]}'),  # maxItems
+    (PERSON, '{"name": "A", "age": 3, "city": "Rome", "pet": {"legs": 4}}'),  # nested required
+    (TREE, '{"v": 1, "kids": [{"kids": []}]}'),
+    (LIST, '[]'),  # minItems
+    (LIST, '[8]'),  # neither a string nor the const
+])
+def test_invalid_values_are_rejected(tok, vocab, schema, text):
+    bad, state = feed(JSONGrammar(vocab, schema), tok, text)
+    assert bad is not None or not state.can_end, text
+
+
+def test_whitespace_and_numbers_are_bounded(tok, vocab):
+    g = JSONGrammar(vocab)
+    assert feed(g, tok, "{" + " " * 20 + "}")[0] is None
+    assert feed(g, tok, '{\n' + " " * 20 + '"a": 1}')[0] is None
+    for text in ("{" + " " * 40 + "}", "{\n\n}", " {}", "{ \n}", '{"a": ' + "1" * 30 + "}"):
+        assert feed(g, tok, text)[0] is not None, text
+
+
+def _walk(grammar, vocab, rng, max_steps=400):
+    """A random path through the grammar that prefers tokens with structure, to finish in reasonable time."""
+    state, out = grammar.start(), []
+    for _ in range(max_steps):
+        if state.can_end:
+            return "".join(out)
+        ids = state.allowed().nonzero()[:, 0].tolist()
+        assert ids, "a reachable state allows no token: " + "".join(out)
+        closing = [i for i in ids if any(c in vocab.text[i] for c in '"}],:0123456789')]
+        t = rng.choice(closing if closing and rng.random() < 0.7 else ids)
+        assert state.advance(t)
+        out.append(vocab.text[t])
+    return None
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, TREE, LIST], ids=["object", "person", "tree", "list"])
+def test_random_paths_give_valid_json_of_the_schema(vocab, schema):
+    grammar, rng, done = JSONGrammar(vocab, schema), random.Random(1), 0
+    for _ in range(40):
+        text = _walk(grammar, vocab, rng)
+        if text is None:
+            continue
+        value = json.loads(text)
+        jsonschema.validate(value, schema or {"type": "object"})
+        done += 1
+    assert done >= 20
+
+
+@pytest.mark.parametrize("schema,msg", [
+    ({"type": "string"}, "root must be an object or an array"),
+    ({"type": "object", "properties": {"a": {"type": "date"}}}, "unknown type"),
+    ({"$ref": "#/$defs/missing"}, "points at nothing"),
+    ({"$ref": "http://example.com/s.json"}, "only references inside the schema"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "not among the properties"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems"),
+    ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty list"),
+])
+def test_bad_schemas_are_clear_errors(vocab, schema, msg):
+    with pytest.raises(SchemaError, match=msg):
+        JSONGrammar(vocab, schema)
+
+
+def test_response_format(vocab):
+    assert response_format_grammar(vocab, None) is None
+    assert response_format_grammar(vocab, {"type": "text"}) is None
+    assert isinstance(response_format_grammar(vocab, {"type": "json_object"}), JSONGrammar)
+    g = response_format_grammar(vocab, {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    assert g.nodes[g.root].kind == "object"
+    with pytest.raises(SchemaError, match="json_schema"):
+        response_format_grammar(vocab, {"type": "json_schema", "json_schema": {"schema": PERSON}})
+    with pytest.raises(SchemaError, match="type must be"):
+        response_format_grammar(vocab, {"type": "yaml"})
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+@pytest.fixture(scope="module")
+def engine(tok):
+    from minichat.engine import Engine
+    from minichat.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size + 8, n_layer=2, n_head=2, d_model=64, max_seq_len=1024))
+    return Engine(model, tok, weights="fp32", max_batch=8)
+
+
+def test_engine_outputs_follow_the_schema(engine, tok, vocab):
+    from minichat.engine import SamplingParams
+
+    g = JSONGrammar(vocab, PERSON)
+    prompt = tok.encode("The answer is")
+    reqs = [engine.submit(prompt, SamplingParams(max_tokens=600, temperature=t, seed=s, grammar=g))
+            for t in (0.0, 1.0) for s in range(4)]
+    while engine.has_unfinished():
+        engine.step()
+    finished = 0
+    for r in reqs:
+        c = r.completion()
+        text = tok.decode(c.content_ids)
+        assert all(t < tok.vocab_size for t in c.token_ids)  # never the model's padding rows
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(text), PERSON)
+            finished += 1
+        else:  # cut by max_tokens: still a prefix the grammar accepts
+            assert feed(g, tok, text)[0] is None
+    assert finished >= 1
+
+
+def test_engine_ends_a_complete_value_without_end_of_turn_tokens(engine, tok, vocab):
+    from minichat.engine import SamplingParams
+
+    g = JSONGrammar(vocab, {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                            "additionalProperties": False})
+    r = engine.submit(tok.encode("x"), SamplingParams(max_tokens=200, temperature=1.0, seed=3, grammar=g,
+                                                      stop_token_ids=[]))
+    while engine.has_unfinished():
+        engine.step()
+    c = r.completion()
+    assert c.finish_reason == "stop"
+    assert json.loads(tok.decode(c.token_ids)) in ({"ok": True}, {"ok": False})
+
+
+def test_logit_bias(engine, tok):
+    from minichat.engine import MinichatError, SamplingParams
+
+    prompt = tok.encode("The answer is")
+
+    def first(**kw):
+        r = engine.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0, **kw))
+        while engine.has_unfinished():
+            engine.step()
+        return r.output[0]
+
+    greedy = first()
+    assert first(logit_bias={greedy: -100}) != greedy
+    target = (greedy + 7) % tok.vocab_size
+    assert first(logit_bias={target: 100}) == target
+    with pytest.raises(MinichatError, match="outside the vocabulary"):
+        engine.submit(prompt, SamplingParams(logit_bias={10**6: 1.0}))
+    with pytest.raises(MinichatError, match=r"\[-100, 100\]"):
+        engine.submit(prompt, SamplingParams(logit_bias={1: 101.0}))
