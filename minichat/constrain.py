@@ -211,6 +211,8 @@ class JSONGrammar:
             raise SchemaError("the schema's root must be an object or an array (so the value's end is known)")
         self.initial = frozenset([(VAL, root, 0, ())])
         self._masks: OrderedDict = OrderedDict()
+        self._hot: dict = {}
+        self._empty: set = set()  # states whose mask allows no token
         self._steps: dict = {}
         self._cache_size = cache_size
         self._plain = np.zeros(vocab.size, dtype=bool)
@@ -406,11 +408,19 @@ class JSONGrammar:
 
     # ------------------------------------------------------------------ masks
     def mask(self, states: frozenset):
-        """(vocab.size,) bool tensor: the tokens whose whole text the parser accepts from `states`. Masks are
-        cached per state as packed bits (6 KB for a 49k vocabulary, against 48 KB as bools)."""
+        """(vocab.size,) bool tensor: the tokens whose whole text the parser accepts from `states`."""
+        return ~self.rejected(states)
+
+    def rejected(self, states: frozenset):
+        """(vocab.size,) bool tensor: True where the parser rejects the token (what the engine masks). Cached per
+        state as packed bits (6 KB for a 49k vocabulary, against 48 KB as bools), the last 64 used also
+        unpacked. The tensor is shared: do not write to it."""
         import numpy as np
         import torch
 
+        hot = self._hot.get(states)
+        if hot is not None:
+            return hot
         packed = self._masks.get(states)
         if packed is not None:
             self._masks.move_to_end(states)
@@ -423,11 +433,21 @@ class JSONGrammar:
                 m = np.zeros(v.size, dtype=bool)
                 ids = self._walk(states, v.sorted_text, v.sorted_ids)
             m[ids] = True
-            packed = np.packbits(m)
+            if not m.any():
+                self._empty.add(states)
+            packed = np.packbits(~m)
             self._masks[states] = packed
             if len(self._masks) > self._cache_size:
                 self._masks.popitem(last=False)
-        return torch.from_numpy(np.unpackbits(packed, count=self.vocab.size).view(bool))
+        hot = torch.from_numpy(np.unpackbits(packed, count=self.vocab.size).view(bool))
+        self._hot[states] = hot  # the few states a running request is in most, unpacked
+        if len(self._hot) > 64:
+            self._hot.pop(next(iter(self._hot)))
+        return hot
+
+    def allows_nothing(self, states: frozenset) -> bool:
+        self.rejected(states)
+        return not states or states in self._empty
 
     def _walk(self, start: frozenset, texts: list[str], ids: list[int]) -> list[int]:
         out: list[int] = []
@@ -467,7 +487,17 @@ class GrammarState:
         self.states = grammar.initial
 
     def allowed(self):
+        """(vocabulary,) bool: the tokens that may come next (a new tensor)."""
         return self.grammar.mask(self.states)
+
+    def rejected(self):
+        """(vocabulary,) bool: the tokens that may not come next (shared and cached: read only)."""
+        return self.grammar.rejected(self.states)
+
+    @property
+    def dead(self) -> bool:
+        """No token may come next (a vocabulary without a character the grammar needs)."""
+        return self.grammar.allows_nothing(self.states)
 
     @property
     def can_end(self) -> bool:
@@ -476,7 +506,7 @@ class GrammarState:
     @property
     def finished(self) -> bool:
         """The value is complete and nothing may follow it."""
-        return all(s[0] == DONE for s in self.states)
+        return bool(self.states) and all(s[0] == DONE for s in self.states)
 
     def advance(self, token_id: int) -> bool:
         """Take the token; False (and a dead state that allows nothing) when the grammar rejects it."""

@@ -1390,8 +1390,9 @@ class Engine:
                 return FINISH_STOP, list(seq)
         if len(r.output) >= r.params.max_tokens or r.length >= self.max_seq_len:
             return FINISH_LENGTH, None
-        if r.constraint is not None and not r.stop_ids and r.constraint.finished:
-            return FINISH_STOP, None  # the grammar is complete and there is no end-of-turn token to wait for
+        if r.constraint is not None and not r.stop_ids and (r.constraint.finished or r.constraint.dead):
+            # no end-of-turn token to wait for, and the grammar is complete (or can go no further)
+            return FINISH_STOP, None
         return None, None
 
     def _sample(self, reqs: list[Request], rows: list[int], logits: torch.Tensor):
@@ -1406,13 +1407,16 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.params.min_tokens and len(r.output) < r.params.min_tokens and r.stop_ids:
                 logits[i, list(r.stop_ids)] = float("-inf")
+        constrained = []
         for i, r in enumerate(reqs):
             if r.params.logit_bias:
                 ids = torch.tensor([int(t) for t in r.params.logit_bias], device=logits.device)
                 logits[i, ids] += torch.tensor([float(b) for b in r.params.logit_bias.values()], dtype=logits.dtype,
                                                device=logits.device)
             if r.constraint is not None:
-                self._constrain(r, logits[i])
+                constrained.append(i)
+        if constrained:
+            self._constrain([reqs[i] for i in constrained], constrained, logits)
         if any(r.params._penalised for r in reqs):
             logits = self._penalise(reqs, rows, logits)
         if any(r.params.dry_multiplier for r in reqs):
@@ -1432,16 +1436,24 @@ class Engine:
         return tokens, lp_list, top_list
 
     @staticmethod
-    def _constrain(r: Request, row: torch.Tensor) -> None:
-        """Mask, in place, the tokens the request's grammar rejects now; end-of-turn only once it is complete."""
-        allowed = r.constraint.allowed()  # (vocabulary of the tokenizer,) bool
-        keep = torch.zeros(row.shape[0], dtype=torch.bool)
-        keep[:allowed.shape[0]] = allowed[:row.shape[0]]
-        stops = [t for t in r.stop_ids if t < row.shape[0]]
-        if stops and (r.constraint.can_end or not keep.any()):  # (nothing allowed: end rather than emit junk)
-            keep[stops] = True
-        if keep.any():
-            row.masked_fill_(~keep.to(row.device), float("-inf"))
+    def _constrain(reqs: list[Request], rows: list[int], logits: torch.Tensor) -> None:
+        """Mask, in place, the tokens each request's grammar rejects now; end-of-turn only once it is complete
+        (or when nothing else is allowed: ending beats emitting junk)."""
+        V = logits.shape[1]
+        for r, i in zip(reqs, rows):
+            c = r.constraint
+            rejected = c.rejected()  # (the tokenizer's vocabulary,) bool; cached and shared: never written to
+            stops = [t for t in r.stop_ids if t < V]
+            dead = c.dead
+            if dead and not stops:
+                continue  # only at the first token (later, _check_stop ends such a request): left as it is
+            if rejected.shape[0] != V or (stops and (c.can_end or dead)):
+                m = torch.ones(V, dtype=torch.bool)
+                m[:min(V, rejected.shape[0])] = rejected[:V]
+                if stops and (c.can_end or dead):
+                    m[stops] = False
+                rejected = m
+            logits[i].masked_fill_(rejected.to(logits.device), float("-inf"))
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and logits.dtype == torch.float32 and logits.is_contiguous():

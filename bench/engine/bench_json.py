@@ -11,7 +11,7 @@ greedy, at batch 1, taking turns prompt by prompt:
 Reported per way: replies that parse, that follow the schema (jsonschema), that ended by themselves (not at
 max_tokens), and ms per generated token after the first (the prompt's prefill left out; median over prompts
 and rounds; the first round of a grammar also finds its masks, later rounds reuse them as a server reusing a
-schema would).
+schema would). Then all prompts as one batch per way: ms per decode step while every row is running.
 """
 from __future__ import annotations
 
@@ -139,6 +139,25 @@ def main() -> None:
         later = f"{statistics.median(s['ms_per_token']):.2f}" if s["ms_per_token"] else "—"
         print(f"| {w} | {s['parsed']}/{n} | {s['lenient']}/{n} | {s['schema_ok']}/{n} | {s['ended']}/{n} | "
               f"{statistics.median(s['first_round_ms']):.2f} | {later} |")
+    # all prompts as one batch, as a server holding 16 such requests runs them: the time of a decode step while
+    # all 16 rows are running (batches end at different lengths, so whole-batch tokens/s would compare tails)
+    print(f"\n| way, {len(PROMPTS)} prompts batched | ms per step with all rows running (median) | steps measured |")
+    print("|---|---|---|")
+    for w in ways:
+        times = []
+        for rnd in range(a.rounds):
+            for k, (prompt, _) in enumerate(PROMPTS):
+                ids, _ = tok.render_chat([{"role": "user", "content": prompt}])
+                g = {"text": None, "json_object": free, "json_schema": schemas[k]}[w]
+                eng.submit(ids, SamplingParams(max_tokens=a.max_tokens, temperature=0.0, grammar=g))
+            eng.step()  # prefill
+            while eng.has_unfinished():
+                full = eng.num_running == len(PROMPTS)
+                t = time.perf_counter()
+                eng.step()
+                if full and rnd:
+                    times.append(time.perf_counter() - t)
+        print(f"| {w} | {1000 * statistics.median(times):.2f} | {len(times)} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"stats": stats, "samples": samples, "prompts": [p for p, _ in PROMPTS]}, f, indent=1)

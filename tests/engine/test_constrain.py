@@ -264,3 +264,28 @@ def test_logit_bias(engine, tok):
         engine.submit(prompt, SamplingParams(logit_bias={10**6: 1.0}))
     with pytest.raises(MinichatError, match=r"\[-100, 100\]"):
         engine.submit(prompt, SamplingParams(logit_bias={1: 101.0}))
+
+
+def test_a_vocabulary_without_the_needed_characters_ends_instead_of_failing():
+    """A character model that has no '"': an object can open but no key can start, so the request ends (at its
+    end-of-turn token, or at once without stop tokens) rather than emitting junk or failing in the engine."""
+    from minichat.engine import Engine, SamplingParams
+    from minichat.model import ModelConfig, Transformer
+    from minichat.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["{ab:1,c"], with_specials=True)  # no quote, no closing brace, no whitespace
+    g = JSONGrammar(TokenVocab(tok))
+    state = g.start()
+    assert state.advance(tok.encode("{")[0]) and state.dead and not state.can_end
+    torch.manual_seed(0)
+    eng = Engine(Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=64)),
+                 tok, weights="fp32")
+    r = eng.submit(tok.encode("ab"), SamplingParams(max_tokens=10, temperature=1.0, seed=0, grammar=g))
+    r2 = eng.submit(tok.encode("ab"), SamplingParams(max_tokens=10, temperature=1.0, seed=0, grammar=g,
+                                                     stop_token_ids=[]))
+    while eng.has_unfinished():
+        eng.step()
+    c = r.completion()
+    assert c.finish_reason == "stop" and tok.decode(c.content_ids) == "{"
+    c2 = r2.completion()
+    assert c2.finish_reason == "stop" and tok.decode(c2.token_ids) == "{"
