@@ -42,7 +42,7 @@ HEX = "0123456789abcdefABCDEF"
 _LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds all texts with that prefix
 
 # parser modes (the first field of a state)
-VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE = range(14)
+VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE, PRE, POST = range(16)
 
 
 class SchemaError(MinichatError):
@@ -124,7 +124,9 @@ class _Compiler:
             missing = [k for k in required if k not in props]
             if missing and props:
                 raise SchemaError(f"{path}.required names {missing[0]!r}, which is not among the properties")
-            if not props:
+            if not props:  # {"properties": {}, "additionalProperties": false}: only {}; else any object
+                if "properties" in s and s.get("additionalProperties") is False:
+                    return self.add(_Node("enum", literals=("{}",)))
                 return self.add(_Node("object", free_keys=True))
             i = self.add(None)  # placeholder: properties may refer back to this node through $ref
             self.nodes[i] = _Node("object", props=tuple((k, self.compile(v, f"{path}.properties.{k}"))
@@ -195,7 +197,9 @@ class TokenVocab:
 class JSONGrammar:
     """Token masks that keep an output a JSON value (an object by default) of an optional schema."""
 
-    def __init__(self, vocab: TokenVocab, schema: dict | None = None, cache_size: int = 2048):
+    def __init__(self, vocab: TokenVocab, schema: dict | None = None, cache_size: int = 2048, prefix: str = "",
+                 suffix: str = ""):
+        """prefix / suffix: fixed text before and after the value (a tool call's <tool_call> tags)."""
         import numpy as np
 
         self.vocab = vocab
@@ -209,7 +213,8 @@ class JSONGrammar:
         starts = self._value_starts(root)
         if not starts or not starts <= {"{", "["}:
             raise SchemaError("the schema's root must be an object or an array (so the value's end is known)")
-        self.initial = frozenset([(VAL, root, 0, ())])
+        self.prefix, self.suffix = prefix, suffix
+        self.initial = frozenset([(PRE, prefix, root, ()) if prefix else (VAL, root, 0, ())])
         self._masks: OrderedDict = OrderedDict()
         self._hot: dict = {}
         self._empty: set = set()  # states whose mask allows no token
@@ -247,8 +252,10 @@ class JSONGrammar:
         return out
 
     def _complete(self, stack: tuple) -> tuple:
-        """A value has ended: back to its container, or done at the root."""
-        return (AFTER, None, 0, stack) if stack else (DONE, None, 0, ())
+        """A value has ended: back to its container, or done at the root (after the suffix, if any)."""
+        if stack:
+            return (AFTER, None, 0, stack)
+        return (POST, self.suffix, 0, ()) if self.suffix else (DONE, None, 0, ())
 
     def _start_value(self, node: int, c: str, stack: tuple) -> list:
         n = self.nodes[node]
@@ -366,6 +373,14 @@ class JSONGrammar:
             return out
         if mode == DONE:
             return []
+        if mode == PRE:  # a = the prefix still to come, b = the root node
+            if c != a[0]:
+                return []
+            return [(PRE, a[1:], b, stack)] if len(a) > 1 else [(VAL, b, 0, ())]
+        if mode == POST:
+            if c != a[0]:
+                return []
+            return [(POST, a[1:], 0, stack)] if len(a) > 1 else [(DONE, None, 0, ())]
         # the modes between tokens take whitespace, as llama.cpp's JSON grammar does: a newline, then an indent
         # (not before the root: the output starts with its value)
         if c == "\n" or c == " " or c == "\t":
@@ -536,3 +551,68 @@ def response_format_grammar(vocab: TokenVocab, response_format: dict | None) -> 
         schema = spec.get("schema", {"type": "object"})
         return JSONGrammar(vocab, schema)
     raise SchemaError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
+class TextOrGrammar:
+    """Free text, unless the output begins with the grammar's prefix: then the grammar holds from there on (a
+    tool call under tool_choice "auto": the model decides whether to call, and a call it begins is valid)."""
+
+    def __init__(self, grammar: JSONGrammar):
+        import torch
+
+        if not grammar.prefix:
+            raise ValueError("TextOrGrammar needs a grammar with a prefix that marks where it begins")
+        self.grammar = grammar
+        self.nothing = torch.zeros(grammar.vocab.size, dtype=torch.bool)  # rejects no token
+
+    def start(self) -> "_TextOrGrammarState":
+        return _TextOrGrammarState(self)
+
+
+class _TextOrGrammarState:
+    def __init__(self, owner: TextOrGrammar):
+        self.owner = owner
+        self.text = ""  # the output so far, while it may still become the prefix
+        self.inner: GrammarState | None = None
+        self.free = False
+
+    def rejected(self):
+        return self.inner.rejected() if self.inner is not None else self.owner.nothing
+
+    def allowed(self):
+        return ~self.rejected()
+
+    @property
+    def can_end(self) -> bool:
+        return self.inner.can_end if self.inner is not None else True
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished if self.inner is not None else False
+
+    @property
+    def dead(self) -> bool:
+        return self.inner.dead if self.inner is not None else False
+
+    def advance(self, token_id: int) -> bool:
+        if self.inner is not None:
+            return self.inner.advance(token_id)
+        if self.free:
+            return True
+        g = self.owner.grammar
+        self.text += (g.vocab.text[token_id] if 0 <= token_id < g.vocab.size else None) or "\ufffd"
+        head = self.text.lstrip()
+        if head.startswith(g.prefix):
+            inner = g.start()
+            s = inner.states
+            for c in head:
+                s = g.step_set(s, c)
+                if not s:
+                    break
+            if s:
+                inner.states, self.inner = s, inner
+            else:
+                self.free = True  # a call begun badly inside one token: it stays text
+        elif not g.prefix.startswith(head):
+            self.free = True
+        return True

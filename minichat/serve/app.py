@@ -33,6 +33,7 @@ from minichat.serve.protocol import (
     install_error_handlers, new_id, now, parse, usage,
 )
 from minichat.serve.worker import Delta, Job, Overloaded
+from minichat.serve import tools
 
 log = logging.getLogger("minichat.serve")
 STATIC = Path(__file__).with_name("static")
@@ -208,13 +209,16 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         m = models.get(req.model)
         _top_p_ok(req)
-        messages = [{"role": x.role, "content": x.text()} for x in req.messages]
+        functions = req.functions_in_use
+        raw = [x.as_dict() for x in req.messages]
+        # tool calls and results as text, the tools described in the system message (serve/tools.py)
+        messages = tools.prompt_messages(raw, functions, req.tool_choice, m.tokenizer.meta.default_system)
         prompt_ids = m.render_chat(messages)
         m.check_fits(prompt_ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
                      logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
-        opts.grammar = m.grammar(req.response_format)
+        opts.grammar = m.tool_grammar(functions, req.tool_choice) if functions else m.grammar(req.response_format)
         rid = new_id("chatcmpl")
         policy = req.moderation
         block_in = policy is None or policy.mode("input") == "block"
@@ -224,7 +228,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         # read before the verdict, and a flagged input cancels it
         job = submit(svc, m, prompt_ids, opts)
         try:
-            verdict = await check_input(moderator, [x["content"] for x in messages if x["role"] != "assistant"])
+            verdict = await check_input(moderator, [x["content"] for x in raw if x["role"] != "assistant"])
         except BaseException:
             job.cancel()
             raise
@@ -245,11 +249,15 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         if req.stream:
             return StreamingResponse(
                 _chat_stream(svc, m, rid, job, include_usage, request, messages, owner, verdict, block_out,
-                             send_report=policy is not None),
+                             send_report=policy is not None, functions=functions),
                 media_type="text/event-stream", headers=SSE_HEADERS)
         verdicts: dict[int, Any] = {}
         async with cancel_on_disconnect(request, job):
             choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out)
+        for c in choices:
+            call = tools.parse_call(c["text"], functions) if functions and c["finish"] == "stop" else None
+            if call is not None:
+                c["tool_calls"], c["finish"] = [call], "tool_calls"
         if cfg.store_api_conversations:
             await _store_api_exchange(svc, m, messages, choices, owner, opts)
         return _chat_body(svc, m, rid, choices, len(prompt_ids), completion_tokens,
@@ -365,7 +373,8 @@ def _chat_body(svc: Services, m: ServedModel, rid: str, choices: list[dict], pro
         "system_fingerprint": svc.fingerprint,
         "choices": [{
             "index": i,
-            "message": {"role": "assistant", "content": c["text"], "refusal": None},
+            "message": {"role": "assistant", "content": None if c.get("tool_calls") else c["text"], "refusal": None,
+                        **({"tool_calls": c["tool_calls"]} if c.get("tool_calls") else {})},
             "logprobs": {"content": c["logprobs"], "refusal": None} if c["logprobs"] is not None else None,
             "finish_reason": c["finish"],
             **({"moderation": c["moderation"]} if c.get("moderation") else {}),
@@ -391,14 +400,17 @@ def _choice(i: int, delta: dict, finish: str | None = None, logprobs: Any = None
 
 
 async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, include_usage: bool, request: Request,
-                       messages: list[dict], owner: str | None, verdict, block: bool, send_report: bool
-                       ) -> AsyncIterator[str]:
+                       messages: list[dict], owner: str | None, verdict, block: bool, send_report: bool,
+                       functions: list[dict] | None = None) -> AsyncIterator[str]:
     """OpenAI's stream: per choice a role chunk, content chunks and one chunk with finish_reason; then, when
     the request asked for moderation, a chunk with empty choices and `moderation`; with include_usage a last
-    chunk with empty choices and the usage; then [DONE]. Every chunk has the same id."""
+    chunk with empty choices and the usage; then [DONE]. Every chunk has the same id.
+    With tools, a reply that may still become a tool call is held back; a call is sent whole, as one
+    `tool_calls` delta, before its finish_reason "tool_calls"."""
     created = now()
     tokens = 0
     sent: dict[int, str] = {c.index: "" for c in job.choices}
+    held: dict[int, str] = {c.index: "" for c in job.choices} if functions else {}
     finishes: dict[int, str] = {}
     flagged: dict[int, dict] = {}
     verdicts: dict[int, Any] = {}
@@ -409,11 +421,18 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
                              include_usage)
             async for ev in moderated_events(svc.moderator, job, verdicts if send_report else None, block):
                 if isinstance(ev, Delta):
-                    sent[ev.index] += ev.text
+                    text = ev.text
+                    if ev.index in held:
+                        held[ev.index] += text
+                        if tools.may_be_call(held[ev.index]):
+                            continue
+                        text = held.pop(ev.index)  # plain text after all: what was held goes out now
+                    sent[ev.index] += text
                     lp = {"content": ev.logprobs, "refusal": None} if job.opts.logprobs else None
-                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {"content": ev.text}, logprobs=lp)],
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {"content": text}, logprobs=lp)],
                                  include_usage)
                 elif isinstance(ev, Moderated):
+                    held.pop(ev.index, None)
                     await _record_moderation(svc, ev, rid, "replaced")
                     # what was already streamed cannot be taken back: the refusal follows it, plainly marked
                     text = ("\n\n" if sent[ev.index] else "") + ev.refusal
@@ -426,9 +445,21 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
                         yield "data: [DONE]\n\n"
                         return
                     tokens += ev.completion_tokens
-                    finishes[ev.index] = ev.reason
+                    reason = ev.reason
+                    if ev.index in held:  # the reply was (or began as) a call
+                        text = held.pop(ev.index)
+                        call = tools.parse_call(text, functions) if reason == "stop" else None
+                        if call is not None:
+                            reason = "tool_calls"
+                            delta = {"tool_calls": [{"index": 0, **call}]}
+                        else:
+                            sent[ev.index] += text
+                            delta = {"content": text}
+                        if text:
+                            yield _chunk(svc, m, rid, created, [_choice(ev.index, delta)], include_usage)
+                    finishes[ev.index] = reason
                     extra = {"moderation": flagged[ev.index]} if ev.index in flagged else {}
-                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {}, ev.reason, **extra)], include_usage)
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {}, reason, **extra)], include_usage)
         if send_report and svc.moderator is not None:
             yield _chunk(svc, m, rid, created, [], include_usage,
                          moderation=_report(verdict, verdicts, len(job.choices)))

@@ -43,21 +43,44 @@ class ServedModel:
         with the token masks they have found."""
         if not response_format or response_format.get("type", "text") == "text":
             return None
-        from minichat.constrain import SchemaError, TokenVocab, response_format_grammar
+        from minichat.constrain import SchemaError, response_format_grammar
 
         key = json.dumps(response_format, sort_keys=True)
         g = self._grammars.get(key)
         if g is None:
-            if self._vocab is None:
-                self._vocab = TokenVocab(self.tokenizer)
             try:
-                g = response_format_grammar(self._vocab, response_format)
+                g = response_format_grammar(self._token_vocab(), response_format)
             except SchemaError as e:
                 raise APIError(400, f"response_format: {e}", param="response_format") from None
-            self._grammars[key] = g
-            if len(self._grammars) > 16:  # each keeps up to ~12 MB of masks (JSONGrammar.mask)
-                self._grammars.pop(next(iter(self._grammars)))
+            self._keep(key, g)
         return g
+
+    def tool_grammar(self, functions: list[dict], tool_choice):
+        """The grammar of a reply that may (or must) call one of these functions (serve/tools.py), kept for
+        reuse like grammar()."""
+        from minichat.serve import tools
+
+        key = "tools:" + json.dumps([functions, tool_choice], sort_keys=True)
+        g = self._grammars.get(key)
+        if g is None:
+            try:
+                g = tools.grammar(self._token_vocab(), functions, tool_choice)
+            except tools.ToolError as e:
+                raise APIError(400, str(e), param=e.param) from None
+            self._keep(key, g)
+        return g
+
+    def _token_vocab(self):
+        if self._vocab is None:
+            from minichat.constrain import TokenVocab
+
+            self._vocab = TokenVocab(self.tokenizer)
+        return self._vocab
+
+    def _keep(self, key: str, g) -> None:
+        self._grammars[key] = g
+        if len(self._grammars) > 16:  # each keeps up to ~12 MB of masks (JSONGrammar.mask)
+            self._grammars.pop(next(iter(self._grammars)))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

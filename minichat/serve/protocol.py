@@ -3,7 +3,7 @@
 Requests are validated with pydantic; any problem becomes HTTP 400 with OpenAI's error body and `param`
 naming the offending field, so OpenAI clients raise BadRequestError (never a retried 5xx).
 Unknown request fields are ignored (clients send extras such as `user` or `metadata`), but fields that
-would silently change the meaning of a request (tools, logit_bias, JSON response formats) are refused.
+would silently change the meaning of a request (legacy `functions`, non-text content parts) are refused.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 MAX_STOP = 4  # as OpenAI: up to four stop sequences
 MAX_TOP_LOGPROBS = 20
@@ -72,9 +72,31 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ParamError("tool_call_id", "a message with role \"tool\" needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
+        for c in self.tool_calls or []:
+            f = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                raise ParamError("tool_calls", "each tool call needs function.name and function.arguments")
+        return self
+
+    def as_dict(self) -> dict:
+        d = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            d["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        return d
 
     @field_validator("content")
     @classmethod
@@ -177,15 +199,24 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
+    tool_choice: Any = None  # "none" | "auto" (the default with tools) | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None  # accepted; a reply holds one call
     functions: list[Any] | None = None
     response_format: dict | None = None
+    _functions: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
-        if self.tools or self.functions:
-            raise ParamError("tools" if self.tools else "functions", "tools and functions are not supported by this server")
+        if self.functions:
+            raise ParamError("functions", "the legacy functions field is not supported: use tools")
+        from minichat.serve.tools import ToolError, check_tools
+
+        try:
+            self._functions = check_tools(self.tools, self.tool_choice)
+        except ToolError as e:
+            raise ParamError(e.param, str(e)) from None
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type")
@@ -196,7 +227,14 @@ class ChatCompletionRequest(_Sampling):
                                           or not isinstance(spec.get("schema", {}), dict)):
                 raise ParamError("response_format", "a json_schema response_format needs json_schema.name and "
                                                     "json_schema.schema (an object)")
+            if kind != "text" and self._functions and self.tool_choice != "none":
+                raise ParamError("response_format", "a JSON response_format together with tools is not supported")
         return self
+
+    @property
+    def functions_in_use(self) -> list[dict]:
+        """The tools' function definitions when the reply may call one (not with tool_choice "none")."""
+        return self._functions if self.tool_choice != "none" else []
 
 
 class CompletionRequest(_Sampling):

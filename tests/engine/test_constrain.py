@@ -289,3 +289,32 @@ def test_a_vocabulary_without_the_needed_characters_ends_instead_of_failing():
     assert c.finish_reason == "stop" and tok.decode(c.content_ids) == "{"
     c2 = r2.completion()
     assert c2.finish_reason == "stop" and tok.decode(c2.token_ids) == "{"
+
+
+def test_text_or_grammar(tok, vocab):
+    """tool_choice "auto": free text, unless the output begins the call's prefix; then only a valid call."""
+    from minichat.constrain import TextOrGrammar
+
+    g = JSONGrammar(vocab, {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                            "additionalProperties": False}, prefix="<call>\n", suffix="\n</call>")
+    auto = TextOrGrammar(g)
+
+    def run(text):
+        s = auto.start()
+        for t in tok.encode(text):
+            assert not bool(s.rejected()[t]), text
+            s.advance(t)
+        return s
+
+    s = run("The answer is yes")
+    assert s.free and s.can_end and not bool(s.rejected().any())
+    s = run("<call>\n{\"ok\": true}\n</call>")
+    assert s.inner is not None and s.finished
+    s = run("<call>\n{\"ok\"")
+    assert s.inner is not None and not s.can_end
+    assert bool(s.rejected()[tok.encode("x")[0]])  # inside the call only the grammar's tokens
+    s = run("<cat")
+    assert s.free
+    full = feed(g, tok, "<call>\n{\"ok\": false}\n</call>")
+    assert full[0] is None and full[1].finished
+    assert feed(g, tok, "{\"ok\": false}")[0] is not None  # the prefix is required

@@ -142,9 +142,16 @@ def test_top_logprobs_21_is_400_and_server_still_answers(client):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": []}, "messages"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_bad_parameters_are_400_with_param(client, kw, param):
     args = {"model": "tiny", "messages": USER, **kw}
@@ -387,3 +394,98 @@ def test_logit_bias(client, model_files):
     for bad in ({"x": 1}, {"1": 200}, {str(10**7): 5}):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(**kw, logit_bias=bad)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                          "additionalProperties": False}}}
+
+
+def test_tool_calls_required_and_named(client):
+    import jsonschema
+
+    called = 0
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME], tool_choice="required",
+                                           temperature=1.0, seed=seed, max_tokens=200)
+        c = r.choices[0]
+        if c.finish_reason == "tool_calls":
+            call = c.message.tool_calls[0]
+            assert c.message.content is None and call.type == "function" and call.id.startswith("call_")
+            args = json.loads(call.function.arguments)
+            if call.function.name == "get_weather":
+                jsonschema.validate(args, WEATHER["function"]["parameters"])
+            else:
+                assert call.function.name == "get_time" and args == {}
+            called += 1
+    assert called >= 2
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=1.0, seed=0,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+    assert r.choices[0].message.tool_calls[0].function.arguments == "{}"
+
+
+def test_tool_calls_streamed(client):
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=USER, tools=[TIME], tool_choice="required", temperature=1.0, seed=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    calls = [d.tool_calls for d in deltas if d.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_time" and calls[0][0].index == 0
+    assert not "".join(d.content or "" for d in deltas)  # the call's text is never streamed as content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_tool_choice_auto_and_none_leave_text_replies_alone(client, model_files):
+    """"none" leaves the tools out: the script model says its script. Under "auto" a reply that does not begin
+    a call (the tiny model pushed to one word by logit_bias) is plain text, streamed or not."""
+    r = client.chat.completions.create(model="script", messages=USER, tools=[WEATHER], tool_choice="none",
+                                       temperature=0)
+    assert r.choices[0].message.content == model_files.script_text and r.choices[0].finish_reason == "stop"
+    from minichat.tokenizer import load_tokenizer
+
+    word = load_tokenizer(model_files.tiny).encode(" the")
+    assert len(word) == 1
+    kw = dict(model="tiny", messages=USER, tools=[WEATHER], temperature=0, max_tokens=4,
+              logit_bias={str(word[0]): 100})
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].message.content == " the" * 4 and not r.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == " the" * 4
+
+
+def test_a_conversation_with_tool_results(client):
+    """The client's loop: the assistant's call and the tool's result go back in; the server takes them."""
+    msgs = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": "{\"city\": \"Paris\", \"days\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 21}"},
+    ]
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER], max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_prompt_messages_and_parsing():
+    from minichat.serve import tools
+
+    fns = [WEATHER["function"]]
+    msgs = tools.prompt_messages(
+        [{"role": "user", "content": "Weather in Rome?"},
+         {"role": "assistant", "content": "", "tool_calls": [
+             {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+         {"role": "tool", "tool_call_id": "c", "content": "sunny"}], fns, "auto", "You are SmolLM.")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[0]["content"].startswith("You are SmolLM.\n\n# Tools") and '"name": "get_weather"' in msgs[0]["content"]
+    assert msgs[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    assert msgs[3]["content"] == "<tool_response>\nsunny\n</tool_response>"
+    assert tools.prompt_messages([{"role": "user", "content": "hi"}], fns, "none", None) == [
+        {"role": "user", "content": "hi"}]
+    call = tools.parse_call('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', fns)
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+    assert tools.parse_call('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', fns) is None
+    assert tools.parse_call("It is sunny.", fns) is None
+    assert tools.may_be_call("  <tool") and tools.may_be_call("<tool_call>\n{") and not tools.may_be_call("<b>")
