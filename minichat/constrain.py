@@ -501,6 +501,8 @@ class GrammarState:
         self.grammar = grammar
         self.states = grammar.initial
 
+    unconstrained = False
+
     def allowed(self):
         """(vocabulary,) bool: the tokens that may come next (a new tensor)."""
         return self.grammar.mask(self.states)
@@ -578,6 +580,11 @@ class _TextOrGrammarState:
 
     def rejected(self):
         return self.inner.rejected() if self.inner is not None else self.owner.nothing
+
+    @property
+    def unconstrained(self) -> bool:
+        """Text so far (not, or not yet, a call): no token is masked and the output may end."""
+        return self.inner is None
 
     def allowed(self):
         return ~self.rejected()

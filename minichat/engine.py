@@ -1442,6 +1442,8 @@ class Engine:
         V = logits.shape[1]
         for r, i in zip(reqs, rows):
             c = r.constraint
+            if c.unconstrained:  # e.g. tool_choice "auto" while the reply is text
+                continue
             rejected = c.rejected()  # (the tokenizer's vocabulary,) bool; cached and shared: never written to
             stops = [t for t in r.stop_ids if t < V]
             dead = c.dead
