@@ -403,7 +403,9 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
                  else cfg.value_from or cfg.reward_from)
         lora = (f" with LoRA rank {cfg.lora.rank} (reference: the same weights, adapters off)"
                 if cfg.lora.rank and ref is None else f" with LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "")
-        print(f"[ppo] policy {policy.num_params():,} parameters from {cfg.policy_from}{lora}; reward {cfg.reward_from}; "
+        n_adapt = sum(p.numel() for n, p in policy.named_parameters() if ".lora_" in n)
+        n_pol = f"{policy.num_params() - n_adapt:,} parameters" + (f" (+ {n_adapt:,} in adapters)" if n_adapt else "")
+        print(f"[ppo] policy {n_pol} from {cfg.policy_from}{lora}; reward {cfg.reward_from}; "
               f"value {vdesc}; {k} answers per prompt; "
               f"{n_tr:,} trained; {len(prompts):,} prompts; device {device}, processes {dist.world}")
         print(report.summary())
