@@ -2,7 +2,7 @@
 
     python bench/engine/bench_tools.py [--threads 2] [--weights fast]
 
-The server's path without HTTP: minichat.serve.tools renders the tools into the system message and builds the
+The server's path without HTTP: minichat.toolcall renders the tools into the system message and builds the
 grammar; the engine samples greedily, with the server's DRY (--dry 0.8). Each of PROMPTS names the tool a person would expect. For tool_choice
 "required" and "auto": replies that are calls, calls of the expected tool, calls whose arguments follow the
 tool's schema (jsonschema), and the mean time per reply.
@@ -53,7 +53,7 @@ def main() -> None:
 
     from minichat.constrain import TokenVocab
     from minichat.engine import Engine, SamplingParams
-    from minichat.serve import tools
+    from minichat import toolcall as tools
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)

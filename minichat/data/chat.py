@@ -2,6 +2,8 @@
 
 Accepted JSONL rows (one object a line; .gz is fine):
   SFT           {"messages": [{"role", "content"}, ...]}              OpenAI-style, multi-turn
+                {"tools": [...], "messages": [... {"role": "assistant", "tool_calls": [...]}, {"role": "tool"} ...]}
+                                                                     tool calls, rendered as minichat.toolcall does
                 {"prompt": str | messages, "response": str}           ("completion" works too)
                 {"instruction", "input"?, "output"}                   Alpaca
   preferences   {"prompt": str | messages, "answers": [best, ..., worst], "ranks"?: [0, 1, 1, 2]}  K-wise, ties
@@ -105,7 +107,41 @@ def _as_answer(value, where: str) -> str:
 
 # --- SFT ---------------------------------------------------------------------------------------------------
 
-def sft_conversation(obj: dict, where: str) -> Messages:
+def _has_tools(obj: dict) -> bool:
+    msgs = obj.get("messages")
+    return bool(obj.get("tools")) or (isinstance(msgs, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in msgs))
+
+
+def tool_conversation(obj: dict, where: str, default_system: str | None) -> Messages:
+    """A conversation with OpenAI tool fields ("tools", assistant "tool_calls", "tool" messages) as the plain
+    messages the model reads: the same rendering the server gives such a conversation (minichat.toolcall)."""
+    from minichat import toolcall
+
+    try:
+        functions = toolcall.check_tools(obj.get("tools"), "auto")
+    except toolcall.ToolError as e:
+        raise MinichatError(f"{where}: {e}") from None
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise MinichatError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if role not in ROLES + ("tool",) or not (isinstance(content, str) or (content is None and m.get("tool_calls"))):
+            raise MinichatError(f"{where}: message {i} must have a role ({', '.join(ROLES)} or tool) and a string "
+                                "content (an assistant message with tool_calls may have none)")
+        for c in m.get("tool_calls") or []:
+            f = c.get("function") if isinstance(c, dict) else None
+            if role != "assistant" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                raise MinichatError(f"{where}: message {i}: tool_calls belong to assistant messages, each with "
+                                    "function.name and function.arguments")
+    return toolcall.prompt_messages(msgs, functions, "auto", default_system)
+
+
+def sft_conversation(obj: dict, where: str, default_system: str | None = None) -> Messages:
+    if "messages" in obj and _has_tools(obj):
+        return tool_conversation(obj, where, default_system)
     if "messages" in obj:
         return check_messages(obj["messages"], where)
     if "prompt" in obj and ("response" in obj or "completion" in obj):
@@ -120,11 +156,13 @@ def sft_conversation(obj: dict, where: str) -> Messages:
                         f"(got {', '.join(sorted(obj)) or 'none'})")
 
 
-def load_sft(path: str | Path, report: DataReport | None = None) -> list[Messages]:
+def load_sft(path: str | Path, report: DataReport | None = None, default_system: str | None = None) -> list[Messages]:
+    """default_system: the tokenizer's default system prompt, which rows with tools keep in front of the
+    tools' description, as the server does."""
     report = report or DataReport("sft")
     out = []
     for where, obj in read_jsonl(path):
-        conv = sft_conversation(obj, where)
+        conv = sft_conversation(obj, where, default_system)
         answers = [m for m in conv if m["role"] == "assistant"]
         if not answers:
             report.warn("conversations_without_assistant_turn", where)

@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from minichat import toolcall as tools
 from minichat.serve.config import ServeConfig
 from minichat.serve.generation import (
     Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
@@ -33,7 +34,6 @@ from minichat.serve.protocol import (
     install_error_handlers, new_id, now, parse, usage,
 )
 from minichat.serve.worker import Delta, Job, Overloaded
-from minichat.serve import tools
 
 log = logging.getLogger("minichat.serve")
 STATIC = Path(__file__).with_name("static")
@@ -211,7 +211,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         _top_p_ok(req)
         functions = req.functions_in_use
         raw = [x.as_dict() for x in req.messages]
-        # tool calls and results as text, the tools described in the system message (serve/tools.py)
+        # tool calls and results as text, the tools described in the system message (toolcall.py)
         messages = tools.prompt_messages(raw, functions, req.tool_choice, m.tokenizer.meta.default_system)
         prompt_ids = m.render_chat(messages)
         m.check_fits(prompt_ids)

@@ -56,9 +56,9 @@ class ServedModel:
         return g
 
     def tool_grammar(self, functions: list[dict], tool_choice):
-        """The grammar of a reply that may (or must) call one of these functions (serve/tools.py), kept for
+        """The grammar of a reply that may (or must) call one of these functions (toolcall.py), kept for
         reuse like grammar()."""
-        from minichat.serve import tools
+        from minichat import toolcall as tools
 
         key = "tools:" + json.dumps([functions, tool_choice], sort_keys=True)
         g = self._grammars.get(key)

@@ -211,7 +211,7 @@ class ChatCompletionRequest(_Sampling):
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.functions:
             raise ParamError("functions", "the legacy functions field is not supported: use tools")
-        from minichat.serve.tools import ToolError, check_tools
+        from minichat.toolcall import ToolError, check_tools
 
         try:
             self._functions = check_tools(self.tools, self.tool_choice)

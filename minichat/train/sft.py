@@ -85,9 +85,10 @@ def prepare(cfg: SFTConfig, tok, max_len: int):
     from minichat.train.common import require_file
 
     report = DataReport("sft")
-    convs = load_sft(require_file(cfg.data.train, "--data.train (SFT conversations, JSONL)"), report)
+    system = tok.meta.default_system
+    convs = load_sft(require_file(cfg.data.train, "--data.train (SFT conversations, JSONL)"), report, system)
     if cfg.data.val:
-        train_c, val_c = convs, load_sft(cfg.data.val, report)
+        train_c, val_c = convs, load_sft(cfg.data.val, report, system)
     elif cfg.data.val_fraction > 0 and len(convs) > 1:
         train_c, val_c = split_holdout(convs, cfg.data.val_fraction, cfg.runtime.seed)
     else:

@@ -470,7 +470,7 @@ def test_a_conversation_with_tool_results(client):
 
 
 def test_tool_prompt_messages_and_parsing():
-    from minichat.serve import tools
+    from minichat import toolcall as tools
 
     fns = [WEATHER["function"]]
     msgs = tools.prompt_messages(

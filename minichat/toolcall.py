@@ -1,4 +1,4 @@
-"""Tool calling for /v1/chat/completions: OpenAI's `tools` and `tool_choice` in ChatML, with the calls constrained.
+"""Tool calling: OpenAI's `tools` and `tool_choice` in ChatML, for the server's prompts and for SFT data.
 
 The tools are described in the system message, and calls and their results are written in the ChatML
 convention of Hermes and Qwen2.5 (a model fine-tuned on that convention calls tools as it learned):
@@ -12,6 +12,10 @@ call of one of the tools (its name and arguments of its `parameters` schema) is 
 "auto" the reply is free text unless it begins "<tool_call>", and then it must be a valid call; "none" leaves
 the tools out. A reply that is a call becomes `message.tool_calls` with finish_reason "tool_calls". One call
 per reply (parallel_tool_calls is accepted; the grammar ends after the first call).
+
+SFT rows may carry the same fields (`{"tools": [...], "messages": [... tool_calls ..., {"role": "tool"}]}`):
+they are rendered by the same prompt_messages, so a model fine-tuned on them sees at serving time the prompts
+it was trained on.
 """
 from __future__ import annotations
 
