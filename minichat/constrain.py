@@ -198,8 +198,10 @@ class JSONGrammar:
     """Token masks that keep an output a JSON value (an object by default) of an optional schema."""
 
     def __init__(self, vocab: TokenVocab, schema: dict | None = None, cache_size: int = 2048, prefix: str = "",
-                 suffix: str = ""):
-        """prefix / suffix: fixed text before and after the value (a tool call's <tool_call> tags)."""
+                 suffix: str = "", repeat: str | None = None):
+        """prefix / suffix: fixed text before and after the value (a tool call's <tool_call> tags); repeat: after
+        a complete value (and its suffix) the output may end, or go on with this separator and another
+        prefix + value + suffix (several tool calls in one reply)."""
         import numpy as np
 
         self.vocab = vocab
@@ -213,7 +215,7 @@ class JSONGrammar:
         starts = self._value_starts(root)
         if not starts or not starts <= {"{", "["}:
             raise SchemaError("the schema's root must be an object or an array (so the value's end is known)")
-        self.prefix, self.suffix = prefix, suffix
+        self.prefix, self.suffix, self.repeat = prefix, suffix, repeat
         self.initial = frozenset([(PRE, prefix, root, ()) if prefix else (VAL, root, 0, ())])
         self._masks: OrderedDict = OrderedDict()
         self._hot: dict = {}
@@ -255,7 +257,17 @@ class JSONGrammar:
         """A value has ended: back to its container, or done at the root (after the suffix, if any)."""
         if stack:
             return (AFTER, None, 0, stack)
-        return (POST, self.suffix, 0, ()) if self.suffix else (DONE, None, 0, ())
+        if self.suffix:
+            return (POST, self.suffix, 0, ())
+        assert self.repeat is None, "repeat needs a suffix (the end of one value must be text)"
+        return (DONE, None, 0, ())
+
+    def _finish_value(self) -> list:
+        """After a value's suffix: done, or (repeat) also the start of the next one."""
+        done = (DONE, None, 0, ())
+        if self.repeat is None:
+            return [done]
+        return [done, (PRE, self.repeat + self.prefix, self.root, ())]
 
     def _start_value(self, node: int, c: str, stack: tuple) -> list:
         n = self.nodes[node]
@@ -380,7 +392,7 @@ class JSONGrammar:
         if mode == POST:
             if c != a[0]:
                 return []
-            return [(POST, a[1:], 0, stack)] if len(a) > 1 else [(DONE, None, 0, ())]
+            return [(POST, a[1:], 0, stack)] if len(a) > 1 else self._finish_value()
         # the modes between tokens take whitespace, as llama.cpp's JSON grammar does: a newline, then an indent
         # (not before the root: the output starts with its value)
         if c == "\n" or c == " " or c == "\t":

@@ -10,8 +10,8 @@ convention of Hermes and Qwen2.5 (a model fine-tuned on that convention calls to
 The reply is sampled under a grammar (minichat.constrain): with tool_choice "required" or a named function, a
 call of one of the tools (its name and arguments of its `parameters` schema) is the only possible reply; with
 "auto" the reply is free text unless it begins "<tool_call>", and then it must be a valid call; "none" leaves
-the tools out. A reply that is a call becomes `message.tool_calls` with finish_reason "tool_calls". One call
-per reply (parallel_tool_calls is accepted; the grammar ends after the first call).
+the tools out. A reply of calls becomes `message.tool_calls` with finish_reason "tool_calls": one call, or
+several, one per line, unless the request sets parallel_tool_calls to false.
 
 SFT rows may carry the same fields (`{"tools": [...], "messages": [... tool_calls ..., {"role": "tool"}]}`):
 they are rendered by the same prompt_messages, so a model fine-tuned on them sees at serving time the prompts
@@ -28,7 +28,7 @@ from minichat.constrain import JSONGrammar, SchemaError, TextOrGrammar, TokenVoc
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CALL = re.compile(r"^\s*<tool_call>\s*(\{.*\})\s*</tool_call>\s*$", re.S)
+_BLOCK = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
 class ToolError(ValueError):
@@ -75,14 +75,15 @@ def call_schema(functions: list[dict]) -> dict:
     return alts[0] if len(alts) == 1 else {"anyOf": alts}
 
 
-def grammar(vocab: TokenVocab, functions: list[dict], tool_choice: Any):
-    """The grammar of the reply, or None (tool_choice "none", or no tools)."""
+def grammar(vocab: TokenVocab, functions: list[dict], tool_choice: Any, parallel: bool = True):
+    """The grammar of the reply, or None (tool_choice "none", or no tools). parallel: one call or more, each
+    in its own tags on a new line (OpenAI's parallel_tool_calls, true unless a request says false)."""
     if not functions or tool_choice == "none":
         return None
     if isinstance(tool_choice, dict):
         functions = [f for f in functions if f["name"] == tool_choice["function"]["name"]]
     try:
-        g = JSONGrammar(vocab, call_schema(functions), prefix=OPEN, suffix=CLOSE)
+        g = JSONGrammar(vocab, call_schema(functions), prefix=OPEN, suffix=CLOSE, repeat="\n" if parallel else None)
     except SchemaError as e:
         raise ToolError("tools", f"a tool's parameters: {e}") from None
     return g if tool_choice in ("required",) or isinstance(tool_choice, dict) else TextOrGrammar(g)
@@ -127,20 +128,24 @@ def prompt_messages(messages: list[dict], functions: list[dict], tool_choice: An
     return out
 
 
-def parse_call(text: str, functions: list[dict]) -> dict | None:
-    """An OpenAI tool call from a reply that is one, else None."""
-    m = _CALL.match(text)
-    if not m:
+def parse_calls(text: str, functions: list[dict]) -> list[dict] | None:
+    """OpenAI tool calls from a reply made only of calls, else None."""
+    blocks = _BLOCK.findall(text)
+    if not blocks or _BLOCK.sub("", text).strip():
         return None
-    try:
-        call = json.loads(m.group(1))
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or call.get("name") not in {f["name"] for f in functions}:
-        return None
-    args = call.get("arguments", {})
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    names = {f["name"] for f in functions}
+    calls = []
+    for b in blocks:
+        try:
+            call = json.loads(b)
+        except ValueError:
+            return None
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return None
+        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                      "function": {"name": call["name"],
+                                   "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}})
+    return calls
 
 
 def may_be_call(text: str) -> bool:

@@ -68,12 +68,13 @@ def main() -> None:
     schemas = {f["name"]: f["parameters"] for f in functions}
     print(f"SmolLM2-135M-Instruct, weights {a.weights}, {a.threads} threads, greedy, DRY {a.dry}; {len(PROMPTS)} prompts, "
           f"{len(TOOLS)} tools")
-    print("| tool_choice | replies that are calls | the expected tool | arguments follow the schema | s / reply |")
-    print("|---|---|---|---|---|")
+    print("| tool_choice | replies that are calls | the expected tool (first call) | its arguments follow the schema "
+          "| calls | s / reply |")
+    print("|---|---|---|---|---|---|")
     examples = {}
     for choice in ("required", "auto"):
         g = tools.grammar(vocab, functions, choice)
-        calls = right = valid = 0
+        calls = right = valid = n_calls = 0
         t0 = time.perf_counter()
         for prompt, expected in PROMPTS:
             msgs = tools.prompt_messages([{"role": "user", "content": prompt}], functions, choice,
@@ -84,8 +85,10 @@ def main() -> None:
                 eng.step()
             c = r.completion()
             text = tok.decode(c.content_ids)
-            call = tools.parse_call(text, functions) if c.finish_reason == "stop" else None
-            examples.setdefault(choice, []).append((prompt, call["function"] if call else text[:80]))
+            parsed = tools.parse_calls(text, functions) if c.finish_reason == "stop" else None
+            call = parsed[0] if parsed else None
+            n_calls += len(parsed or [])
+            examples.setdefault(choice, []).append((prompt, [p["function"] for p in parsed] if parsed else text[:80]))
             if call is None:
                 continue
             calls += 1
@@ -97,7 +100,8 @@ def main() -> None:
             except jsonschema.ValidationError:
                 pass
         n = len(PROMPTS)
-        print(f"| {choice} | {calls}/{n} | {right}/{n} | {valid}/{n} | {(time.perf_counter() - t0) / n:.2f} |")
+        print(f"| {choice} | {calls}/{n} | {right}/{n} | {valid}/{n} | {n_calls} | "
+              f"{(time.perf_counter() - t0) / n:.2f} |")
     for choice, rows in examples.items():
         print(f"\n{choice}:")
         for prompt, out in rows:

@@ -218,7 +218,8 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
                      logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
-        opts.grammar = m.tool_grammar(functions, req.tool_choice) if functions else m.grammar(req.response_format)
+        opts.grammar = (m.tool_grammar(functions, req.tool_choice, req.parallel_tool_calls is not False) if functions
+                        else m.grammar(req.response_format))
         rid = new_id("chatcmpl")
         policy = req.moderation
         block_in = policy is None or policy.mode("input") == "block"
@@ -255,9 +256,9 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         async with cancel_on_disconnect(request, job):
             choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out)
         for c in choices:
-            call = tools.parse_call(c["text"], functions) if functions and c["finish"] == "stop" else None
-            if call is not None:
-                c["tool_calls"], c["finish"] = [call], "tool_calls"
+            calls = tools.parse_calls(c["text"], functions) if functions and c["finish"] == "stop" else None
+            if calls:
+                c["tool_calls"], c["finish"] = calls, "tool_calls"
         if cfg.store_api_conversations:
             await _store_api_exchange(svc, m, messages, choices, owner, opts)
         return _chat_body(svc, m, rid, choices, len(prompt_ids), completion_tokens,
@@ -405,7 +406,7 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
     """OpenAI's stream: per choice a role chunk, content chunks and one chunk with finish_reason; then, when
     the request asked for moderation, a chunk with empty choices and `moderation`; with include_usage a last
     chunk with empty choices and the usage; then [DONE]. Every chunk has the same id.
-    With tools, a reply that may still become a tool call is held back; a call is sent whole, as one
+    With tools, a reply that may still become a tool call is held back; its calls are sent whole, in one
     `tool_calls` delta, before its finish_reason "tool_calls"."""
     created = now()
     tokens = 0
@@ -448,10 +449,10 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
                     reason = ev.reason
                     if ev.index in held:  # the reply was (or began as) a call
                         text = held.pop(ev.index)
-                        call = tools.parse_call(text, functions) if reason == "stop" else None
-                        if call is not None:
+                        calls = tools.parse_calls(text, functions) if reason == "stop" else None
+                        if calls:
                             reason = "tool_calls"
-                            delta = {"tool_calls": [{"index": 0, **call}]}
+                            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
                         else:
                             sent[ev.index] += text
                             delta = {"content": text}

@@ -55,16 +55,16 @@ class ServedModel:
             self._keep(key, g)
         return g
 
-    def tool_grammar(self, functions: list[dict], tool_choice):
+    def tool_grammar(self, functions: list[dict], tool_choice, parallel: bool = True):
         """The grammar of a reply that may (or must) call one of these functions (toolcall.py), kept for
         reuse like grammar()."""
         from minichat import toolcall as tools
 
-        key = "tools:" + json.dumps([functions, tool_choice], sort_keys=True)
+        key = "tools:" + json.dumps([functions, tool_choice, parallel], sort_keys=True)
         g = self._grammars.get(key)
         if g is None:
             try:
-                g = tools.grammar(self._token_vocab(), functions, tool_choice)
+                g = tools.grammar(self._token_vocab(), functions, tool_choice, parallel)
             except tools.ToolError as e:
                 raise APIError(400, str(e), param=e.param) from None
             self._keep(key, g)

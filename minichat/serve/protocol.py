@@ -200,7 +200,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None  # "none" | "auto" (the default with tools) | "required" | {"type": "function", ...}
-    parallel_tool_calls: bool | None = None  # accepted; a reply holds one call
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
     functions: list[Any] | None = None
     response_format: dict | None = None
     _functions: list = PrivateAttr(default_factory=list)

@@ -318,3 +318,21 @@ def test_text_or_grammar(tok, vocab):
     full = feed(g, tok, "<call>\n{\"ok\": false}\n</call>")
     assert full[0] is None and full[1].finished
     assert feed(g, tok, "{\"ok\": false}")[0] is not None  # the prefix is required
+
+
+def test_repeated_values(tok, vocab):
+    """Several tool calls in one reply: after a complete value and its suffix, the output may end or go on
+    with the separator and another value; without `repeat`, it must end."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    one, two = '<c>{"ok": true}</c>', '<c>{"ok": true}</c>\n<c>{"ok": false}</c>'
+    g = JSONGrammar(vocab, schema, prefix="<c>", suffix="</c>", repeat="\n")
+    for text in (one, two, two + "\n" + one):
+        bad, state = feed(g, tok, text)
+        assert bad is None and state.can_end and not state.finished, text
+    assert feed(g, tok, one + "\n")[1].can_end is False  # a separator commits to another value
+    assert feed(g, tok, one + " <c>")[0] is not None
+    single = JSONGrammar(vocab, schema, prefix="<c>", suffix="</c>")
+    bad, state = feed(single, tok, one)
+    assert bad is None and state.finished
+    assert feed(single, tok, two)[0] is not None

@@ -410,18 +410,24 @@ def test_tool_calls_required_and_named(client):
     called = 0
     for seed in range(3):
         r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME], tool_choice="required",
-                                           temperature=1.0, seed=seed, max_tokens=200)
+                                           temperature=1.0, seed=seed, max_tokens=400)
         c = r.choices[0]
         if c.finish_reason == "tool_calls":
-            call = c.message.tool_calls[0]
-            assert c.message.content is None and call.type == "function" and call.id.startswith("call_")
-            args = json.loads(call.function.arguments)
-            if call.function.name == "get_weather":
-                jsonschema.validate(args, WEATHER["function"]["parameters"])
-            else:
-                assert call.function.name == "get_time" and args == {}
+            assert c.message.content is None and len({call.id for call in c.message.tool_calls}) == len(c.message.tool_calls)
+            for call in c.message.tool_calls:  # one call or several (parallel_tool_calls defaults to true)
+                assert call.type == "function" and call.id.startswith("call_")
+                args = json.loads(call.function.arguments)
+                if call.function.name == "get_weather":
+                    jsonschema.validate(args, WEATHER["function"]["parameters"])
+                else:
+                    assert call.function.name == "get_time" and args == {}
             called += 1
     assert called >= 2
+    single = [client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=1.0,
+                                             tool_choice="required", seed=seed, parallel_tool_calls=False,
+                                             max_tokens=200).choices[0] for seed in range(3)]
+    assert all(len(c.message.tool_calls) == 1 for c in single if c.finish_reason == "tool_calls")
+    assert sum(c.finish_reason == "tool_calls" for c in single) >= 2
     r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=1.0, seed=0,
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert r.choices[0].finish_reason == "tool_calls"
@@ -484,8 +490,13 @@ def test_tool_prompt_messages_and_parsing():
     assert msgs[3]["content"] == "<tool_response>\nsunny\n</tool_response>"
     assert tools.prompt_messages([{"role": "user", "content": "hi"}], fns, "none", None) == [
         {"role": "user", "content": "hi"}]
-    call = tools.parse_call('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', fns)
-    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
-    assert tools.parse_call('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', fns) is None
-    assert tools.parse_call("It is sunny.", fns) is None
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}\n</tool_call>'
+    calls = tools.parse_calls(one, fns)
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}]
+    two = tools.parse_calls(one + "\n" + one.replace("Rome", "Paris"), fns)
+    assert [json.loads(c["function"]["arguments"])["city"] for c in two] == ["Rome", "Paris"]
+    assert two[0]["id"] != two[1]["id"]
+    assert tools.parse_calls('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', fns) is None
+    assert tools.parse_calls("It is sunny.", fns) is None
+    assert tools.parse_calls(one + " and some text", fns) is None
     assert tools.may_be_call("  <tool") and tools.may_be_call("<tool_call>\n{") and not tools.may_be_call("<b>")
