@@ -91,7 +91,7 @@ def grammar(vocab: TokenVocab, functions: list[dict], tool_choice: Any, parallel
 
 def system_block(functions: list[dict]) -> str:
     lines = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in functions)
-    return ("# Tools\n\nYou may call one of these functions to answer the user. Their signatures are within "
+    return ("# Tools\n\nYou may call one or more of these functions to answer the user. Their signatures are within "
             f"<tools></tools> XML tags:\n<tools>\n{lines}\n</tools>\n\nTo call a function, reply with a JSON "
             "object of its name and arguments within <tool_call></tool_call> XML tags:\n"
             "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
