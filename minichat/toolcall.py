@@ -66,6 +66,18 @@ def check_tools(tools: list[Any] | None, tool_choice: Any) -> list[dict]:
                                    "{\"type\": \"function\", \"function\": {\"name\": ...}}")
 
 
+def check_message(m: dict) -> None:
+    """A chat message's tool fields: tool_calls only on an assistant message, each naming a function; a tool
+    message answers a call (raises ToolError)."""
+    calls = m.get("tool_calls")
+    if calls and m.get("role") != "assistant":
+        raise ToolError("tool_calls", "only assistant messages carry tool_calls")
+    for c in calls or []:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ToolError("tool_calls", "each tool call needs function.name and function.arguments")
+
+
 def call_schema(functions: list[dict]) -> dict:
     """The JSON Schema of one call of any of these functions."""
     alts = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
@@ -86,7 +98,7 @@ def grammar(vocab: TokenVocab, functions: list[dict], tool_choice: Any, parallel
         g = JSONGrammar(vocab, call_schema(functions), prefix=OPEN, suffix=CLOSE, repeat="\n" if parallel else None)
     except SchemaError as e:
         raise ToolError("tools", f"a tool's parameters: {e}") from None
-    return g if tool_choice in ("required",) or isinstance(tool_choice, dict) else TextOrGrammar(g)
+    return g if tool_choice == "required" or isinstance(tool_choice, dict) else TextOrGrammar(g)
 
 
 def system_block(functions: list[dict]) -> str:

@@ -131,11 +131,10 @@ def tool_conversation(obj: dict, where: str, default_system: str | None) -> Mess
         if role not in ROLES + ("tool",) or not (isinstance(content, str) or (content is None and m.get("tool_calls"))):
             raise MinichatError(f"{where}: message {i} must have a role ({', '.join(ROLES)} or tool) and a string "
                                 "content (an assistant message with tool_calls may have none)")
-        for c in m.get("tool_calls") or []:
-            f = c.get("function") if isinstance(c, dict) else None
-            if role != "assistant" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
-                raise MinichatError(f"{where}: message {i}: tool_calls belong to assistant messages, each with "
-                                    "function.name and function.arguments")
+        try:
+            toolcall.check_message(m)
+        except toolcall.ToolError as e:
+            raise MinichatError(f"{where}: message {i}: {e}") from None
     return toolcall.prompt_messages(msgs, functions, "auto", default_system)
 
 

@@ -80,14 +80,14 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _tool_fields(self):
+        from minichat.toolcall import ToolError, check_message
+
         if self.role == "tool" and not self.tool_call_id:
             raise ParamError("tool_call_id", "a message with role \"tool\" needs tool_call_id")
-        if self.tool_calls and self.role != "assistant":
-            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
-        for c in self.tool_calls or []:
-            f = c.get("function") if isinstance(c, dict) else None
-            if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-                raise ParamError("tool_calls", "each tool call needs function.name and function.arguments")
+        try:
+            check_message({"role": self.role, "tool_calls": self.tool_calls})
+        except ToolError as e:
+            raise ParamError(e.param, str(e)) from None
         return self
 
     def as_dict(self) -> dict:

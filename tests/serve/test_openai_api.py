@@ -144,6 +144,8 @@ def test_top_logprobs_21_is_400_and_server_still_answers(client):
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]}, "tool_calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]}, "tool_calls"),
     ({"messages": []}, "messages"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),

@@ -49,7 +49,7 @@ def test_sft_data_with_tools_renders_as_the_server_renders_it(tmp_path):
     with pytest.raises(MinichatError, match="bad.jsonl:1: tools"):
         load_sft(bad)
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x", "tool_calls": [{"x": 1}]}]}) + "\n")
-    with pytest.raises(MinichatError, match="tool_calls belong to assistant messages"):
+    with pytest.raises(MinichatError, match="only assistant messages carry tool_calls"):
         load_sft(bad)
 
 
