@@ -336,3 +336,39 @@ def test_repeated_values(tok, vocab):
     bad, state = feed(single, tok, one)
     assert bad is None and state.finished
     assert feed(single, tok, two)[0] is not None
+
+
+def _schemas(depth: int = 2):
+    """Random JSON Schemas of the supported keywords (a strategy)."""
+    leaf = st.one_of(
+        st.sampled_from([{"type": t} for t in ("string", "integer", "number", "boolean", "null")]),
+        st.lists(st.one_of(st.integers(-20, 20), st.sampled_from(["a", "b", "ab", "x y"]), st.booleans(), st.none()),
+                 min_size=1, max_size=4, unique=True).map(lambda v: {"enum": v}),
+        st.sampled_from([{"const": 10}, {"const": "k"}, {"type": ["string", "null"]}]),
+    )
+    if depth == 0:
+        return leaf
+    sub = _schemas(depth - 1)
+    names = st.sampled_from(["a", "ab", "b", "k_1", "long name"])
+    obj = st.dictionaries(names, sub, min_size=1, max_size=3).flatmap(
+        lambda props: st.sets(st.sampled_from(sorted(props))).map(
+            lambda req: {"type": "object", "properties": props, "required": sorted(req),
+                         "additionalProperties": False}))
+    arr = st.tuples(sub, st.integers(0, 2), st.integers(2, 4)).map(
+        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[2]})
+    return st.one_of(leaf, obj, arr, st.lists(sub, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(props=st.dictionaries(st.sampled_from(["p", "q", "rr"]), _schemas(), min_size=1, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_random_schemas_give_valid_values(vocab, props, seed):
+    """Soundness over the schema space: every output a random path completes is valid JSON of its schema, and
+    no state a path reaches allows nothing."""
+    schema = {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False}
+    grammar, rng = JSONGrammar(vocab, schema), random.Random(seed)
+    for _ in range(3):
+        text = _walk(grammar, vocab, rng, max_steps=300)
+        if text is not None:
+            jsonschema.validate(json.loads(text), schema)
