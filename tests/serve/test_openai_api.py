@@ -445,6 +445,18 @@ def test_tool_calls_streamed(client):
     assert len(calls) == 1 and calls[0][0].function.name == "get_time" and calls[0][0].index == 0
     assert not "".join(d.content or "" for d in deltas)  # the call's text is never streamed as content
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    # the client's own stream helper and pydantic tools read the calls
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: str
+        days: int
+
+    with client.beta.chat.completions.stream(model="tiny", messages=USER, tools=[openai.pydantic_function_tool(GetWeather)],
+                                             tool_choice="required", temperature=1.0, seed=0, max_tokens=300) as s:
+        final = s.get_final_completion()  # (the helper raises if the reply ran to max_tokens: seeded, it does not)
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert all(isinstance(c.function.parsed_arguments, GetWeather) for c in final.choices[0].message.tool_calls)
 
 
 def test_tool_choice_auto_and_none_leave_text_replies_alone(client, model_files):
