@@ -7,6 +7,8 @@ Accepted JSONL rows (one object a line; .gz is fine):
                 {"prompt": str | messages, "response": str}           ("completion" works too)
                 {"instruction", "input"?, "output"}                   Alpaca
   preferences   {"prompt": str | messages, "answers": [best, ..., worst], "ranks"?: [0, 1, 1, 2]}  K-wise, ties
+                (with "tools", prompts may hold tool calls and results and an answer may be an assistant message
+                with tool_calls; prompts for PPO likewise)
                 {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                 {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  Anthropic HH transcripts
   prompts       {"prompt": str | messages} or {"messages": [...]}, or a .txt file with one prompt a line
@@ -107,22 +109,32 @@ def _as_answer(value, where: str) -> str:
 
 # --- SFT ---------------------------------------------------------------------------------------------------
 
+def _tool_fields(value) -> bool:
+    """Whether messages (a list, or one message) use OpenAI's tool fields."""
+    msgs = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in msgs)
+
+
 def _has_tools(obj: dict) -> bool:
-    msgs = obj.get("messages")
-    return bool(obj.get("tools")) or (isinstance(msgs, list) and any(
-        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in msgs))
+    return bool(obj.get("tools")) or any(_tool_fields(obj.get(k)) for k in
+                                         ("messages", "prompt", "chosen", "rejected", "answers", "responses"))
 
 
-def tool_conversation(obj: dict, where: str, default_system: str | None) -> Messages:
-    """A conversation with OpenAI tool fields ("tools", assistant "tool_calls", "tool" messages) as the plain
-    messages the model reads: the same rendering the server gives such a conversation (minichat.toolcall)."""
+def _functions(obj: dict, where: str) -> list[dict]:
     from minichat import toolcall
 
     try:
-        functions = toolcall.check_tools(obj.get("tools"), "auto")
+        return toolcall.check_tools(obj.get("tools"), "auto")
     except toolcall.ToolError as e:
         raise MinichatError(f"{where}: {e}") from None
-    msgs = obj.get("messages")
+
+
+def check_tool_messages(msgs, where: str) -> list[dict]:
+    """Messages that may carry tool fields (assistant tool_calls, tool messages), validated."""
+    from minichat import toolcall
+
+    if isinstance(msgs, dict):
+        msgs = [msgs]
     if not isinstance(msgs, list) or not msgs:
         raise MinichatError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(msgs):
@@ -135,7 +147,29 @@ def tool_conversation(obj: dict, where: str, default_system: str | None) -> Mess
             toolcall.check_message(m)
         except toolcall.ToolError as e:
             raise MinichatError(f"{where}: message {i}: {e}") from None
-    return toolcall.prompt_messages(msgs, functions, "auto", default_system)
+    return msgs
+
+
+def tool_conversation(obj: dict, where: str, default_system: str | None, key: str = "messages") -> Messages:
+    """A conversation with OpenAI tool fields ("tools", assistant "tool_calls", "tool" messages) as the plain
+    messages the model reads: the same rendering the server gives such a conversation (minichat.toolcall)."""
+    from minichat import toolcall
+
+    value = obj.get(key)
+    msgs = [{"role": "user", "content": value}] if isinstance(value, str) else check_tool_messages(value, where)
+    return toolcall.prompt_messages(msgs, _functions(obj, where), "auto", default_system)
+
+
+def _tool_answer(value, where: str) -> str:
+    """An answer that may be a tool call: a string, an assistant message, or messages ending with one."""
+    from minichat import toolcall
+
+    if isinstance(value, str):
+        return value
+    msgs = check_tool_messages(value, where)
+    if msgs[-1]["role"] != "assistant":
+        raise MinichatError(f"{where}: an answer given as messages must end with an assistant message")
+    return toolcall.prompt_messages(msgs[-1:], [], "none", None)[0]["content"]
 
 
 def sft_conversation(obj: dict, where: str, default_system: str | None = None) -> Messages:
@@ -331,7 +365,22 @@ class DivergentPair(MinichatError):
     them rather than losing the whole file to them."""
 
 
-def comparison_from_row(obj: dict, where: str) -> Comparison:
+def comparison_from_row(obj: dict, where: str, default_system: str | None = None) -> Comparison:
+    """default_system: the tokenizer's default system prompt, kept before the tools' description in rows with
+    tools (as the server does)."""
+    if _has_tools(obj) and "prompt" in obj:  # tool calls in the prompt or the answers, rendered as minichat.toolcall
+        prompt = tool_conversation(obj, where, default_system, key="prompt")
+        key = next((k for k in ("answers", "responses", "completions") if k in obj), None)
+        if key is None and not ("chosen" in obj and "rejected" in obj):
+            raise MinichatError(f"{where}: a row with tools needs 'prompt' and 'answers' or 'chosen'+'rejected'")
+        answers = obj[key] if key else [obj["chosen"], obj["rejected"]]
+        if not isinstance(answers, list):
+            raise MinichatError(f"{where}: '{key}' must be a list of answers, best first")
+        answers = [_tool_answer(a, where) for a in answers]
+        ranks = obj.get("ranks", list(range(len(answers)))) if key else [0, 1]
+        if not isinstance(ranks, list) or len(ranks) != len(answers) or not all(isinstance(r, int) for r in ranks):
+            raise MinichatError(f"{where}: 'ranks' must be one integer per answer (0 = best, equal = tie)")
+        return Comparison(prompt, answers, list(ranks), where)
     for key in ("answers", "responses", "completions"):
         if key in obj:
             if "prompt" not in obj:
@@ -375,12 +424,13 @@ def clean_comparison(c: Comparison, report: DataReport) -> Comparison | None:
     return Comparison(c.prompt, answers, ranks, c.where)
 
 
-def load_comparisons(path: str | Path, report: DataReport | None = None, limit: int = 0) -> list[Comparison]:
+def load_comparisons(path: str | Path, report: DataReport | None = None, limit: int = 0,
+                     default_system: str | None = None) -> list[Comparison]:
     report = report or DataReport("preferences")
     out = []
     for where, obj in read_jsonl(path):
         try:
-            c = clean_comparison(comparison_from_row(obj, where), report)
+            c = clean_comparison(comparison_from_row(obj, where, default_system), report)
         except DivergentPair:
             report.warn("pairs_that_differ_before_the_last_turn_skipped", where)
             continue
@@ -456,9 +506,9 @@ def encode_comparisons(comps: list[Comparison], tok, max_len: int, report: DataR
 
 # --- prompts -----------------------------------------------------------------------------------------------
 
-def load_prompts(path: str | Path) -> list[Messages]:
+def load_prompts(path: str | Path, default_system: str | None = None) -> list[Messages]:
     """Prompts for PPO or best-of-N: JSONL rows with 'prompt' or 'messages' (a trailing assistant turn is
-    dropped), or a .txt file with one prompt a line."""
+    dropped; rows with tools are rendered as minichat.toolcall does), or a .txt file with one prompt a line."""
     p = Path(path)
     if not p.is_file():
         raise MinichatError(f"prompt file {p} does not exist")
@@ -467,7 +517,9 @@ def load_prompts(path: str | Path) -> list[Messages]:
     else:
         out = []
         for where, obj in read_jsonl(p):
-            if "messages" in obj:
+            if _has_tools(obj) and ("messages" in obj or "prompt" in obj):
+                msgs = tool_conversation(obj, where, default_system, key="messages" if "messages" in obj else "prompt")
+            elif "messages" in obj:
                 msgs = check_messages(obj["messages"], where)
             elif "prompt" in obj:
                 msgs = _as_prompt(obj["prompt"], where)

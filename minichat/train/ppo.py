@@ -330,7 +330,7 @@ def _run(cfg: PPOConfig, device, dtype, dist) -> dict:
         raise ConfigError(f"ppo.max_new_tokens ({a.max_new_tokens}) leaves no room for prompts in a context of "
                           f"{policy.cfg.max_seq_len}")
     prompts = []
-    for i, msgs in enumerate(load_prompts(require_file(cfg.prompts, "--prompts (a prompt file)"))):
+    for i, msgs in enumerate(load_prompts(require_file(cfg.prompts, "--prompts (a prompt file)"), tok.meta.default_system)):
         ids, _ = tok.render_chat(msgs, add_generation_prompt=True)
         if len(ids) > max_prompt:
             report.warn("prompts_truncated_from_the_left", f"prompt {i}")

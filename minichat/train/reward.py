@@ -123,9 +123,11 @@ def prepare(cfg: RewardConfig, tok, max_len: int):
     from minichat.train.common import require_file
 
     report = DataReport("reward")
-    comps = load_comparisons(require_file(cfg.data.train, "--data.train (comparisons, JSONL)"), report, cfg.data.limit)
+    system = tok.meta.default_system  # kept before the tools' description in rows with tools, as the server does
+    comps = load_comparisons(require_file(cfg.data.train, "--data.train (comparisons, JSONL)"), report, cfg.data.limit,
+                             system)
     if cfg.data.val:
-        train_c, val_c = comps, load_comparisons(cfg.data.val, report)
+        train_c, val_c = comps, load_comparisons(cfg.data.val, report, default_system=system)
     elif cfg.data.val_fraction > 0 and len(comps) > 1:
         train_c, val_c = split_holdout(comps, cfg.data.val_fraction, cfg.runtime.seed)
     else:

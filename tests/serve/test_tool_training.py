@@ -31,7 +31,7 @@ def conversations() -> list[dict]:
     return rows
 
 
-def test_sft_data_with_tools_renders_as_the_server_renders_it(tmp_path):
+def test_training_data_with_tools_renders_as_the_server_renders_it(tmp_path):
     from minichat import toolcall
     from minichat.data.chat import load_sft
     from minichat.errors import MinichatError
@@ -43,6 +43,26 @@ def test_sft_data_with_tools_renders_as_the_server_renders_it(tmp_path):
     assert conv[0]["content"] == "Be kind.\n\n" + toolcall.system_block([WEATHER["function"]])
     assert conv[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert conv[3]["content"] == "<tool_response>\nsunny\n</tool_response>"
+    # preferences: an answer may be a call (an assistant message with tool_calls) or text; prompts for PPO too
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]}
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"tools": [WEATHER], "prompt": "weather in Rome?",
+                                 "answers": [call, "I cannot know that.", [{"role": "assistant", "content": "Rainy."}]],
+                                 "ranks": [0, 1, 1]}) + "\n"
+                     + json.dumps({"tools": [WEATHER], "prompt": [{"role": "user", "content": "weather in Rome?"}],
+                                   "chosen": call, "rejected": "Sunny, surely."}) + "\n")
+    from minichat.data.chat import load_comparisons, load_prompts
+
+    a, b = load_comparisons(prefs, default_system="Be kind.")
+    assert a.prompt == b.prompt == [conv[0], {"role": "user", "content": "weather in Rome?"}]
+    assert a.answers == [conv[2]["content"].replace("Paris", "Rome"), "I cannot know that.", "Rainy."]
+    assert a.ranks == [0, 1, 1] and b.answers == [a.answers[0], "Sunny, surely."] and b.ranks == [0, 1]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"tools": [WEATHER], "messages": [{"role": "user", "content": "weather in Oslo?"}]})
+                       + "\n")
+    assert load_prompts(prompts, default_system="Be kind.") == [
+        [conv[0], {"role": "user", "content": "weather in Oslo?"}]]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"tools": [{"type": "function", "function": {"name": "no spaces"}}],
                                "messages": [{"role": "user", "content": "x"}]}) + "\n")
