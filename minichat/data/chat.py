@@ -98,13 +98,19 @@ def _as_prompt(value, where: str) -> Messages:
 
 
 def _as_answer(value, where: str) -> str:
-    """An answer given as a string or as messages (the content of the last assistant message)."""
+    """An answer given as a string or as messages (the content of the last assistant message); an assistant
+    message with tool_calls is the calls' text, as minichat.toolcall writes them."""
     if isinstance(value, str):
         return value
-    msgs = check_messages(value, where)
+    tools = isinstance(value, dict) or _tool_fields(value)
+    msgs = check_tool_messages(value, where) if tools else check_messages(value, where)
     if msgs[-1]["role"] != "assistant":
         raise MinichatError(f"{where}: an answer given as messages must end with an assistant message")
-    return msgs[-1]["content"]
+    if not tools:
+        return msgs[-1]["content"]
+    from minichat import toolcall
+
+    return toolcall.prompt_messages(msgs[-1:], [], "none", None)[0]["content"]
 
 
 # --- SFT ---------------------------------------------------------------------------------------------------
@@ -158,18 +164,6 @@ def tool_conversation(obj: dict, where: str, default_system: str | None, key: st
     value = obj.get(key)
     msgs = [{"role": "user", "content": value}] if isinstance(value, str) else check_tool_messages(value, where)
     return toolcall.prompt_messages(msgs, _functions(obj, where), "auto", default_system)
-
-
-def _tool_answer(value, where: str) -> str:
-    """An answer that may be a tool call: a string, an assistant message, or messages ending with one."""
-    from minichat import toolcall
-
-    if isinstance(value, str):
-        return value
-    msgs = check_tool_messages(value, where)
-    if msgs[-1]["role"] != "assistant":
-        raise MinichatError(f"{where}: an answer given as messages must end with an assistant message")
-    return toolcall.prompt_messages(msgs[-1:], [], "none", None)[0]["content"]
 
 
 def sft_conversation(obj: dict, where: str, default_system: str | None = None) -> Messages:
@@ -376,7 +370,7 @@ def comparison_from_row(obj: dict, where: str, default_system: str | None = None
         answers = obj[key] if key else [obj["chosen"], obj["rejected"]]
         if not isinstance(answers, list):
             raise MinichatError(f"{where}: '{key}' must be a list of answers, best first")
-        answers = [_tool_answer(a, where) for a in answers]
+        answers = [_as_answer(a, where) for a in answers]
         ranks = obj.get("ranks", list(range(len(answers)))) if key else [0, 1]
         if not isinstance(ranks, list) or len(ranks) != len(answers) or not all(isinstance(r, int) for r in ranks):
             raise MinichatError(f"{where}: 'ranks' must be one integer per answer (0 = best, equal = tie)")
