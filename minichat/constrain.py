@@ -20,9 +20,9 @@ JSON grammar), none before the root value, and a number has at most MAX_NUMBER c
 cannot say what it wants must not pad or count forever.
 
 Supported schema keywords: type (one or a list), properties, required, additionalProperties (false, or an
-object without properties takes any keys), items, minItems, maxItems, enum, const, anyOf / oneOf, $ref to
-#/$defs or #/definitions (recursion allowed). Keywords that do not constrain the structure (description,
-title, format, pattern, minLength, ...) are accepted and not enforced. The root must be an object or an array,
+object without properties takes any keys), items, minItems, maxItems, minLength, maxLength, enum, const,
+anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title,
+format, pattern, minimum, maximum, ...) are accepted and not enforced. The root must be an object or an array,
 so the end of the value is known without the end of the output.
 """
 from __future__ import annotations
@@ -60,6 +60,7 @@ class _Node:
     max_items: int | None = None
     literals: tuple = ()  # enum: the values as compact JSON texts
     alts: tuple = ()  # anyof: node ids
+    lengths: tuple | None = None  # string: (minLength, maxLength or None) in characters (an escape counts one)
 
 
 class _Compiler:
@@ -141,6 +142,11 @@ class _Compiler:
             self.nodes[i] = _Node("array", items=self.compile(s.get("items", True), f"{path}.items"),
                                   min_items=lo, max_items=hi)
             return i
+        if t == "string" and ("minLength" in s or "maxLength" in s):
+            lo, hi = s.get("minLength", 0), s.get("maxLength")
+            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+                raise SchemaError(f"{path}: minLength / maxLength must be integers with 0 <= minLength <= maxLength")
+            return self.add(_Node("string", lengths=(lo, hi)))
         return self.add(_Node(t))
 
     def ref(self, ref: Any, path: str) -> int:
@@ -172,6 +178,8 @@ class TokenVocab:
     """Each token's text, sorted for the prefix walk; built once per tokenizer (grammars share it)."""
 
     def __init__(self, tokenizer, vocab_size: int | None = None):
+        import numpy as np
+
         n = vocab_size or tokenizer.vocab_size
         special = set(tokenizer.special_ids)
         self.size = n
@@ -190,6 +198,7 @@ class TokenVocab:
         plain = [i for t, i in pairs if all(c not in '"\\' and c >= " " for c in t)]
         special_pairs = [(t, i) for t, i in pairs if not all(c not in '"\\' and c >= " " for c in t)]
         self.plain_ids = plain
+        self.plain_len = np.array([len(t) if t is not None else 0 for t in self.text])  # characters per token
         self.special_text = [t for t, _ in special_pairs]
         self.special_ids_sorted = [i for _, i in special_pairs]
 
@@ -293,7 +302,7 @@ class JSONGrammar:
         if k == "array":
             return [(ARR0, None, 0, stack + (("a", node, 0),))] if c == "[" else []
         if k == "string":
-            return [(STR, None, 0, stack)] if c == '"' else []
+            return [(STR, n.lengths, 0, stack)] if c == '"' else []
         if k in ("number", "integer"):
             return [self._num_start(c, k == "integer", stack)] if (c == "-" or c in DIGITS) else []
         if k == "boolean":
@@ -328,22 +337,29 @@ class JSONGrammar:
 
     def _step(self, s: tuple, c: str) -> list:
         mode, a, b, stack = s
-        if mode == STR:  # a == "key": an object's free key; else a value
+        if mode == STR:  # a: "key" (an object's free key), None (a value) or (min, max) length; b: length so far
+            bounded = isinstance(a, tuple)
             if c == '"':
                 if a == "key":
                     return [(COLON, None, 0, stack)]
-                return [self._complete(stack)]
+                return [self._complete(stack)] if not bounded or b >= a[0] else []
+            if bounded and a[1] is not None and b >= a[1]:
+                return []
             if c == "\\":
-                return [(ESC, a, 0, stack)]
-            return [s] if c >= " " else []
+                return [(ESC, a, b, stack)]
+            if c < " ":
+                return []
+            return [(STR, a, b + 1, stack)] if bounded else [s]
         if mode == ESC:
+            nxt = b + 1 if isinstance(a, tuple) else 0
             if c in '"\\/bfnrt':
-                return [(STR, a, 0, stack)]
-            return [(UHEX, a, 4, stack)] if c == "u" else []
+                return [(STR, a, nxt, stack)]
+            return [(UHEX, a, (4, nxt), stack)] if c == "u" else []
         if mode == UHEX:
             if c not in HEX:
                 return []
-            return [(STR, a, 0, stack)] if b == 1 else [(UHEX, a, b - 1, stack)]
+            left, nxt = b
+            return [(STR, a, nxt, stack)] if left == 1 else [(UHEX, a, (left - 1, nxt), stack)]
         if mode == KSTR:  # a key of a schema's object: a prefix of a property not used yet
             frame = stack[-1]
             left = self._keys_left(frame)
@@ -453,8 +469,13 @@ class JSONGrammar:
             self._masks.move_to_end(states)
         else:
             v = self.vocab
-            if len(states) == 1 and next(iter(states))[0] == STR:
+            only = next(iter(states)) if len(states) == 1 else None
+            if only is not None and only[0] == STR:
+                # plain tokens keep a string a string; a bounded one takes those that fit in what is left
                 m = self._plain.copy()
+                a, b = only[1], only[2]
+                if isinstance(a, tuple) and a[1] is not None:
+                    m &= v.plain_len <= a[1] - b
                 ids = self._walk(states, v.special_text, v.special_ids_sorted)
             else:
                 m = np.zeros(v.size, dtype=bool)

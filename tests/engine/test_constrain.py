@@ -344,7 +344,8 @@ def _schemas(depth: int = 2):
         st.sampled_from([{"type": t} for t in ("string", "integer", "number", "boolean", "null")]),
         st.lists(st.one_of(st.integers(-20, 20), st.sampled_from(["a", "b", "ab", "x y"]), st.booleans(), st.none()),
                  min_size=1, max_size=4, unique=True).map(lambda v: {"enum": v}),
-        st.sampled_from([{"const": 10}, {"const": "k"}, {"type": ["string", "null"]}]),
+        st.sampled_from([{"const": 10}, {"const": "k"}, {"type": ["string", "null"]},
+                         {"type": "string", "minLength": 2, "maxLength": 4}, {"type": "string", "maxLength": 0}]),
     )
     if depth == 0:
         return leaf
@@ -372,3 +373,15 @@ def test_random_schemas_give_valid_values(vocab, props, seed):
         text = _walk(grammar, vocab, rng, max_steps=300)
         if text is not None:
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_string_lengths(tok, vocab):
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 5}},
+              "required": ["s"], "additionalProperties": False}
+    g = JSONGrammar(vocab, schema)
+    for ok in ("ab", "abcde", "a\\nb", "\\u00e9t\\u00e9"):  # an escape counts as one character
+        assert feed(g, tok, '{"s": "' + ok + '"}')[0] is None, ok
+    for bad in ("a", "", "abcdef", "The answer is yes"):
+        assert feed(g, tok, '{"s": "' + bad + '"}')[0] is not None, bad
+    with pytest.raises(SchemaError, match="minLength"):
+        JSONGrammar(vocab, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 1}}})
