@@ -81,6 +81,27 @@ def test_engine_cuda_dry_matches_cpu():
         assert n >= 12, (a.token_ids, b.token_ids)
 
 
+def test_engine_cuda_grammar_and_logit_bias():
+    """Constrained decoding on the GPU: the masks (built on the CPU from token texts) hold on the GPU's logits."""
+    from minichat.constrain import JSONGrammar, TokenVocab
+    from minichat.engine import Engine, SamplingParams
+    from minichat.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(['{"ok": true, "n": 12}', '{"ok": false, "n": 3}'] * 50, vocab_size=300)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    e = Engine(_model(vocab=tok.vocab_size).to("cuda"), tok, weights="fp32")
+    out = e.generate([[1, 2, 3]] * 4, SamplingParams(temperature=1.0, max_tokens=60, seed=0, stop_token_ids=[],
+                                                       grammar=JSONGrammar(TokenVocab(tok), schema)))
+    for o in out:
+        if o.finish_reason == "stop":
+            value = json.loads(tok.decode(o.token_ids))
+            assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool)
+    assert any(o.finish_reason == "stop" for o in out)
+    biased = e.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=3, logit_bias={7: 100.0}))
+    assert biased[0].token_ids == [7, 7, 7]
+
+
 def test_pipeline_tiny_on_cuda(tmp_path):
     """Every stage (pretrain, SFT, reward, PPO-ptx, evaluation) runs on the GPU with bf16 autocast."""
     from minichat import pipeline
