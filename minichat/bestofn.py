@@ -75,10 +75,11 @@ def main(argv: list[str]) -> int:
     from minichat.gguf_import import load
     from minichat.heads import load_scalar_model
 
-    convs = [[{"role": "user", "content": p}] for p in a.prompt] + (load_prompts(a.prompts) if a.prompts else [])
-    if not convs:
+    if not a.prompt and not a.prompts:
         raise MinichatError("give --prompt TEXT or --prompts FILE")
     policy, tok, _ = load(a.model, verbose=False)
+    convs = [[{"role": "user", "content": p}] for p in a.prompt] + (
+        load_prompts(a.prompts, tok.meta.default_system) if a.prompts else [])
     rm, rtok, _ = load_scalar_model(a.reward, allow_lm=False)
     if rtok.vocab_size != tok.vocab_size:
         raise MinichatError("the policy and the reward model use different tokenizers")

@@ -198,17 +198,19 @@ def select(cfg: RSFTConfig, device) -> tuple[Path, dict]:
 
     if not cfg.prompts:
         raise MinichatError("set --prompts (the prompts to sample answers for: JSONL or .txt)")
-    convs = load_prompts(cfg.prompts)
-    if cfg.max_prompts:
-        convs = convs[:cfg.max_prompts]
-    if not convs:
-        raise MinichatError(f"{cfg.prompts}: no prompts")
+    if not Path(cfg.prompts).is_file():
+        raise MinichatError(f"prompt file {cfg.prompts} does not exist")
     for what, path in (("policy_from", cfg.policy_from), ("reward_from", cfg.reward_from)):
         if not path:
             raise MinichatError(f"set --{what}")
     policy, tok, _ = load(cfg.policy_from, device=device, verbose=False)
     if tok.im_start_id is None or tok.im_end_id is None:
         raise MinichatError(f"{cfg.policy_from}: its tokenizer has no chat tokens; start from an SFT model")
+    convs = load_prompts(cfg.prompts, tok.meta.default_system)  # (rows with tools: as the server renders them)
+    if cfg.max_prompts:
+        convs = convs[:cfg.max_prompts]
+    if not convs:
+        raise MinichatError(f"{cfg.prompts}: no prompts")
     ref = policy
     if cfg.ref_from and cfg.ref_from != cfg.policy_from:
         ref, rtok, _ = load(cfg.ref_from, device=device, verbose=False)
