@@ -1403,12 +1403,11 @@ class Engine:
         lp_list = top_list = None
         if want_lp or k_top:
             logp = torch.log_softmax(logits, dim=-1)
-        # forbid stop tokens before min_tokens
+        # per row: stop tokens forbidden before min_tokens, the logit bias added, and which rows a grammar masks
+        constrained = []
         for i, r in enumerate(reqs):
             if r.params.min_tokens and len(r.output) < r.params.min_tokens and r.stop_ids:
                 logits[i, list(r.stop_ids)] = float("-inf")
-        constrained = []
-        for i, r in enumerate(reqs):
             if r.params.logit_bias:
                 ids = torch.tensor([int(t) for t in r.params.logit_bias], device=logits.device)
                 logits[i, ids] += torch.tensor([float(b) for b in r.params.logit_bias.values()], dtype=logits.dtype,
