@@ -3,7 +3,8 @@
 # core dependencies of the pipeline are torch, tokenizers, safetensors, tqdm, numpy, regex, scikit-learn and
 # matplotlib). Writes logs to ${OUT:-/tmp/gpu-check}.
 #   1. tests/test_cuda.py: forward pass, engine and the tiny pipeline on the GPU against the CPU
-#   2. bench/gpu/gpu_bench.py: training tokens/s and MFU (eager, compiled), batched decoding tokens/s
+#   2. bench/gpu/gpu_bench.py: training tokens/s and MFU (eager, compiled), batched decoding tokens/s; with a
+#      tokenizer folder in TOK_DIR (SmolLM2's, saved by `tokenizer.save`), also the cost of a JSON-schema grammar
 #   3. the pipeline's gpu preset, scaled down to a few minutes, with its stage times and report card
 #   4. the same run's PPO-ptx and evaluation again with the preset's earlier PPO method (a value model, the
 #      reward model alone as the score), side by side with 3 (SKIP_OLD_PPO=1 leaves it out)
@@ -20,6 +21,9 @@ echo "== 1. tests/test_cuda.py"
 
 echo "== 2. gpu_bench"
 [ -n "${SKIP_BENCH:-}" ] || timeout "${T_BENCH:-240}" $PY bench/gpu/gpu_bench.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.jsonl" | grep -v '^\s*$' | tail -20
+if [ -n "${TOK_DIR:-}" ]; then
+    timeout "${T_GRAMMAR:-120}" $PY bench/gpu/gpu_bench.py --only grammar --tokenizer "$TOK_DIR" 2>&1 | tee "$OUT/grammar.jsonl" | tail -8
+fi
 
 echo "== 3. pipeline --preset gpu (scaled down)"
 run=/tmp/gpu-check-run

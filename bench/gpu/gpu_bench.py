@@ -1,7 +1,10 @@
 """Throughput of minichat's CUDA path: training steps (the stage trainer, eager and compiled) and the engine's
 batched decoding. Run by bench/gpu/check.sh on a GPU machine; prints one JSON line per measurement.
 
-    python bench/gpu/gpu_bench.py [--quick] [--only decode / dry / train]
+    python bench/gpu/gpu_bench.py [--quick] [--only decode / dry / grammar / train] [--tokenizer DIR]
+
+`--only grammar` needs a real vocabulary: a tokenizer folder (SmolLM2's, saved with `tokenizer.save(DIR)`), since
+the GGUF with the weights is too large to send to a lent machine; the weights are random.
 """
 from __future__ import annotations
 
@@ -82,11 +85,66 @@ def decode_rate(batches: list[int], new_tokens: int, dry: tuple[float, ...] = (0
     return out
 
 
+def grammar_rate(tok_dir: str, batches: list[int], new_tokens: int) -> list[dict]:
+    """The cost of constrained decoding on the GPU: the same decoding with and without a JSON-schema grammar,
+    runs alternating (three pairs, median). The masks are built on the host and copied to the GPU each step; a
+    warm-up run first fills the grammar's mask cache, as a server reusing a schema would have it."""
+    from minichat.constrain import JSONGrammar, TokenVocab
+    from minichat.engine import Engine, SamplingParams
+    from minichat.model import ModelConfig, Transformer
+    from minichat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+                      max_seq_len=2048)
+    eng = Engine(Transformer(cfg).eval().to("cuda"), tok, max_batch=max(batches), stop_token_ids=[])
+    s = {"type": "string", "maxLength": 40}
+    schema = {"type": "object", "properties": {"name": s, "age": {"type": "integer"}, "tags": {
+        "type": "array", "items": s, "maxItems": 8}}, "required": ["name", "age", "tags"], "additionalProperties": False}
+    t0 = time.perf_counter()
+    grammar = JSONGrammar(TokenVocab(tok), schema)
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for B in batches:
+        prompts = [torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist() for _ in range(B)]
+        ways = {"none": None, "json_schema": grammar}
+        t0 = time.perf_counter()
+        eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=0, grammar=grammar))
+        warm_s = time.perf_counter() - t0
+        rates: dict[str, list[float]] = {w: [] for w in ways}
+        ntok: dict[str, list[int]] = {w: [] for w in ways}
+        step_ms: dict[str, list[float]] = {w: [] for w in ways}
+        for _ in range(3):
+            for w, gr in ways.items():
+                params = SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=0, grammar=gr)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                res = eng.generate(prompts, params)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                n = sum(len(r.token_ids) for r in res)
+                ntok[w].append(n)
+                rates[w].append(n / dt)
+                # rows a grammar ends early leave the batch: per step (the longest row's length) is the fair unit
+                step_ms[w].append(1e3 * dt / max(len(r.token_ids) for r in res))
+        for w in ways:
+            rs = sorted(rates[w])
+            out.append({"what": "grammar", "way": w, "batch": B, "prompt": 64, "max_tokens": new_tokens,
+                        "tokens_per_s": round(rs[1]), "runs": [round(r) for r in rates[w]], "tokens": ntok[w],
+                        "ms_per_step": round(sorted(step_ms[w])[1], 2), "step_ms_runs": [round(x, 2) for x in step_ms[w]],
+                        "vocab": tok.vocab_size, "first_run_s": round(warm_s, 2), "vocab_build_s": round(build_s, 2)})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["decode", "dry", "train"], help="one part: plain decoding, decoding with "
-                    "DRY against without (greedy, 128 new tokens), or training")
+    ap.add_argument("--only", choices=["decode", "dry", "grammar", "train"], help="one part: plain decoding, "
+                    "decoding with DRY against without (greedy, 128 new tokens), with a JSON-schema grammar against "
+                    "without (needs --tokenizer), or training")
+    ap.add_argument("--tokenizer", help="a tokenizer folder for --only grammar (SmolLM2's vocabulary)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -99,6 +157,11 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     if a.only == "dry":
         for r in decode_rate([1, 32] if not a.quick else [1, 8], 128 if not a.quick else 16, dry=(0.0, 0.8)):
+            print(json.dumps(r), flush=True)
+    if a.only == "grammar":
+        if not a.tokenizer:
+            ap.error("--only grammar needs --tokenizer DIR")
+        for r in grammar_rate(a.tokenizer, [1, 16] if not a.quick else [1, 4], 96 if not a.quick else 16):
             print(json.dumps(r), flush=True)
     if a.only not in (None, "train"):
         return 0
