@@ -185,7 +185,10 @@ def main() -> int:
            "helpers at the same time during the fourteenth session: `fresh_chatdev_*` (development; 144 harmful, a "
            "quarter of them assistant replies, + 240 benign: terse mid-conversation turns, follow-ups, feelings, tasks, "
            "assistant answers, ordinary uses of sensitive words) and `fresh_chattest_*` (the same brief; measured "
-           "twice, see bench/results/moderation_chat.md). \"Right family\": a "
+           "twice, see bench/results/moderation_chat.md). Since the twentieth session the learned scorer also trains "
+           "on 1,626 + 1,628 texts that seven other helpers wrote as training data (`minichat/moderation/written`; "
+           "texts that nearly repeat any evaluation text were removed); their weight and the heads' bias shift "
+           "were chosen on the dev sets; the test sets were only measured, not used to choose. \"Right family\": a "
 "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
     md += fresh_rows + hh_line

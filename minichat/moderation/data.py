@@ -26,6 +26,9 @@ from minichat.errors import MinichatError
 from minichat.moderation.categories import CATEGORIES
 
 HOLDOUT_PERCENT = 20
+# hand-written labelled texts (this project's own): `<category>\t<text>` lines in *_unsafe.tsv,
+# `<topic>\t<text>` in *_safe.tsv
+WRITTEN_DIR = Path(__file__).resolve().parent / "written"
 _ABUSIVE_NH = {"target_indiv_nh", "target_group_nh"}
 
 
@@ -112,3 +115,35 @@ def split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
     for e in examples:
         (held if is_holdout(e.group) else dev).append(e)
     return dev, held
+
+
+def load_written(directory: str | Path | None = None) -> list[tuple[str, dict[str, int]]]:
+    """The hand-written training texts as (text, labels). A harmful text is labelled 1 for its category and
+    that category's parent, and left unknown for the others (an insult may also be hate); a benign one is 0 for
+    every category. A bad line is an error naming its file and line, not a silent skip."""
+    from minichat.moderation.categories import PARENT
+
+    d = Path(directory) if directory else WRITTEN_DIR
+    files = sorted(d.glob("*_unsafe.tsv")) + sorted(d.glob("*_safe.tsv"))
+    if not files:
+        raise MinichatError(f"no hand-written moderation texts (*_unsafe.tsv, *_safe.tsv) in {d}")
+    rows: list[tuple[str, dict[str, int]]] = []
+    for f in files:
+        harmful = f.name.endswith("_unsafe.tsv")
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            label, sep, text = line.partition("\t")
+            label, text = label.strip(), text.strip()
+            if not sep or not text:
+                raise MinichatError(f"{f}:{n}: expected LABEL<tab>TEXT")
+            if not harmful:
+                rows.append((text, {c: 0 for c in CATEGORIES}))
+                continue
+            if label not in CATEGORIES:
+                raise MinichatError(f"{f}:{n}: unknown category {label!r}")
+            labels = {label: 1}
+            if label in PARENT:
+                labels[PARENT[label]] = 1
+            rows.append((text, labels))
+    return rows

@@ -422,6 +422,40 @@ def test_training_pipeline_on_tiny_data(tmp_path):
     assert s[0]["hate"] > s[1]["hate"]
 
 
+def test_written_texts_labels(tmp_path):
+    from minichat.moderation.data import load_written
+
+    (tmp_path / "x_unsafe.tsv").write_text("# a comment\nself-harm/intent\ti am going to end it tonight\n"
+                                           "hate\tthose people are vermin\n\n")
+    (tmp_path / "x_safe.tsv").write_text("cooking\tbeat the eggs until stiff\n")
+    rows = load_written(tmp_path)
+    assert rows[0] == ("i am going to end it tonight", {"self-harm/intent": 1, "self-harm": 1})  # parent too
+    assert rows[1] == ("those people are vermin", {"hate": 1})  # other categories unknown, not 0
+    assert rows[2][1] == {c: 0 for c in CATEGORIES}
+
+
+@pytest.mark.parametrize("line,msg", [("harrassment\tyou idiot", "unknown category 'harrassment'"),
+                                      ("hate those people", "expected LABEL<tab>TEXT"), ("hate\t  ", "expected LABEL<tab>TEXT")])
+def test_written_texts_bad_line_is_a_clear_error(tmp_path, line, msg):
+    from minichat.moderation.data import load_written
+
+    (tmp_path / "x_unsafe.tsv").write_text("violence\tfine line\n" + line + "\n")
+    with pytest.raises(MinichatError, match=r"x_unsafe.tsv:2: " + msg.replace("(", r"\(")):
+        load_written(tmp_path)
+    with pytest.raises(MinichatError, match="no hand-written"):
+        load_written(tmp_path / "empty")
+
+
+def test_project_written_texts_parse():
+    """The committed training texts: every line valid, both kinds present, no text twice."""
+    from minichat.moderation.data import load_written
+
+    rows = load_written()
+    harmful = [t for t, lab in rows if any(lab.values())]
+    assert len(harmful) > 1000 and len(rows) - len(harmful) > 1000
+    assert len({t for t, _ in rows}) == len(rows)
+
+
 def test_missing_artefact_is_a_clear_error(tmp_path):
     with pytest.raises(MinichatError, match="does not exist"):
         Moderator.load(write(tmp_path, "c.yaml", f"settings: {{model_path: '{tmp_path / 'none.npz'}'}}\n"))
