@@ -19,9 +19,9 @@ walked. Whitespace between JSON tokens is a newline and an indent of at most MAX
 JSON grammar), none before the root value, and a number has at most MAX_NUMBER characters: a small model that
 cannot say what it wants must not pad or count forever.
 
-Supported schema keywords: type (one or a list), properties, required, additionalProperties (false, or an
-object without properties takes any keys), items, minItems, maxItems, minLength, maxLength, enum, const,
-anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title,
+Supported schema keywords: type (one or a list), properties, required, additionalProperties (true, false or a
+schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
+maxItems, minLength, maxLength, enum, const, anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title,
 format, pattern, minimum, maximum, ...) are accepted and not enforced. The root must be an object or an array,
 so the end of the value is known without the end of the output.
 """
@@ -54,7 +54,8 @@ class _Node:
     kind: str  # any | object | array | string | number | integer | boolean | null | enum | anyof
     props: tuple = ()  # object: ((key, node id), ...)
     required: frozenset = frozenset()
-    free_keys: bool = False  # object: any key, any value
+    free_keys: bool = False  # object without properties: any key (its values are `extra`)
+    extra: int | None = None  # object: node id of the values of keys not among props (None: no such keys)
     items: int = 0  # array: node id of the items
     min_items: int = 0
     max_items: int | None = None
@@ -125,14 +126,23 @@ class _Compiler:
             missing = [k for k in required if k not in props]
             if missing and props:
                 raise SchemaError(f"{path}.required names {missing[0]!r}, which is not among the properties")
-            if not props:  # {"properties": {}, "additionalProperties": false}: only {}; else any object
-                if "properties" in s and s.get("additionalProperties") is False:
-                    return self.add(_Node("enum", literals=("{}",)))
-                return self.add(_Node("object", free_keys=True))
+            # keys not among the properties: allowed when additionalProperties is true or a schema, and in an
+            # object that lists no properties unless it is false. Absent next to properties, none are allowed
+            # (as llama.cpp's schema grammars do): a small model left free invents keys until max_tokens
+            ap = s.get("additionalProperties")
+            if ap is not None and ap is not True and ap is not False and not isinstance(ap, dict):
+                raise SchemaError(f"{path}.additionalProperties must be true, false or a schema")
             i = self.add(None)  # placeholder: properties may refer back to this node through $ref
+            if ap is False or (ap is None and props):
+                extra = None
+            else:
+                extra = self.compile(True if ap is None else ap, f"{path}.additionalProperties")
+            if not props and extra is None:  # no key at all: only {}
+                self.nodes[i] = _Node("enum", literals=("{}",))
+                return i
             self.nodes[i] = _Node("object", props=tuple((k, self.compile(v, f"{path}.properties.{k}"))
                                                         for k, v in props.items()),
-                                  required=frozenset(required))
+                                  required=frozenset(required), free_keys=not props, extra=extra)
             return i
         if t == "array":
             lo, hi = s.get("minItems", 0), s.get("maxItems")
@@ -215,10 +225,10 @@ class JSONGrammar:
 
         self.vocab = vocab
         comp = _Compiler(schema)
-        root = comp.add(_Node("object", free_keys=True)) if schema is None else comp.compile(schema)
-        self.nodes: list[_Node] = comp.nodes  # type: ignore[assignment]
         self.any = comp.add(_Node("any"))
-        self.free_obj = comp.add(_Node("object", free_keys=True))  # what an untyped value's "{" opens
+        self.free_obj = comp.add(_Node("object", free_keys=True, extra=self.any))  # what an untyped "{" opens
+        root = self.free_obj if schema is None else comp.compile(schema)
+        self.nodes: list[_Node] = comp.nodes  # type: ignore[assignment]
         self.free_arr = comp.add(_Node("array", items=self.any))
         self.root = root
         starts = self._value_starts(root)
@@ -298,7 +308,9 @@ class JSONGrammar:
             lit = {"t": "rue", "f": "alse", "n": "ull"}.get(c)
             return [(LIT, lit, 0, stack)] if lit else []
         if k == "object":
-            return [(OBJ0, None, 0, stack + (("o", node, frozenset(), self.any),))] if c == "{" else []
+            # the frame: ("o", node, keys used, the node of the value after the next colon)
+            return [(OBJ0, None, 0, stack + (("o", node, frozenset(), n.extra if n.free_keys else self.any),))] \
+                if c == "{" else []
         if k == "array":
             return [(ARR0, None, 0, stack + (("a", node, 0),))] if c == "[" else []
         if k == "string":
@@ -331,9 +343,15 @@ class JSONGrammar:
         return [k for k, _ in n.props if k not in frame[2]]
 
     def _key_start(self, frame: tuple, stack: tuple) -> list:
-        if self.nodes[frame[1]].free_keys:
+        n = self.nodes[frame[1]]
+        if n.free_keys:
             return [(STR, "key", 0, stack)]
-        return [(KSTR, "", 0, stack)] if self._keys_left(frame) else []
+        return [(KSTR, "", 0, stack)] if (n.extra is not None or self._keys_left(frame)) else []
+
+    def _extra_key_done(self, stack: tuple) -> tuple:
+        """A key not among the properties has ended: its value follows the object's additionalProperties."""
+        f = stack[-1]
+        return (COLON, None, 0, stack[:-1] + (("o", f[1], f[2], self.nodes[f[1]].extra),))
 
     def _step(self, s: tuple, c: str) -> list:
         mode, a, b, stack = s
@@ -342,6 +360,8 @@ class JSONGrammar:
             if c == '"':
                 if a == "key":
                     return [(COLON, None, 0, stack)]
+                if a == "xkey":
+                    return [self._extra_key_done(stack)]
                 return [self._complete(stack)] if not bounded or b >= a[0] else []
             if bounded and a[1] is not None and b >= a[1]:
                 return []
@@ -360,18 +380,27 @@ class JSONGrammar:
                 return []
             left, nxt = b
             return [(STR, a, nxt, stack)] if left == 1 else [(UHEX, a, (left - 1, nxt), stack)]
-        if mode == KSTR:  # a key of a schema's object: a prefix of a property not used yet
+        if mode == KSTR:  # a key of a schema's object, while it is a prefix of one of its properties
             frame = stack[-1]
+            n = self.nodes[frame[1]]
             left = self._keys_left(frame)
             if c == '"':
                 if a in left:
-                    node = dict(self.nodes[frame[1]].props)[a]
+                    node = dict(n.props)[a]
                     return [(COLON, None, 0, stack[:-1] + (("o", frame[1], frame[2] | {a}, node),))]
+                # another key, if the object takes them; a property used already may not come twice
+                return [self._extra_key_done(stack)] if n.extra is not None and a not in dict(n.props) else []
+            if c < " ":
                 return []
-            if c == "\\" or c < " ":
-                return []
+            if c == "\\":  # no property is matched with escapes: only another key can have one
+                return [(ESC, "xkey", 0, stack)] if n.extra is not None else []
             key = a + c
-            return [(KSTR, key, 0, stack)] if any(k.startswith(key) for k in left) else []
+            if any(k.startswith(key) for k in left):
+                return [(KSTR, key, 0, stack)]
+            if n.extra is None:
+                return []
+            # tracked while it could still become a used property (a duplicate), then a free key
+            return [(KSTR, key, 0, stack)] if any(k.startswith(key) for k, _ in n.props) else [(STR, "xkey", 0, stack)]
         if mode == NUM:
             integer, (sub, n) = a, b
             nxt = None
@@ -443,7 +472,7 @@ class JSONGrammar:
                     return [self._complete(stack[:-1])]
                 return []
             if c == ",":
-                return [(KEY, None, 0, stack)] if (n.free_keys or self._keys_left(frame)) else []
+                return [(KEY, None, 0, stack)] if (n.extra is not None or self._keys_left(frame)) else []
             if c == "}" and n.required <= frame[2]:
                 return [self._complete(stack[:-1])]
             return []

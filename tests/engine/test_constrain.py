@@ -351,13 +351,15 @@ def _schemas(depth: int = 2):
         return leaf
     sub = _schemas(depth - 1)
     names = st.sampled_from(["a", "ab", "b", "k_1", "long name"])
-    obj = st.dictionaries(names, sub, min_size=1, max_size=3).flatmap(
-        lambda props: st.sets(st.sampled_from(sorted(props))).map(
-            lambda req: {"type": "object", "properties": props, "required": sorted(req),
-                         "additionalProperties": False}))
+    extra = st.sampled_from([False, False, True, {"type": "integer"}, {"enum": ["a", "b"]}])
+    obj = st.tuples(st.dictionaries(names, sub, min_size=1, max_size=3), extra).flatmap(
+        lambda t: st.sets(st.sampled_from(sorted(t[0]))).map(
+            lambda req: {"type": "object", "properties": t[0], "required": sorted(req),
+                         "additionalProperties": t[1]}))
+    mapping = sub.map(lambda v: {"type": "object", "additionalProperties": v})  # a dict[str, V]
     arr = st.tuples(sub, st.integers(0, 2), st.integers(2, 4)).map(
         lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[2]})
-    return st.one_of(leaf, obj, arr, st.lists(sub, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}))
+    return st.one_of(leaf, obj, mapping, arr, st.lists(sub, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -373,6 +375,46 @@ def test_random_schemas_give_valid_values(vocab, props, seed):
         text = _walk(grammar, vocab, rng, max_steps=300)
         if text is not None:
             jsonschema.validate(json.loads(text), schema)
+
+
+OPEN = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+        "required": ["name"], "additionalProperties": {"type": "integer"}}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.dictionaries(_text.filter(lambda k: k not in ("name", "n")), _int, max_size=3),
+       n=st.one_of(st.none(), _int), style=st.integers(0, 2))
+def test_additional_properties_every_valid_value(tok, vocab, extra, n, style):
+    """Keys besides the properties, with values of additionalProperties: any key text, escapes too, and keys
+    that begin like a property ("na", "nn")."""
+    value = {**extra, "name": "x", **({} if n is None else {"n": n})}
+    text = _dump(value, style)
+    bad, state = feed(JSONGrammar(vocab, OPEN), tok, text)
+    assert bad is None and state.finished, (text, bad)
+
+
+@pytest.mark.parametrize("schema,ok,bad", [
+    (OPEN, ['{"name": "a", "na": 1}', '{"nn": 2, "name": "a", "n": 3}', '{"name": "a", "": 0}'],
+     ['{"name": "a", "other": "s"}', '{"name": "a", "name": "b"}', '{"n": 1, "name": "a", "n": 2}', '{"x": 1}']),
+    ({"type": "object", "additionalProperties": {"type": "integer"}},  # pydantic's dict[str, int]
+     ['{}', '{"a": 1, "b": -2}'], ['{"a": "1"}', '{"a": 1.5}']),
+    ({"type": "object", "properties": {"a": {"type": "boolean"}}, "additionalProperties": True},
+     ['{"a": true, "b": [1, {"c": null}]}', '{"zz": "x"}'], ['{"a": 1}']),
+    ({"type": "object", "properties": {"a": {"type": "boolean"}}},  # absent next to properties: no other key
+     ['{"a": true}'], ['{"b": 1}']),
+    ({"type": "object", "additionalProperties": False}, ['{}'], ['{"a": 1}']),
+])
+def test_additional_properties(tok, vocab, schema, ok, bad):
+    g = JSONGrammar(vocab, schema)
+    for text in ok:
+        b, state = feed(g, tok, text)
+        assert b is None and state.finished, text
+        jsonschema.validate(json.loads(text), schema)
+    for text in bad:
+        b, state = feed(g, tok, text)
+        assert b is not None or not state.can_end, text
+    with pytest.raises(SchemaError, match="additionalProperties must be"):
+        JSONGrammar(vocab, {"type": "object", "additionalProperties": 3})
 
 
 def test_string_lengths(tok, vocab):
