@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from minichat import toolcall as tools
+from minichat.constrain import JSONGrammar
 from minichat.serve.config import ServeConfig
 from minichat.serve.generation import (
     Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
@@ -220,6 +221,9 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
                      logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
         opts.grammar = (m.tool_grammar(functions, req.tool_choice, req.parallel_tool_calls is not False) if functions
                         else m.grammar(req.response_format))
+        # a reply that must be JSON (response_format, a required tool call) is refused in `message.refusal` with
+        # no content, as OpenAI's structured outputs do: the client's parse() then gives refusal, not an error
+        structured = isinstance(opts.grammar, JSONGrammar)
         rid = new_id("chatcmpl")
         policy = req.moderation
         block_in = policy is None or policy.mode("input") == "block"
@@ -242,19 +246,20 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             if req.stream:
                 return StreamingResponse(
                     _refusal_stream(svc, m, rid, opts.n, mod, len(prompt_ids), include_usage,
-                                    report if policy is not None else None),
+                                    report if policy is not None else None, structured),
                     media_type="text/event-stream", headers=SSE_HEADERS)
             return _chat_body(svc, m, rid, [{"text": mod.refusal, "finish": "content_filter", "logprobs": None,
-                                             "moderation": summary(mod.result, "input")} for _ in range(opts.n)],
+                                             "refused": structured, "moderation": summary(mod.result, "input")}
+                                            for _ in range(opts.n)],
                               len(prompt_ids), 0, report)
         if req.stream:
             return StreamingResponse(
                 _chat_stream(svc, m, rid, job, include_usage, request, messages, owner, verdict, block_out,
-                             send_report=policy is not None, functions=functions),
+                             send_report=policy is not None, functions=functions, structured=structured),
                 media_type="text/event-stream", headers=SSE_HEADERS)
         verdicts: dict[int, Any] = {}
         async with cancel_on_disconnect(request, job):
-            choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out)
+            choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out, structured)
         for c in choices:
             calls = tools.parse_calls(c["text"], functions) if functions and c["finish"] == "stop" else None
             if calls:
@@ -343,9 +348,10 @@ def _report(verdict, verdicts: dict[int, Any], n: int) -> dict:
     return {"input": results_block(verdict.results), "output": results_block([verdicts.get(i) for i in range(n)])}
 
 
-async def _collect(svc: Services, job: Job, rid: str, verdicts: dict[int, Any], block: bool
-                   ) -> tuple[list[dict], int]:
-    """Run a job to the end: per choice its text, finish reason, logprob entries and moderation verdict."""
+async def _collect(svc: Services, job: Job, rid: str, verdicts: dict[int, Any], block: bool,
+                   structured: bool = False) -> tuple[list[dict], int]:
+    """Run a job to the end: per choice its text, finish reason, logprob entries and moderation verdict
+    (`refused`: a structured reply replaced by a refusal, which goes in `message.refusal`)."""
     out = [{"index": c.index, "text": "", "finish": None, "logprobs": [] if job.opts.logprobs else None,
             "moderation": None} for c in job.choices]
     tokens = 0
@@ -356,7 +362,7 @@ async def _collect(svc: Services, job: Job, rid: str, verdicts: dict[int, Any], 
             if c["logprobs"] is not None:
                 c["logprobs"].extend(ev.logprobs)
         elif isinstance(ev, Moderated):
-            c["text"], c["logprobs"] = ev.refusal, None
+            c["text"], c["logprobs"], c["refused"] = ev.refusal, None, structured
             c["moderation"] = summary(ev.result, "output")
             await _record_moderation(svc, ev, rid, "replaced")
         else:
@@ -374,7 +380,8 @@ def _chat_body(svc: Services, m: ServedModel, rid: str, choices: list[dict], pro
         "system_fingerprint": svc.fingerprint,
         "choices": [{
             "index": i,
-            "message": {"role": "assistant", "content": None if c.get("tool_calls") else c["text"], "refusal": None,
+            "message": {"role": "assistant", "content": None if c.get("tool_calls") or c.get("refused") else c["text"],
+                        "refusal": c["text"] if c.get("refused") else None,
                         **({"tool_calls": c["tool_calls"]} if c.get("tool_calls") else {})},
             "logprobs": {"content": c["logprobs"], "refusal": None} if c["logprobs"] is not None else None,
             "finish_reason": c["finish"],
@@ -402,7 +409,7 @@ def _choice(i: int, delta: dict, finish: str | None = None, logprobs: Any = None
 
 async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, include_usage: bool, request: Request,
                        messages: list[dict], owner: str | None, verdict, block: bool, send_report: bool,
-                       functions: list[dict] | None = None) -> AsyncIterator[str]:
+                       functions: list[dict] | None = None, structured: bool = False) -> AsyncIterator[str]:
     """OpenAI's stream: per choice a role chunk, content chunks and one chunk with finish_reason; then, when
     the request asked for moderation, a chunk with empty choices and `moderation`; with include_usage a last
     chunk with empty choices and the usage; then [DONE]. Every chunk has the same id.
@@ -436,10 +443,11 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
                     held.pop(ev.index, None)
                     await _record_moderation(svc, ev, rid, "replaced")
                     # what was already streamed cannot be taken back: the refusal follows it, plainly marked
-                    text = ("\n\n" if sent[ev.index] else "") + ev.refusal
+                    text = ev.refusal if structured else ("\n\n" if sent[ev.index] else "") + ev.refusal
                     sent[ev.index] = ev.refusal
                     flagged[ev.index] = summary(ev.result, "output")
-                    yield _chunk(svc, m, rid, created, [_choice(ev.index, {"content": text})], include_usage)
+                    delta = {"refusal" if structured else "content": text}
+                    yield _chunk(svc, m, rid, created, [_choice(ev.index, delta)], include_usage)
                 else:
                     if ev.reason == "error":
                         yield sse(APIError(500, ev.error or "generation failed", type="server_error").body())
@@ -476,11 +484,12 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
 
 
 async def _refusal_stream(svc: Services, m: ServedModel, rid: str, n: int, mod: Moderated, prompt_tokens: int,
-                          include_usage: bool, report: dict | None) -> AsyncIterator[str]:
+                          include_usage: bool, report: dict | None, structured: bool = False) -> AsyncIterator[str]:
     created = now()
     for i in range(n):
         yield _chunk(svc, m, rid, created, [_choice(i, {"role": "assistant", "content": ""})], include_usage)
-        yield _chunk(svc, m, rid, created, [_choice(i, {"content": mod.refusal})], include_usage)
+        yield _chunk(svc, m, rid, created, [_choice(i, {"refusal" if structured else "content": mod.refusal})],
+                     include_usage)
         yield _chunk(svc, m, rid, created, [_choice(i, {}, "content_filter",
                                                     moderation=summary(mod.result, "input"))], include_usage)
     if report is not None:

@@ -356,6 +356,32 @@ def test_response_format_json_schema(client):
         assert isinstance(p.choices[0].message.parsed, Answer)
 
 
+def test_structured_reply_refused_in_refusal_field(client):
+    """A flagged input under response_format: the refusal goes in message.refusal and the content stays empty
+    (OpenAI's structured-outputs shape: content is only ever the JSON asked for); the finish reason is
+    content_filter, which the client's parse() raises as its own error rather than failing to parse text."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+
+    bad = [{"role": "user", "content": "I will kill you"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": Answer.model_json_schema()}}
+    r = client.chat.completions.create(model="script", messages=bad, response_format=fmt, temperature=0)
+    msg = r.choices[0].message
+    assert msg.content is None and msg.refusal and "kill" not in msg.refusal
+    assert r.choices[0].finish_reason == "content_filter"
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        client.beta.chat.completions.parse(model="script", messages=bad, response_format=Answer, temperature=0)
+    chunks = _stream(client, model="script", messages=bad, response_format={"type": "json_object"})
+    deltas = [ch.delta for c in chunks for ch in c.choices]
+    assert "".join(d.refusal or "" for d in deltas) == msg.refusal
+    assert not "".join(d.content or "" for d in deltas)
+    # plain text requests keep the refusal as the reply's content, as in a chat
+    r = client.chat.completions.create(model="script", messages=bad, temperature=0)
+    assert r.choices[0].message.content == msg.refusal and r.choices[0].message.refusal is None
+
+
 def test_response_format_json_object(client):
     r = client.chat.completions.create(model="tiny", messages=USER, response_format={"type": "json_object"},
                                        temperature=1.0, seed=0, max_tokens=40)
