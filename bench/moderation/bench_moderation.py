@@ -186,7 +186,7 @@ def main() -> int:
            "quarter of them assistant replies, + 240 benign: terse mid-conversation turns, follow-ups, feelings, tasks, "
            "assistant answers, ordinary uses of sensitive words) and `fresh_chattest_*` (the same brief; measured "
            "twice, see bench/results/moderation_chat.md). Since the twentieth session the learned scorer also trains "
-           "on 2,785 + 3,687 texts that thirteen other helpers wrote as training data, in two rounds (`minichat/moderation/written`; "
+           "on 3,681 + 4,577 texts that sixteen other helpers wrote as training data, in three rounds (`minichat/moderation/written`; "
            "texts that nearly repeat any evaluation text were removed); their weight and the heads' bias shift "
            "were chosen on the dev sets; the test sets were only measured, not used to choose. \"Right family\": a "
 "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",

@@ -31,7 +31,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "model" / "scorer.npz"
 #     held-out recall (hatecheck 0.93 -> 0.87) for 0.88 / 4.6%.
 # The generated ordinary chat turns (synth_chat) count 3 times: outweighed by the hand-written harmful texts,
 # "Did you just text him?" was flagged as harassment again (0.61); at 3 no short test turn is, for 0.91 / 5.1%.
-# (Chosen with the first 3,254 texts; with all 6,472, the same settings gave 0.94 / 4.0%.)
+# (Chosen with the first 3,254 texts; with all 8,258, the same settings gave 0.95 / 4.2%.)
 WRITTEN_WEIGHT = 6.0
 BIAS_SHIFT = 0.6
 CHAT_WEIGHT = 3.0
