@@ -21,9 +21,9 @@ cannot say what it wants must not pad or count forever.
 
 Supported schema keywords: type (one or a list), properties, required, additionalProperties (true, false or a
 schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
-maxItems, minLength, maxLength, enum, const, anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title,
-format, pattern, minimum, maximum, ...) are accepted and not enforced. The root must be an object or an array,
-so the end of the value is known without the end of the output.
+maxItems, minLength, maxLength, enum, const, anyOf / oneOf, $ref to #/$defs or #/definitions (recursion
+allowed). Other keywords (description, title, format, pattern, minimum, maximum, ...) are accepted and not
+enforced. The root must be an object or an array, so the end of the value is known without the end of the output.
 """
 from __future__ import annotations
 

@@ -100,8 +100,8 @@ def grammar_rate(tok_dir: str, batches: list[int], new_tokens: int) -> list[dict
                       max_seq_len=2048)
     eng = Engine(Transformer(cfg).eval().to("cuda"), tok, max_batch=max(batches), stop_token_ids=[])
     s = {"type": "string", "maxLength": 40}
-    schema = {"type": "object", "properties": {"name": s, "age": {"type": "integer"}, "tags": {
-        "type": "array", "items": s, "maxItems": 8}}, "required": ["name", "age", "tags"], "additionalProperties": False}
+    props = {"name": s, "age": {"type": "integer"}, "tags": {"type": "array", "items": s, "maxItems": 8}}
+    schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
     t0 = time.perf_counter()
     grammar = JSONGrammar(TokenVocab(tok), schema)
     build_s = time.perf_counter() - t0
@@ -133,7 +133,8 @@ def grammar_rate(tok_dir: str, batches: list[int], new_tokens: int) -> list[dict
             rs = sorted(rates[w])
             out.append({"what": "grammar", "way": w, "batch": B, "prompt": 64, "max_tokens": new_tokens,
                         "tokens_per_s": round(rs[1]), "runs": [round(r) for r in rates[w]], "tokens": ntok[w],
-                        "ms_per_step": round(sorted(step_ms[w])[1], 2), "step_ms_runs": [round(x, 2) for x in step_ms[w]],
+                        "ms_per_step": round(sorted(step_ms[w])[1], 2),
+                        "step_ms_runs": [round(x, 2) for x in step_ms[w]],
                         "vocab": tok.vocab_size, "first_run_s": round(warm_s, 2), "vocab_build_s": round(build_s, 2)})
     return out
 

@@ -2,8 +2,8 @@
 
 Trains one logistic-regression head per category on hashed n-grams of: the development part of the shared
 moderation data (davidson + hatecheck; the held-out 20% is never read for training), the project's own
-generated examples (synth.py) and its hand-written labelled texts (written/, see data.load_written). Writes a compressed .npz (no pickle) atomically; the default output is the
-artefact packaged in minichat/moderation/model/.
+generated examples (synth.py) and its hand-written labelled texts (written/, see data.load_written). Writes a
+compressed .npz (no pickle) atomically; the default output is the artefact packaged in minichat/moderation/model/.
 """
 from __future__ import annotations
 

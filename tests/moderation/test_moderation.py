@@ -435,7 +435,8 @@ def test_written_texts_labels(tmp_path):
 
 
 @pytest.mark.parametrize("line,msg", [("harrassment\tyou idiot", "unknown category 'harrassment'"),
-                                      ("hate those people", "expected LABEL<tab>TEXT"), ("hate\t  ", "expected LABEL<tab>TEXT")])
+                                      ("hate those people", "expected LABEL<tab>TEXT"),
+                                      ("hate\t  ", "expected LABEL<tab>TEXT")])
 def test_written_texts_bad_line_is_a_clear_error(tmp_path, line, msg):
     from minichat.moderation.data import load_written
 
