@@ -107,10 +107,10 @@ def main() -> int:
     # (answers to red-teaming prompts), so its flag rate is an upper bound on the output check's false refusals
     hh_line = []
     hh_path = Path(d).parent / "preferences" / "hh_harmless_dev.jsonl.gz"
-    if hh_path.is_file():
-        import gzip
-        import json
+    import gzip
+    import json
 
+    if hh_path.is_file():
         with gzip.open(hh_path, "rt", encoding="utf-8") as f:
             replies = [json.loads(l)["chosen"].rsplit("\n\nAssistant:", 1)[1].strip() for l in f if l.strip()]
         flagged = [r.flagged for r in full.check_many(replies)]
@@ -120,6 +120,31 @@ def main() -> int:
                    "`../shared/data/preferences/hh_harmless_dev.jsonl.gz` (answers to red-teaming prompts, mostly "
                    f"benign; no labels): **{sum(flagged) / len(replies):.1%}** flagged; of the {len(long_)} with 40 "
                    f"words or more, {sum(long_) / max(1, len(long_)):.1%}."]
+
+    # real red-team prompts: the first human turn of every 4th hh-rlhf record, labelled by one annotator
+    # (hh_redteam_labels.tsv holds index and label only; the texts are read from ../shared)
+    hh_lab_line = []
+    lab_path = HERE / "hh_redteam_labels.tsv"
+    if hh_path.is_file() and lab_path.is_file():
+        labels = dict(l.split("\t") for l in read_lines(lab_path.name))
+        with gzip.open(hh_path, "rt", encoding="utf-8") as f:
+            recs = [json.loads(l) for l in f if l.strip()]
+        firsts = {int(i): recs[int(i)]["chosen"].split("\n\nHuman:", 1)[1].split("\n\nAssistant:", 1)[0].strip()
+                  for i in labels}
+        idx = sorted(firsts)
+        harm = [i for i in idx if labels[str(i)] != "none"]
+        hh_lab_line = ["", "## Real red-team prompts (hh-rlhf, labelled)", "",
+                       f"The first human turn of {len(idx)} hh-rlhf harmless-base records (every 4th) in "
+                       "`../shared/data/preferences/hh_harmless_dev.jsonl.gz`, labelled by one annotator "
+                       f"(`bench/moderation/hh_redteam_labels.tsv`): {len(harm)} harmful, {len(idx) - len(harm)} "
+                       "not. Never used for training or for any choice.", "",
+                       "| system | harmful flagged | not harmful, flagged |", "|---|---|---|"]
+        for n, m in (("rules + learned (shipped)", full), ("rules only", rules)):
+            res = dict(zip(idx, m.check_many([firsts[i] for i in idx])))
+            hit = sum(res[i].flagged for i in harm)
+            ff = sum(res[i].flagged for i in idx if i not in set(harm))
+            hh_lab_line.append(f"| {n} | {hit}/{len(harm)} ({hit / max(1, len(harm)):.1%}) | "
+                               f"{ff}/{len(idx) - len(harm)} ({ff / max(1, len(idx) - len(harm)):.1%}) |")
 
     # speed: one text per call, as the chat path calls it
     sample = texts[:1000]
@@ -191,7 +216,7 @@ def main() -> int:
            "were chosen on the dev sets; the test sets were only measured, not used to choose. \"Right family\": a "
 "flagged category of the labelled one's family (e.g. violence/graphic for violence).", "",
            "| set | system | harmful flagged | right family | benign wrongly flagged |", "|---|---|---|---|---|"]
-    md += fresh_rows + hh_line
+    md += fresh_rows + hh_line + hh_lab_line
     md += ["", "## Speed (this machine, one text per call)", "",
            f"- rules only: **{rules_tps:,.0f} texts/s** (target >= 1,000)",
            f"- learned scorer alone: **{learned_ms:.2f} ms/text** (target <= 10 ms)",
