@@ -21,9 +21,11 @@ cannot say what it wants must not pad or count forever.
 
 Supported schema keywords: type (one or a list), properties, required, additionalProperties (true, false or a
 schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
-maxItems, minLength, maxLength, enum, const, anyOf / oneOf, $ref to #/$defs or #/definitions (recursion
-allowed). Other keywords (description, title, format, pattern, minimum, maximum, ...) are accepted and not
-enforced. The root must be an object or an array, so the end of the value is known without the end of the output.
+maxItems, minLength, maxLength, pattern (regex_fsm.py, through interegular: a string under a pattern takes no escapes), format (date,
+time, date-time, uuid, email, ipv4, hostname as shapes), enum, const, anyOf / oneOf, $ref to #/$defs or
+#/definitions (recursion allowed). Other keywords (description, title, other formats, minimum, maximum, ...) are
+accepted and not enforced. The root must be an object or an array, so the end of the value is known without the
+end of the output.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minichat.errors import MinichatError
+from minichat.regex_fsm import FORMATS, Regex, RegexError
 
 MAX_WS = 20  # whitespace between JSON tokens: one newline at most, first, then up to MAX_WS spaces or tabs
 MAX_NUMBER = 24  # characters of one number (a model must not write digits forever)
@@ -62,6 +65,7 @@ class _Node:
     literals: tuple = ()  # enum: the values as compact JSON texts
     alts: tuple = ()  # anyof: node ids
     lengths: tuple | None = None  # string: (minLength, maxLength or None) in characters (an escape counts one)
+    pattern: int | None = None  # string: index of its Regex (pattern, or a known format) in the grammar's list
 
 
 class _Compiler:
@@ -72,6 +76,7 @@ class _Compiler:
     def __init__(self, root_schema: Any):
         self.root = root_schema
         self.nodes: list[_Node | None] = []
+        self.regexes: list = []  # regex_fsm.Regex per pattern / format string node
         self.by_ref: dict[str, int] = {}
 
     def add(self, node: _Node) -> int:
@@ -152,11 +157,27 @@ class _Compiler:
             self.nodes[i] = _Node("array", items=self.compile(s.get("items", True), f"{path}.items"),
                                   min_items=lo, max_items=hi)
             return i
-        if t == "string" and ("minLength" in s or "maxLength" in s):
-            lo, hi = s.get("minLength", 0), s.get("maxLength")
-            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
-                raise SchemaError(f"{path}: minLength / maxLength must be integers with 0 <= minLength <= maxLength")
-            return self.add(_Node("string", lengths=(lo, hi)))
+        if t == "string":
+            lengths = None
+            if "minLength" in s or "maxLength" in s:
+                lo, hi = s.get("minLength", 0), s.get("maxLength")
+                if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+                    raise SchemaError(f"{path}: minLength / maxLength must be integers with 0 <= minLength <= "
+                                      "maxLength")
+                lengths = (lo, hi)
+            pattern = None
+            # a pattern, or else a format whose shape is known (date, time, date-time, uuid, email, ipv4, hostname);
+            # other formats are not enforced
+            text = s.get("pattern", FORMATS.get(s.get("format")) if isinstance(s.get("format"), str) else None)
+            if text is not None:
+                try:
+                    self.regexes.append(Regex(text))
+                except RegexError as e:
+                    raise SchemaError(f"{path}.pattern: {e}") from None
+                pattern = len(self.regexes) - 1
+            if lengths is None and pattern is None:
+                return self.add(_Node("string"))
+            return self.add(_Node("string", lengths=lengths, pattern=pattern))
         return self.add(_Node(t))
 
     def ref(self, ref: Any, path: str) -> int:
@@ -231,6 +252,7 @@ class JSONGrammar:
         self.nodes: list[_Node] = comp.nodes  # type: ignore[assignment]
         self.free_arr = comp.add(_Node("array", items=self.any))
         self.root = root
+        self.regexes = comp.regexes
         starts = self._value_starts(root)
         if not starts or not starts <= {"{", "["}:
             raise SchemaError("the schema's root must be an object or an array (so the value's end is known)")
@@ -314,7 +336,11 @@ class JSONGrammar:
         if k == "array":
             return [(ARR0, None, 0, stack + (("a", node, 0),))] if c == "[" else []
         if k == "string":
-            return [(STR, n.lengths, 0, stack)] if c == '"' else []
+            if c != '"':
+                return []
+            if n.pattern is not None:  # a = ("re", regex index, its automaton's state, lengths)
+                return [(STR, ("re", n.pattern, self.regexes[n.pattern].start, n.lengths), 0, stack)]
+            return [(STR, n.lengths, 0, stack)]
         if k in ("number", "integer"):
             return [self._num_start(c, k == "integer", stack)] if (c == "-" or c in DIGITS) else []
         if k == "boolean":
@@ -356,6 +382,19 @@ class JSONGrammar:
     def _step(self, s: tuple, c: str) -> list:
         mode, a, b, stack = s
         if mode == STR:  # a: "key" (an object's free key), None (a value) or (min, max) length; b: length so far
+            if isinstance(a, tuple) and a[0] == "re":  # under a pattern: no escapes (the automaton reads characters)
+                _, rid, st, lengths = a
+                if c == '"':
+                    ok = self.regexes[rid].accepts(st) and (lengths is None or b >= lengths[0])
+                    return [self._complete(stack)] if ok else []
+                if c == "\\" or c < " " or (lengths is not None and lengths[1] is not None and b >= lengths[1]):
+                    return []
+                rx = self.regexes[rid]
+                st = rx.step(st, c)
+                if st is None or (lengths is not None and lengths[1] is not None
+                                  and rx.chars_to_match(st) > lengths[1] - b - 1):  # the match must fit maxLength
+                    return []
+                return [(STR, ("re", rid, st, lengths), b + 1 if lengths is not None else 0, stack)]
             bounded = isinstance(a, tuple)
             if c == '"':
                 if a == "key":
@@ -499,7 +538,7 @@ class JSONGrammar:
         else:
             v = self.vocab
             only = next(iter(states)) if len(states) == 1 else None
-            if only is not None and only[0] == STR:
+            if only is not None and only[0] == STR and not (isinstance(only[1], tuple) and only[1][0] == "re"):
                 # plain tokens keep a string a string; a bounded one takes those that fit in what is left
                 m = self._plain.copy()
                 a, b = only[1], only[2]

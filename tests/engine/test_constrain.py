@@ -427,3 +427,68 @@ def test_string_lengths(tok, vocab):
         assert feed(g, tok, '{"s": "' + bad + '"}')[0] is not None, bad
     with pytest.raises(SchemaError, match="minLength"):
         JSONGrammar(vocab, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 1}}})
+
+
+FORMATTED = {"type": "object", "properties": {
+    "day": {"type": "string", "format": "date"}, "at": {"type": "string", "format": "date-time"},
+    "id": {"type": "string", "format": "uuid"}, "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+    "note": {"type": "string", "pattern": "ok", "maxLength": 6}},
+    "required": ["day", "at", "id", "code", "note"], "additionalProperties": False}
+
+
+def _formatted_ok(value) -> bool:
+    """Checked by Python's datetime, re and uuid, not by the automaton under test."""
+    import datetime
+    import re
+    import uuid
+
+    datetime.date.fromisoformat(value["day"])  # a real calendar date (no 30 February)
+    assert "T" in value["at"]
+    datetime.datetime.fromisoformat(value["at"].replace("Z", "+00:00"))
+    uuid.UUID(value["id"])
+    return bool(re.fullmatch(r"[A-Z]{2}-\d{3}", value["code"]) and "ok" in value["note"] and len(value["note"]) <= 6)
+
+
+def test_pattern_and_format(tok, vocab):
+    g = JSONGrammar(vocab, FORMATTED)
+    good = {"day": "2024-02-29", "at": "2024-02-29T13:45:00Z", "id": "123e4567-e89b-12d3-a456-426614174000",
+            "code": "AB-123", "note": "is ok"}
+    assert _formatted_ok(good)
+    for style in range(3):
+        b, state = feed(g, tok, _dump(good, style))
+        assert b is None and state.finished, style
+    for ok_day in ("2000-02-29", "2024-02-29", "0400-02-29", "2023-04-30", "0001-01-01"):
+        assert feed(g, tok, json.dumps({**good, "day": ok_day}))[0] is None, ok_day
+    for key, bad in [("day", "2024-13-01"), ("day", "24-01-01"), ("day", "2023-02-29"), ("day", "1900-02-29"),
+                     ("day", "2023-04-31"), ("day", "0000-01-01"), ("at", "2024-02-29 13:45"),
+                     ("id", "123e4567e89b12d3a456426614174000"), ("code", "ab-123"), ("code", "AB-1234"),
+                     ("note", "nope"), ("note", "okokokok"), ("note", "o\\nk")]:
+        b, state = feed(g, tok, json.dumps({**good, key: bad}))
+        assert b is not None or not state.can_end, (key, bad)
+    # random paths through the grammar give values of the formats
+    rng, done = random.Random(2), 0
+    for _ in range(30):
+        text = _walk(g, vocab, rng, max_steps=400)
+        if text is not None:
+            assert _formatted_ok(json.loads(text)), text
+            done += 1
+    assert done >= 10
+    for schema, msg in [({"type": "string", "pattern": "a{3000}"}, "a count over 256"),
+                        ({"type": "string", "pattern": "[a-"}, "is not supported"), ({"type": "string", "pattern": 5},
+                                                                                    "must be a string")]:
+        with pytest.raises(SchemaError, match=msg):
+            JSONGrammar(vocab, {"type": "object", "properties": {"s": schema}})
+
+
+_PATTERNS = [r"^\d{2,4}$", r"ab+c", r"^(cat|dog)s?$", r"^[^0-9]{2,3}$", r"^(?:x|y)*z$", r"^[\w.-]+@x\.io$",
+             r"a.c", r"^(ab|a)(bc|c)?$", r"^[a-c]{0,2}[b-d]+$", r"\s"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.sampled_from(_PATTERNS), text=st.text(st.sampled_from("abcdxyz019@.-_ sgot"), max_size=8))
+def test_regex_automaton_agrees_with_python(pattern, text):
+    import re
+
+    from minichat.regex_fsm import Regex
+
+    assert Regex(pattern).matches(text) == bool(re.search(pattern, text)), (pattern, text)
