@@ -21,11 +21,11 @@ cannot say what it wants must not pad or count forever.
 
 Supported schema keywords: type (one or a list), properties, required, additionalProperties (true, false or a
 schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
-maxItems, minLength, maxLength, pattern (regex_fsm.py, through interegular: a string under a pattern takes no escapes), format (date,
-time, date-time, uuid, email, ipv4, hostname as shapes), enum, const, anyOf / oneOf, $ref to #/$defs or
-#/definitions (recursion allowed). Other keywords (description, title, other formats, minimum, maximum, ...) are
-accepted and not enforced. The root must be an object or an array, so the end of the value is known without the
-end of the output.
+maxItems, minLength, maxLength, pattern (regex_fsm.py, through interegular: a string under a pattern takes no
+escapes), format (date and date-time with the real calendar, time, uuid, email, ipv4, hostname), enum, const,
+anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title, other
+formats, minimum, maximum, ...) are accepted and not enforced. The root must be an object or an array, so the end
+of the value is known without the end of the output.
 """
 from __future__ import annotations
 
