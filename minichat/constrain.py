@@ -24,8 +24,9 @@ schema; when absent, an object with properties takes no other keys and one witho
 maxItems, minLength, maxLength, pattern (regex_fsm.py, through interegular: a string under a pattern takes no
 escapes), format (date and date-time with the real calendar, time, uuid, email, ipv4, hostname), enum, const,
 anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title, other
-formats, minimum, maximum, ...) are accepted and not enforced. The root must be an object or an array, so the end
-of the value is known without the end of the output.
+formats, a number's minimum and maximum, ...) are accepted and not enforced; an integer's minimum, maximum,
+exclusiveMinimum and exclusiveMaximum are enforced (its digits follow an automaton of the range). The root must
+be an object or an array, so the end of the value is known without the end of the output.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minichat.errors import MinichatError
-from minichat.regex_fsm import FORMATS, Regex, RegexError
+from minichat.regex_fsm import FORMATS, Regex, RegexError, integer_range
 
 MAX_WS = 20  # whitespace between JSON tokens: one newline at most, first, then up to MAX_WS spaces or tabs
 MAX_NUMBER = 24  # characters of one number (a model must not write digits forever)
@@ -45,7 +46,7 @@ HEX = "0123456789abcdefABCDEF"
 _LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds all texts with that prefix
 
 # parser modes (the first field of a state)
-VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE, PRE, POST = range(16)
+VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE, PRE, POST, NUMRE = range(17)
 
 
 class SchemaError(MinichatError):
@@ -178,6 +179,28 @@ class _Compiler:
             if lengths is None and pattern is None:
                 return self.add(_Node("string"))
             return self.add(_Node("string", lengths=lengths, pattern=pattern))
+        bounds = [k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in s]
+        if t == "integer" and bounds:  # a range of integers as an automaton over its digits
+            import math
+
+            lo = hi = None
+            for k in bounds:
+                v = s[k]
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise SchemaError(f"{path}.{k} must be a number")
+                if k == "minimum":
+                    lo = max(lo, math.ceil(v)) if lo is not None else math.ceil(v)
+                elif k == "exclusiveMinimum":
+                    lo = max(lo, math.floor(v) + 1) if lo is not None else math.floor(v) + 1
+                elif k == "maximum":
+                    hi = min(hi, math.floor(v)) if hi is not None else math.floor(v)
+                else:
+                    hi = min(hi, math.ceil(v) - 1) if hi is not None else math.ceil(v) - 1
+            try:
+                self.regexes.append(Regex(integer_range(lo, hi, MAX_NUMBER)))
+            except RegexError as e:
+                raise SchemaError(f"{path}: {e}") from None
+            return self.add(_Node("integer", pattern=len(self.regexes) - 1))
         return self.add(_Node(t))
 
     def ref(self, ref: Any, path: str) -> int:
@@ -341,6 +364,9 @@ class JSONGrammar:
             if n.pattern is not None:  # a = ("re", regex index, its automaton's state, lengths)
                 return [(STR, ("re", n.pattern, self.regexes[n.pattern].start, n.lengths), 0, stack)]
             return [(STR, n.lengths, 0, stack)]
+        if k == "integer" and n.pattern is not None:  # (NUMRE, regex index, its automaton's state, stack)
+            st = self.regexes[n.pattern].step(self.regexes[n.pattern].start, c)
+            return [(NUMRE, n.pattern, st, stack)] if st is not None else []
         if k in ("number", "integer"):
             return [self._num_start(c, k == "integer", stack)] if (c == "-" or c in DIGITS) else []
         if k == "boolean":
@@ -457,6 +483,14 @@ class JSONGrammar:
             if sub in ("zero", "int", "frac", "exp"):  # the number ended before this character
                 return self._step(self._complete(stack), c)
             return []
+        if mode == NUMRE:  # an integer in a range: its digits follow the automaton
+            rx = self.regexes[a]
+            if c == "-" or c in DIGITS:
+                st = rx.step(b, c)
+                if st is not None:
+                    return [(NUMRE, a, st, stack)]
+            # the number ended before this character, if it is complete
+            return self._step(self._complete(stack), c) if rx.accepts(b) else []
         if mode == LIT:
             if c != a[0]:
                 return []

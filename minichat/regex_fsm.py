@@ -13,6 +13,7 @@ from collections import deque
 from minichat.errors import MinichatError
 
 MAX_REPEAT = 256  # a count such as {1000} unrolls into as many automaton states: a schema may not ask for more
+MAX_PATTERN = 1000  # characters: the pattern is compiled while a request waits
 
 # a calendar date: years 0001-9999, each month's days, 29 February in leap years only (pydantic rejects the rest)
 _YEAR = r"(?:[1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -46,6 +47,8 @@ class Regex:
 
         if not isinstance(pattern, str):
             raise RegexError(f"a pattern must be a string, got {type(pattern).__name__}")
+        if len(pattern) > MAX_PATTERN:
+            raise RegexError(f"a pattern may have at most {MAX_PATTERN} characters, this one has {len(pattern)}")
         for m in _COUNT.finditer(pattern):
             if any(g and int(g) > MAX_REPEAT for g in m.groups()):
                 raise RegexError(f"pattern {pattern!r}: a count over {MAX_REPEAT} ({m.group(0)})")
@@ -97,3 +100,50 @@ class Regex:
             if s is None:
                 return False
         return self.accepts(s)
+
+
+def integer_range(lo: int | None, hi: int | None, max_digits: int = 24) -> str:
+    """An anchored pattern of the JSON integers in [lo, hi] (None: unbounded on that side, up to max_digits
+    digits): no leading zeros, no "-0"."""
+    if lo is not None and hi is not None and lo > hi:
+        raise RegexError(f"no integer lies in [{lo}, {hi}]")
+    alts = []
+    if hi is None or hi >= 0:  # the non-negative part
+        alts.append(_uint_range(max(lo, 0) if lo is not None else 0, hi, max_digits))
+    if lo is None or lo < 0:  # the negative part: "-" and a magnitude in [max(1, -hi), -lo]
+        alts.append("-" + _uint_range(max(1, -hi) if hi is not None else 1, -lo if lo is not None else None,
+                                      max_digits))
+    return "^(?:" + "|".join(alts) + ")$"
+
+
+def _uint_range(a: int, b: int | None, max_digits: int) -> str:
+    """The decimal numbers in [a, b] (b None: any larger, up to max_digits digits), without leading zeros. The
+    lengths strictly between a's and b's are one class each way (interegular's parser slows down sharply with many
+    alternatives)."""
+    sa = str(a)
+    sb = str(b) if b is not None else None
+    if sb is not None and len(sb) == len(sa):
+        return "(?:" + _same_length(sa, sb) + ")"
+    parts = [_same_length(sa, "9" * len(sa))]
+    longest = len(sb) - 1 if sb is not None else max_digits  # the lengths taken whole
+    if longest > len(sa):  # numbers of len(sa)+1 .. longest digits: any
+        parts.append(r"[1-9]\d" + f"{{{len(sa)},{longest - 1}}}")
+    if sb is not None:
+        parts.append(_same_length("1" + "0" * (len(sb) - 1), sb))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _same_length(lo: str, hi: str) -> str:
+    """The numbers of lo's length from lo to hi, digit by digit."""
+    if lo == hi:
+        return lo
+    if len(lo) == 1:
+        return f"[{lo}-{hi}]"
+    if lo[0] == hi[0]:
+        return lo[0] + "(?:" + _same_length(lo[1:], hi[1:]) + ")"
+    rest = len(lo) - 1
+    parts = [lo[0] + "(?:" + _same_length(lo[1:], "9" * rest) + ")"]
+    if int(hi[0]) - int(lo[0]) > 1:
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + r"\d" + f"{{{rest}}}")
+    parts.append(hi[0] + "(?:" + _same_length("0" * rest, hi[1:]) + ")")
+    return "(?:" + "|".join(parts) + ")"

@@ -345,6 +345,8 @@ def _schemas(depth: int = 2):
         st.lists(st.one_of(st.integers(-20, 20), st.sampled_from(["a", "b", "ab", "x y"]), st.booleans(), st.none()),
                  min_size=1, max_size=4, unique=True).map(lambda v: {"enum": v}),
         st.sampled_from([{"const": 10}, {"const": "k"}, {"type": ["string", "null"]},
+                         {"type": "integer", "minimum": -3, "maximum": 40}, {"type": "integer", "exclusiveMinimum": 7},
+                         {"type": "string", "pattern": "^[a-c]{1,3}$"}, {"type": "string", "format": "date"},
                          {"type": "string", "minLength": 2, "maxLength": 4}, {"type": "string", "maxLength": 0}]),
     )
     if depth == 0:
@@ -492,3 +494,28 @@ def test_regex_automaton_agrees_with_python(pattern, text):
     from minichat.regex_fsm import Regex
 
     assert Regex(pattern).matches(text) == bool(re.search(pattern, text)), (pattern, text)
+
+
+def test_integer_ranges(tok, vocab):
+    schema = {"type": "object", "properties": {"pct": {"type": "integer", "minimum": 0, "maximum": 100},
+                                               "neg": {"type": "integer", "exclusiveMaximum": 0},
+                                               "big": {"type": "integer", "minimum": 1000}},
+              "required": ["pct", "neg", "big"], "additionalProperties": False}
+    g = JSONGrammar(vocab, schema)
+    for pct, neg, big in [(0, -1, 1000), (100, -57, 123456), (42, -1000000, 99999)]:
+        for style in range(3):
+            b, state = feed(g, tok, _dump({"pct": pct, "neg": neg, "big": big}, style))
+            assert b is None and state.finished, (pct, neg, big, style)
+    for bad in ['{"pct": 101', '{"pct": -1', '{"pct": 007', '{"pct": 5, "neg": 0,', '{"pct": 5, "neg": -0',
+                '{"pct": 5, "neg": 3', '{"pct": 5, "neg": -1, "big": 999}', '{"pct": 1.5']:
+        b, state = feed(g, tok, bad)
+        assert b is not None or not state.can_end, bad
+    rng, done = random.Random(4), 0
+    for _ in range(30):
+        text = _walk(g, vocab, rng, max_steps=300)
+        if text is not None:
+            jsonschema.validate(json.loads(text), schema)
+            done += 1
+    assert done >= 10
+    with pytest.raises(SchemaError, match="no integer lies"):
+        JSONGrammar(vocab, {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 2}}})
