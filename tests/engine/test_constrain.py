@@ -519,3 +519,17 @@ def test_integer_ranges(tok, vocab):
     assert done >= 10
     with pytest.raises(SchemaError, match="no integer lies"):
         JSONGrammar(vocab, {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 2}}})
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 100), (-5, 5), (1, None), (None, -3), (17, 2345), (-1000, -999), (0, 0),
+                                   (None, None), (7, 7), (-20, 13), (1000, None), (3, 123456)])
+def test_integer_range_automaton(lo, hi):
+    """integer_range's automaton against Python's integers: every value in -3000..3000 and random ones."""
+    from minichat.regex_fsm import Regex, integer_range
+
+    r, rng = Regex(integer_range(lo, hi, 6)), random.Random(0)
+    for v in list(range(-3000, 3001)) + [rng.randint(-10**7, 10**7) for _ in range(300)]:
+        want = (lo is None or v >= lo) and (hi is None or v <= hi) and len(str(abs(v))) <= 6
+        assert r.matches(str(v)) == want, v
+    for bad in ("-0", "01", "", "-", "1.0", "+1"):
+        assert not r.matches(bad), bad
