@@ -58,7 +58,6 @@ class _Node:
     kind: str  # any | object | array | string | number | integer | boolean | null | enum | anyof
     props: tuple = ()  # object: ((key, node id), ...)
     required: frozenset = frozenset()
-    free_keys: bool = False  # object without properties: any key (its values are `extra`)
     extra: int | None = None  # object: node id of the values of keys not among props (None: no such keys)
     items: int = 0  # array: node id of the items
     min_items: int = 0
@@ -148,7 +147,7 @@ class _Compiler:
                 return i
             self.nodes[i] = _Node("object", props=tuple((k, self.compile(v, f"{path}.properties.{k}"))
                                                         for k, v in props.items()),
-                                  required=frozenset(required), free_keys=not props, extra=extra)
+                                  required=frozenset(required), extra=extra)
             return i
         if t == "array":
             lo, hi = s.get("minItems", 0), s.get("maxItems")
@@ -183,19 +182,15 @@ class _Compiler:
         if t == "integer" and bounds:  # a range of integers as an automaton over its digits
             import math
 
-            lo = hi = None
             for k in bounds:
-                v = s[k]
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                if isinstance(s[k], bool) or not isinstance(s[k], (int, float)):
                     raise SchemaError(f"{path}.{k} must be a number")
-                if k == "minimum":
-                    lo = max(lo, math.ceil(v)) if lo is not None else math.ceil(v)
-                elif k == "exclusiveMinimum":
-                    lo = max(lo, math.floor(v) + 1) if lo is not None else math.floor(v) + 1
-                elif k == "maximum":
-                    hi = min(hi, math.floor(v)) if hi is not None else math.floor(v)
-                else:
-                    hi = min(hi, math.ceil(v) - 1) if hi is not None else math.ceil(v) - 1
+            # the smallest and largest integers the bounds allow
+            lows = [math.ceil(s[k]) for k in bounds if k == "minimum"] + \
+                [math.floor(s[k]) + 1 for k in bounds if k == "exclusiveMinimum"]
+            highs = [math.floor(s[k]) for k in bounds if k == "maximum"] + \
+                [math.ceil(s[k]) - 1 for k in bounds if k == "exclusiveMaximum"]
+            lo, hi = (max(lows) if lows else None), (min(highs) if highs else None)
             try:
                 self.regexes.append(Regex(integer_range(lo, hi, MAX_NUMBER)))
             except RegexError as e:
@@ -270,7 +265,7 @@ class JSONGrammar:
         self.vocab = vocab
         comp = _Compiler(schema)
         self.any = comp.add(_Node("any"))
-        self.free_obj = comp.add(_Node("object", free_keys=True, extra=self.any))  # what an untyped "{" opens
+        self.free_obj = comp.add(_Node("object", extra=self.any))  # what an untyped "{" opens
         root = self.free_obj if schema is None else comp.compile(schema)
         self.nodes: list[_Node] = comp.nodes  # type: ignore[assignment]
         self.free_arr = comp.add(_Node("array", items=self.any))
@@ -354,7 +349,8 @@ class JSONGrammar:
             return [(LIT, lit, 0, stack)] if lit else []
         if k == "object":
             # the frame: ("o", node, keys used, the node of the value after the next colon)
-            return [(OBJ0, None, 0, stack + (("o", node, frozenset(), n.extra if n.free_keys else self.any),))] \
+            # an object without properties takes any key, so each value follows its additionalProperties
+            return [(OBJ0, None, 0, stack + (("o", node, frozenset(), self.any if n.props else n.extra),))] \
                 if c == "{" else []
         if k == "array":
             return [(ARR0, None, 0, stack + (("a", node, 0),))] if c == "[" else []
@@ -396,7 +392,7 @@ class JSONGrammar:
 
     def _key_start(self, frame: tuple, stack: tuple) -> list:
         n = self.nodes[frame[1]]
-        if n.free_keys:
+        if not n.props:  # any key: its text is not tracked
             return [(STR, "key", 0, stack)]
         return [(KSTR, "", 0, stack)] if (n.extra is not None or self._keys_left(frame)) else []
 
