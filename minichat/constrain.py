@@ -16,8 +16,10 @@ with the previous token and skipping every token that starts with a prefix alrea
 of the vocabulary, without building one. Inside a string most tokens are plain text, which leaves the state as
 it was; those are one precomputed mask, and only tokens with a quote, a backslash or a control character are
 walked. Whitespace between JSON tokens is a newline and an indent of at most MAX_WS characters (as in llama.cpp's
-JSON grammar), none before the root value, and a number has at most MAX_NUMBER characters: a small model that
-cannot say what it wants must not pad or count forever.
+JSON grammar), none before the root value, a number has at most MAX_NUMBER characters, a free value nests at most
+MAX_DEPTH deep, and no key comes twice in one object (each request's GrammarState reads the keys from its own
+output, beside the shared states: see _Keys): a small model that cannot say what it wants must not pad, count,
+nest or repeat a key forever.
 
 Supported schema keywords: type (one or a list), properties, required, additionalProperties (true, false or a
 schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
@@ -41,6 +43,7 @@ from minichat.regex_fsm import FORMATS, Regex, RegexError, integer_range
 
 MAX_WS = 20  # whitespace between JSON tokens: one newline at most, first, then up to MAX_WS spaces or tabs
 MAX_NUMBER = 24  # characters of one number (a model must not write digits forever)
+MAX_DEPTH = 10  # arrays and objects a free value may open inside each other (OpenAI's structured outputs allow 10)
 DIGITS = "0123456789"
 HEX = "0123456789abcdefABCDEF"
 _LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds all texts with that prefix
@@ -250,6 +253,7 @@ class TokenVocab:
         self.plain_len = np.array([len(t) if t is not None else 0 for t in self.text])  # characters per token
         self.special_text = [t for t, _ in special_pairs]
         self.special_ids_sorted = [i for _, i in special_pairs]
+        self.two_quote_ids = [i for t, i in special_pairs if t.count('"') >= 2]  # may hold a whole key
 
 
 class JSONGrammar:
@@ -337,6 +341,8 @@ class JSONGrammar:
                 out.extend(self._start_value(a, c, stack))
             return out
         if k == "any":
+            if c in "{[" and len(stack) >= MAX_DEPTH:
+                return []
             if c == "{":
                 return [(OBJ0, None, 0, stack + (("o", self.free_obj, frozenset(), self.any),))]
             if c == "[":
@@ -625,22 +631,101 @@ class JSONGrammar:
         return out
 
 
+class _Keys:
+    """The keys each open object has used, read from the output's characters beside the grammar's states (which
+    leave a free key's text out, so that their masks stay shared): a key may not come twice in one object.
+    JSON allows it, but a parser keeps only one of the values, and a small model repeats a key forever
+    ("label": ..., "label": ...) where a used one is refused."""
+
+    def __init__(self):
+        self.stack: list = []  # per open container: a set of used keys (an object) or None (an array)
+        self.expect_key = False  # the next string in this object is a key
+        self.string: str | None = None  # the raw text of the key being written, "" while in a value string
+        self.in_key = False
+        self.esc = 0  # -1 right after a backslash, then the hex digits of \uXXXX still to come
+
+    def copy(self) -> "_Keys":
+        k = _Keys.__new__(_Keys)
+        k.__dict__.update(self.__dict__)
+        k.stack = [None if x is None else set(x) for x in self.stack]
+        return k
+
+    def feed(self, text: str) -> bool:
+        """Read the output's next characters; True if they completed a key its object had used."""
+        repeated = False
+        for c in text:
+            if self.string is not None:
+                if self.esc == -1:  # the character after a backslash
+                    self.esc = 4 if c == "u" else 0
+                elif self.esc:  # a hex digit of \uXXXX
+                    self.esc -= 1
+                elif c == "\\":
+                    self.esc = -1
+                elif c == '"':
+                    if self.in_key and self.stack and self.stack[-1] is not None:
+                        repeated |= self.string in self.stack[-1]
+                        self.stack[-1].add(self.string)
+                    self.string, self.in_key = None, False
+                    continue
+                if self.in_key:
+                    self.string += c
+            elif c == '"':
+                self.in_key = self.expect_key
+                self.string, self.expect_key = "", False
+            elif c in "{[":
+                self.stack.append(set() if c == "{" else None)
+                self.expect_key = c == "{"
+            elif c in "}]":
+                if self.stack:
+                    self.stack.pop()
+                self.expect_key = False
+            elif c == ",":
+                self.expect_key = bool(self.stack) and self.stack[-1] is not None
+        return repeated
+
+    def closing_used(self) -> list[str]:
+        """Texts a token may not start with now: the rest of a used key of this object, then its closing quote."""
+        if not self.in_key or self.esc or not self.stack or not self.stack[-1]:
+            return []
+        t = self.string
+        return [u[len(t):] + '"' for u in self.stack[-1] if u.startswith(t)]
+
+    def may_repeat(self) -> bool:
+        """Outside a value's string, in an object that has used a key: a token with two quotes could name it."""
+        return bool(self.stack) and bool(self.stack[-1]) and (self.string is None or self.in_key)
+
+
 class GrammarState:
     """One request's place in its grammar."""
 
     def __init__(self, grammar: JSONGrammar):
         self.grammar = grammar
         self.states = grammar.initial
+        self.keys = _Keys()
 
     unconstrained = False
 
     def allowed(self):
         """(vocabulary,) bool: the tokens that may come next (a new tensor)."""
-        return self.grammar.mask(self.states)
+        return ~self.rejected()
 
     def rejected(self):
         """(vocabulary,) bool: the tokens that may not come next (shared and cached: read only)."""
-        return self.grammar.rejected(self.states)
+        base = self.grammar.rejected(self.states)
+        v = self.grammar.vocab
+        bad = []
+        for p in self.keys.closing_used():  # the rest of a used key and its closing quote
+            lo = bisect.bisect_left(v.sorted_text, p)
+            bad += v.sorted_ids[lo:bisect.bisect_left(v.sorted_text, p + _LAST, lo)]
+        if self.keys.may_repeat():  # tokens that open and close a key in one, if it could be a used one
+            used = [k + '"' for u in self.keys.stack if u for k in u]
+            bad += [i for i in v.two_quote_ids if any(k in v.text[i] for k in used)
+                    and self.keys.copy().feed(v.text[i])]  # read on a copy, exactly
+        if not bad:
+            return base
+        out = base.clone()  # only while a key could end as one its object has used: a copy, the cache is shared
+        out[bad] = True
+        return out
 
     @property
     def dead(self) -> bool:
@@ -659,12 +744,17 @@ class GrammarState:
     def advance(self, token_id: int) -> bool:
         """Take the token; False (and a dead state that allows nothing) when the grammar rejects it."""
         text = self.grammar.vocab.text[token_id] if 0 <= token_id < self.grammar.vocab.size else None
+        return self.advance_text(text)
+
+    def advance_text(self, text: str | None) -> bool:
         s = self.states if text is not None else frozenset()
         for c in text or "":
             s = self.grammar.step_set(s, c)
             if not s:
                 break
         self.states = s
+        if s:
+            self.keys.feed(text)
         return bool(s)
 
 
@@ -742,13 +832,8 @@ class _TextOrGrammarState:
         head = self.text.lstrip()
         if head.startswith(g.prefix):
             inner = g.start()
-            s = inner.states
-            for c in head:
-                s = g.step_set(s, c)
-                if not s:
-                    break
-            if s:
-                inner.states, self.inner = s, inner
+            if inner.advance_text(head):
+                self.inner = inner
             else:
                 self.free = True  # a call begun badly inside one token: it stays text
         elif not g.prefix.startswith(head):

@@ -1,6 +1,7 @@
 """JSON output of the built-in model: how often it is valid, and what the grammar costs per token.
 
     python bench/engine/bench_json.py [--rounds 3] [--threads 2] [--weights fast] [--out bench/results/json.json]
+        [--temperature 0.2 --top-p 0.9 --dry 0.8]   (the API's defaults for the built-in model; greedy without)
 
 Each of PROMPTS asks SmolLM2-135M-Instruct for a JSON object, with a schema of the fields it names. Three ways,
 greedy, at batch 1, taking turns prompt by prompt:
@@ -83,6 +84,10 @@ def main() -> None:
     ap.add_argument("--weights", default="fast")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--out")
+    # the API's defaults for the built-in model are --temperature 0.2 --top-p 0.9 --dry 0.8 (sampled, seed 0)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--dry", type=float, default=0.0, help="dry_multiplier")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     eng = Engine.from_pretrained("smollm2", weights=a.weights)
@@ -101,7 +106,8 @@ def main() -> None:
             ids, _ = tok.render_chat([{"role": "user", "content": prompt}])
             for w in ways:
                 g = {"text": None, "json_object": free, "json_schema": schemas[k]}[w]
-                r = eng.submit(ids, SamplingParams(max_tokens=a.max_tokens, temperature=0.0, grammar=g))
+                r = eng.submit(ids, SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                                   dry_multiplier=a.dry, seed=0, grammar=g))
                 eng.step()  # the prompt and the first token
                 t = time.perf_counter()
                 while eng.has_unfinished():
@@ -129,7 +135,9 @@ def main() -> None:
                         pass
                 s["ended"] += c.finish_reason == "stop"
     n = len(PROMPTS)
-    print(f"SmolLM2-135M-Instruct, weights {a.weights}, {a.threads} threads, greedy, max_tokens {a.max_tokens}; "
+    how = "greedy" if a.temperature == 0 else f"T {a.temperature}, top_p {a.top_p}, seed 0"
+    print(f"SmolLM2-135M-Instruct, weights {a.weights}, {a.threads} threads, {how}, DRY {a.dry}, "
+          f"max_tokens {a.max_tokens}; "
           f"{n} prompts; token texts indexed in {vocab_s:.2f} s")
     print("| way | parses | parses leniently | follows the schema | ended by itself | ms / token, first round | "
           "ms / token, later rounds |")
@@ -149,7 +157,8 @@ def main() -> None:
             for k, (prompt, _) in enumerate(PROMPTS):
                 ids, _ = tok.render_chat([{"role": "user", "content": prompt}])
                 g = {"text": None, "json_object": free, "json_schema": schemas[k]}[w]
-                eng.submit(ids, SamplingParams(max_tokens=a.max_tokens, temperature=0.0, grammar=g))
+                eng.submit(ids, SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                               dry_multiplier=a.dry, seed=0, grammar=g))
             eng.step()  # prefill
             while eng.has_unfinished():
                 full = eng.num_running == len(PROMPTS)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minichat.constrain import JSONGrammar, SchemaError, TokenVocab, response_format_grammar
+from minichat.constrain import MAX_DEPTH, JSONGrammar, SchemaError, TokenVocab, response_format_grammar
 
 PERSON = {
     "type": "object",
@@ -88,7 +88,16 @@ def _value(schema):
     scalars = st.one_of(st.none(), st.booleans(), _int, st.floats(allow_nan=False, allow_infinity=False), _text)
     anyv = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(_text, c, max_size=3)),
                         max_leaves=8)
-    return st.dictionaries(_text, anyv, max_size=4)
+    return st.dictionaries(_text, anyv, max_size=4).filter(lambda v: _depth(v) <= MAX_DEPTH)
+
+
+def _depth(v) -> int:
+    """Containers open inside each other at the deepest point."""
+    if isinstance(v, dict):
+        return 1 + max(map(_depth, v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max(map(_depth, v), default=0)
+    return 0
 
 
 def _dump(value, style: int) -> str:
@@ -165,10 +174,70 @@ def test_random_paths_give_valid_json_of_the_schema(vocab, schema):
         text = _walk(grammar, vocab, rng)
         if text is None:
             continue
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
         jsonschema.validate(value, schema or {"type": "object"})
         done += 1
     assert done >= 20
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(set(keys)) == len(keys), f"a key twice in one object: {keys}"
+    return dict(pairs)
+
+
+@pytest.mark.parametrize("schema", [None, {"type": "object", "additionalProperties": {"type": "integer"}}])
+def test_a_key_may_not_come_twice_in_one_object(tok, vocab, schema):
+    """JSON allows a repeated key but a parser keeps one value; a small model repeats one forever where allowed."""
+    g = JSONGrammar(vocab, schema)
+    ok = ['{"a": 1, "ab": 2, "b": 3}', '{"ab": 1, "a": 2}', '{"a": 1, "b": 2, "a\\"": 3, "\\u0061b": 4}']
+    bad = ['{"a": 1, "a": 2}', '{"ab": 1, "b": 2, "ab": 3}', '{"a\\"b": 1, "a\\"b": 2}', '{"": 1, "": 2}']
+    if schema is None:
+        ok += ['{"a": {"a": 1, "b": [{"a": 1}, {"a": 2}]}, "b": {"a": {"a": 0}}}', '{"a": "a", "b": ["a", "a"]}']
+        bad += ['{"a": {"x": 1, "b": 2, "x": 3}}', '{"a": [{"b": 1, "b": 1}]}']
+    for text in ok:
+        b, state = feed(g, tok, text)
+        assert b is None and state.finished, text
+    for text in bad:
+        b, state = feed(g, tok, text)
+        assert b is not None, text
+        # refused where the repeat would close: the key can still go on, so the state is never a dead end
+        assert not state.dead and state.allowed().any(), text
+
+
+def test_a_used_key_is_refused_inside_one_token():
+    """A token that opens and closes a whole key: read on a copy of the key tracker."""
+    texts = ['{', '}', '"', 'a', 'b', ':', ',', ' ', '1', '"a"', ', "a"', '"b":']
+    tok = _ListTokenizer(texts)
+    g = JSONGrammar(TokenVocab(tok))
+    s = g.start()
+    for t in ['{', '"a"', ':', '1', ',']:
+        assert s.advance(texts.index(t)), t
+    rejected = s.rejected()
+    assert bool(rejected[texts.index('"a"')]) and not bool(rejected[texts.index('"b":')])
+    assert not bool(rejected[texts.index('"')])  # a key that starts with "a" is fine
+    s.advance(texts.index('"'))
+    s.advance(texts.index('a'))
+    assert bool(s.rejected()[texts.index('"')]) and not bool(s.rejected()[texts.index('b')])
+
+
+class _ListTokenizer:
+    """Token i is texts[i], no special tokens: exact control over which texts share one token."""
+
+    def __init__(self, texts):
+        self.texts, self.vocab_size, self.special_ids = texts, len(texts), []
+
+    def decode(self, ids):
+        return "".join(self.texts[i] for i in ids)
+
+
+def test_free_values_nest_at_most_max_depth(tok, vocab):
+    g = JSONGrammar(vocab)
+    deep = '{"a": ' * (MAX_DEPTH - 1) + '[]' + '}' * (MAX_DEPTH - 1)
+    b, state = feed(g, tok, deep)
+    assert b is None and state.finished
+    assert feed(g, tok, '{"a": ' * MAX_DEPTH + '{}' + '}' * MAX_DEPTH)[0] is not None
+    assert feed(g, tok, '{"a": ' + '[' * MAX_DEPTH + ']' * MAX_DEPTH + '}')[0] is not None
 
 
 @pytest.mark.parametrize("schema,msg", [
