@@ -1631,6 +1631,44 @@ class Engine:
         return [rows[i][: len(s) - 1] for i, s in enumerate(seqs)]
 
     @torch.inference_mode()
+    def embeddings(self, seqs: Sequence[Sequence[int]], pooling: str = "mean", batch: int = 16,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, d_model) float32 unit vectors, one per token sequence: the final (normed) hidden states, averaged
+        over the sequence's tokens ("mean") or taken at its last token ("last"), as llama.cpp's --pooling.
+        Runs the model's own weights (not the decoding path's packed ones), so it needs no idle engine: a
+        server calls it from another thread while generation goes on. dtype: the autocast type; by default
+        fp32 for weights="fp32", else bf16 where this device multiplies it clearly faster (runtime.resolve_dtype)."""
+        from minichat.runtime import autocast, resolve_dtype
+
+        if pooling not in ("mean", "last"):
+            raise MinichatError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        if dtype is None:
+            if getattr(self, "_embed_dtype", None) is None:
+                self._embed_dtype = torch.float32 if self.weights == "fp32" else resolve_dtype("auto", self.device)
+            dtype = self._embed_dtype
+        seqs = [self.check_prompt(s) for s in seqs]
+        out = torch.zeros(len(seqs), self.cfg.d_model)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]
+            L = len(seqs[rows[-1]])
+            ids = torch.zeros(len(rows), L, dtype=torch.long)
+            real = torch.zeros(len(rows), L)
+            for r, i in enumerate(rows):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                real[r, :len(seqs[i])] = 1
+            # right padding: with causal attention no real token sees a pad, so no mask is needed
+            with autocast(self.device, dtype):
+                _, h = self.model(ids.to(self.device), logits="none", return_hidden=True)  # (B, L, D)
+            h = h.float().cpu()
+            if pooling == "mean":
+                v = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            else:
+                v = h[torch.arange(len(rows)), real.sum(1).long() - 1]
+            out[rows] = torch.nn.functional.normalize(v, dim=-1)
+        return out
+
+    @torch.inference_mode()
     def logits(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Next-token logits (V,) after a prompt, through the engine's own forward (used by tests/benchmarks)."""
         ids = self.check_prompt(prompt_ids)

@@ -1,7 +1,7 @@
 """`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-POST /v1/moderations, GET /health; the web chat at / (static page) with its JSON API under /api.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
+GET /v1/models/{id}, POST /v1/moderations, GET /health; the web chat at / (static page) with its JSON API under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
 context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
 A client's mistake is never answered with a 5xx (OpenAI clients retry those).
@@ -31,7 +31,8 @@ from minichat.serve.generation import (
 )
 from minichat.serve.models import ModelRegistry, ServedModel
 from minichat.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, GenOptions, ModerationRequest, bad_request,
+    APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenOptions, ModerationRequest,
+    bad_request,
     install_error_handlers, new_id, now, parse, usage,
 )
 from minichat.serve.worker import Delta, Job, Overloaded
@@ -203,6 +204,36 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         results = await moderator.acheck_many(texts, source="api")
         return moderation_response(results)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(require_key)])
+    async def embeddings(request: Request):
+        req: EmbeddingRequest = parse(EmbeddingRequest, await read_json(request))
+        m = models.get(req.model)
+        seqs = _prompts(m, req.input, param="input")
+        for ids in seqs:
+            if len(ids) >= m.context_len:
+                raise bad_request(f"This model's maximum context length is {m.context_len} tokens, but an input has "
+                                  f"{len(ids)} tokens; shorten the input.", param="input",
+                                  code="context_length_exceeded")
+        width = m.worker.engine.cfg.d_model
+        if req.dimensions is not None and req.dimensions > width:
+            raise bad_request(f"dimensions must be at most this model's {width}", param="dimensions")
+        vecs = await asyncio.to_thread(m.embed, seqs, cfg.embedding_pooling)
+        if req.dimensions is not None:  # shortened as OpenAI's text-embedding-3 allow: the first ones, renormed
+            import torch
+
+            vecs = torch.nn.functional.normalize(vecs[:, :req.dimensions], dim=-1)
+        data = []
+        for i, v in enumerate(vecs.numpy()):
+            if req.encoding_format == "base64":  # little-endian float32, as the openai client decodes it
+                import base64
+
+                emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+            else:
+                emb = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(map(len, seqs))
+        return {"object": "list", "data": data, "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     # ---------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
@@ -527,7 +558,7 @@ async def _store_api_exchange(svc: Services, m: ServedModel, messages: list[dict
 
 # ---------------------------------------------------------------------------------------------- completions
 
-def _prompts(m: ServedModel, prompt) -> list[list[int]]:
+def _prompts(m: ServedModel, prompt, param: str = "prompt") -> list[list[int]]:
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -541,7 +572,7 @@ def _prompts(m: ServedModel, prompt) -> list[list[int]]:
         else:
             V = m.tokenizer.vocab_size
             if any((not isinstance(t, int)) or t < 0 or t >= V for t in p):
-                raise bad_request(f"prompt {i}: token ids must be integers in 0..{V - 1}", param="prompt")
+                raise bad_request(f"{param} {i}: token ids must be integers in 0..{V - 1}", param=param)
             ids = list(p)
         if not ids:
             ids = [m.tokenizer.eos_id if m.tokenizer.eos_id is not None else 0]  # as OpenAI: start from <eos>

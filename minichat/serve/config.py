@@ -69,6 +69,9 @@ class ServeConfig:
     dry_multiplier: float = 0.8
     retry_after: int = 1  # seconds, sent with 429
     log_level: str = "info"
+    # /v1/embeddings: the final hidden states averaged over the input's tokens ("mean") or its last token's
+    # ("last"); mean ranked paraphrases better with SmolLM2 (bench/results/engine.md)
+    embedding_pooling: str = "mean"
     engine: EngineSettings = field(default_factory=EngineSettings)
 
     def validate(self) -> None:
@@ -84,6 +87,8 @@ class ServeConfig:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"log_level must be critical, error, warning, info, debug or trace, got {self.log_level!r}")
+        if self.embedding_pooling not in ("mean", "last"):
+            raise ConfigError(f"embedding_pooling must be mean or last, got {self.embedding_pooling!r}")
         names = [parse_model_spec(m)[0] for m in self.models]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class ServedModel:
     sampling: dict = field(default_factory=dict)
     _vocab: object = field(default=None, repr=False)  # minichat.constrain.TokenVocab, built on first use
     _grammars: dict = field(default_factory=dict, repr=False)
+    _embed_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def context_len(self) -> int:
@@ -81,6 +83,12 @@ class ServedModel:
         self._grammars[key] = g
         if len(self._grammars) > 16:  # each keeps up to ~12 MB of masks (JSONGrammar.mask)
             self._grammars.pop(next(iter(self._grammars)))
+
+    def embed(self, seqs: list[list[int]], pooling: str = "mean"):
+        """(N, d_model) unit vectors (Engine.embeddings), one batch at a time per model; called off the event
+        loop (a thread), beside the worker thread's generation."""
+        with self._embed_lock:
+            return self.worker.engine.embeddings(seqs, pooling=pooling)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -268,6 +268,29 @@ class ModerationRequest(_Req):
         return v
 
 
+MAX_EMBEDDING_INPUTS = 2048  # texts per request, as OpenAI's limit
+
+
+class EmbeddingRequest(_Req):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be an empty list")
+        items = [v] if isinstance(v, str) or isinstance(v[0], int) else v
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input may hold at most {MAX_EMBEDDING_INPUTS} texts, got {len(items)}")
+        for i, x in enumerate(items):
+            if not x:  # OpenAI refuses an empty string too: it has no tokens to embed
+                raise ValueError(f"input {i} is empty")
+        return v
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")

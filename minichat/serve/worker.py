@@ -182,7 +182,8 @@ def _hand_on(outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> 
 
 
 class ModelWorker:
-    """Owns one Engine and the thread that steps it. All engine calls except submit/cancel happen there."""
+    """Owns one Engine and the thread that steps it. All engine calls except submit/cancel happen there (and
+    embeddings(), which reads only the model's own weights: ServedModel.embed)."""
 
     def __init__(self, name: str, engine, tokenizer, *, max_queue: int = 64, idle_wait: float = 0.5,
                  threads: int = 0, adaptive_threads: bool = True):

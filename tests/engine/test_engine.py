@@ -984,3 +984,28 @@ def test_bf16_weights_use_bf16_big_matmuls_only_where_the_cpu_is_faster_in_bf16(
         ref = Engine(model, tok, weights="fp32").generate([p], SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0]
         got = eng.generate([p], SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0]
         assert got.token_ids == ref.token_ids and abs(got.logprobs[0] - ref.logprobs[0]) < 0.05
+
+
+def test_embeddings_mean_and_last_token(tiny):
+    """Engine.embeddings: the final hidden states pooled per sequence, unit length, the same alone or in a
+    right-padded batch, while a generation is running; bad ids and pooling are clear errors."""
+    model, tok = tiny
+    eng = Engine(model, tok, weights="fp32")
+    seqs = prompts(tok)
+    r = eng.submit(seqs[0], SamplingParams(max_tokens=4))  # running requests do not matter: own weights
+    eng.step()
+    with torch.no_grad():
+        hs = [model(torch.tensor([s]), logits="none", return_hidden=True)[1][0] for s in seqs]
+    for pooling, pick in (("mean", lambda h: h.mean(0)), ("last", lambda h: h[-1])):
+        got = eng.embeddings(seqs, pooling=pooling, batch=3)
+        ref = torch.stack([torch.nn.functional.normalize(pick(h), dim=-1) for h in hs])
+        assert got.shape == (len(seqs), 64)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(eng.embeddings([seqs[3]], pooling=pooling)[0], got[3], atol=1e-6, rtol=0)
+    assert not r.finished
+    with pytest.raises(MinichatError, match="pooling"):
+        eng.embeddings(seqs, pooling="cls")
+    with pytest.raises(MinichatError, match="outside the vocabulary"):
+        eng.embeddings([[10 ** 6]])
+    with pytest.raises(MinichatError, match="empty"):
+        eng.embeddings([[]])

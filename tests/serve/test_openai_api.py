@@ -565,3 +565,56 @@ def test_tool_prompt_messages_and_parsing():
     assert tools.parse_calls("It is sunny.", fns) is None
     assert tools.parse_calls(one + " and some text", fns) is None
     assert tools.may_be_call("  <tool") and tools.may_be_call("<tool_call>\n{") and not tools.may_be_call("<b>")
+
+
+def _reference_embedding(model_files, text: str):
+    """Mean of the tiny model's final hidden states over the text's tokens, unit length: what the endpoint serves."""
+    import torch
+
+    from minichat.checkpoint import load_model
+
+    model, tok, _ = load_model(model_files.tiny)
+    with torch.no_grad():
+        _, h = model(torch.tensor([tok.encode(text)]), logits="none", return_hidden=True)
+    return torch.nn.functional.normalize(h[0].mean(0), dim=-1), tok
+
+
+def test_embeddings(client, model_files):
+    import numpy as np
+
+    texts = ["Paris is the capital of France.", "def add(a, b):\n    return a + b\n" * 3, "the cat"]
+    r = client.embeddings.create(model="tiny", input=texts)  # the client asks for base64 and decodes it
+    assert r.object == "list" and r.model == "tiny" and [d.index for d in r.data] == [0, 1, 2]
+    ref, tok = _reference_embedding(model_files, texts[2])
+    got = np.array([d.embedding for d in r.data])
+    assert got.shape == (3, 64) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    # batched with longer texts (right-padded) the short text's vector is its own
+    assert np.allclose(got[2], ref.numpy(), atol=1e-5)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok.encode(t)) for t in texts)
+    f = client.embeddings.create(model="tiny", input=texts[2], encoding_format="float")
+    assert np.allclose(f.data[0].embedding, got[2], atol=1e-6)
+    ids = client.embeddings.create(model="tiny", input=[tok.encode(texts[2])], encoding_format="float")
+    assert np.allclose(ids.data[0].embedding, got[2], atol=1e-6)
+    short = client.embeddings.create(model="tiny", input=texts[2], dimensions=16, encoding_format="float")
+    v = np.array(short.data[0].embedding)
+    assert v.shape == (16,) and np.allclose(v, got[2][:16] / np.linalg.norm(got[2][:16]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": ["a", ""]}, "input"), ({"input": [[]]}, "input"),
+    ({"input": [[10 ** 6]]}, "input"), ({"input": "x", "dimensions": 65}, "dimensions"),
+    ({"input": "x", "dimensions": 0}, "dimensions"), ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ({"input": ["x"] * 2049}, "input"),
+])
+def test_embeddings_bad_input_is_400(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="tiny", **kw)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_embeddings_too_long_and_unknown_model(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="tiny", input=" ".join(["Paris is the capital of France."] * 200))
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="gpt-9", input="x")
