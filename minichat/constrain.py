@@ -25,10 +25,11 @@ Supported schema keywords: type (one or a list), properties, required, additiona
 schema; when absent, an object with properties takes no other keys and one without takes any), items, minItems,
 maxItems, minLength, maxLength, pattern (regex_fsm.py, through interegular: a string under a pattern takes no
 escapes), format (date and date-time with the real calendar, time, uuid, email, ipv4, hostname), enum, const,
-anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed). Other keywords (description, title, other
-formats, a number's minimum and maximum, ...) are accepted and not enforced; an integer's minimum, maximum,
-exclusiveMinimum and exclusiveMaximum are enforced (its digits follow an automaton of the range). The root must
-be an object or an array, so the end of the value is known without the end of the output.
+anyOf / oneOf, $ref to #/$defs or #/definitions (recursion allowed), and minimum, maximum, exclusiveMinimum and
+exclusiveMaximum: an integer's digits follow an automaton of its range; a number's digits are kept while some
+completion still fits (exact decimal arithmetic, no exponent) and it ends only within its bounds. Other keywords
+(description, title, other formats, multipleOf, ...) are accepted and not enforced. The root must be an object
+or an array, so the end of the value is known without the end of the output.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ HEX = "0123456789abcdefABCDEF"
 _LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds all texts with that prefix
 
 # parser modes (the first field of a state)
-VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE, PRE, POST, NUMRE = range(17)
+VAL, OBJ0, KEY, COLON, ARR0, AFTER, STR, KSTR, ESC, UHEX, NUM, LIT, ENUM, DONE, PRE, POST, NUMRE, NUMB = range(18)
 
 
 class SchemaError(MinichatError):
@@ -69,6 +70,7 @@ class _Node:
     alts: tuple = ()  # anyof: node ids
     lengths: tuple | None = None  # string: (minLength, maxLength or None) in characters (an escape counts one)
     pattern: int | None = None  # string: index of its Regex (pattern, or a known format) in the grammar's list
+    bounds: tuple | None = None  # number: (minimum, exclusive?, maximum, exclusive?) as Fractions (None: no bound)
 
 
 class _Compiler:
@@ -199,6 +201,25 @@ class _Compiler:
             except RegexError as e:
                 raise SchemaError(f"{path}: {e}") from None
             return self.add(_Node("integer", pattern=len(self.regexes) - 1))
+        if t == "number" and bounds:  # a range of decimals: each prefix is kept while some completion fits
+            from fractions import Fraction
+
+            lo = hi = None
+            lo_ex = hi_ex = False
+            for k in bounds:
+                v = s[k]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                    raise SchemaError(f"{path}.{k} must be a finite number")
+                f = Fraction(repr(v)) if isinstance(v, float) else Fraction(v)  # 0.1 as written, not its binary
+                if k in ("minimum", "exclusiveMinimum") and (lo is None or f > lo or (f == lo and k[0] == "e")):
+                    lo, lo_ex = f, k[0] == "e"
+                if k in ("maximum", "exclusiveMaximum") and (hi is None or f < hi or (f == hi and k[0] == "e")):
+                    hi, hi_ex = f, k[0] == "e"
+            b = (lo, lo_ex, hi, hi_ex)
+            if not (_number_fits(b, True, "", None, MAX_NUMBER - 1)
+                    or any(_number_fits(b, False, d, None, MAX_NUMBER - 1) for d in DIGITS)):
+                raise SchemaError(f"{path}: no number of at most {MAX_NUMBER} characters is within its bounds")
+            return self.add(_Node("number", bounds=b))
         return self.add(_Node(t))
 
     def ref(self, ref: Any, path: str) -> int:
@@ -224,6 +245,65 @@ class _Compiler:
             return json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise SchemaError(f"enum / const value {v!r} is not JSON: {e}") from None
+
+
+def _number_grids(ip: str, fp: str | None, left: int) -> list[tuple]:
+    """The magnitudes a decimal can still reach from its digits so far (ip before the point, fp after it, or None
+    before any point) with `left` more characters and no exponent: evenly spaced values, as (first, last, step)."""
+    from fractions import Fraction
+
+    if fp is not None:
+        if fp == "" and left == 0:
+            return []
+        step = Fraction(1, 10 ** (len(fp) + left))
+        a = int(ip) + Fraction(int(fp or "0"), 10 ** len(fp))
+        return [(a, a + (10 ** left - 1) * step, step)]
+
+    def after_int(lo: int, hi: int, frac: int) -> tuple:  # integers lo..hi-1, then a point and frac digits
+        if frac >= 1:
+            step = Fraction(1, 10 ** frac)
+            return (Fraction(lo), hi - step, step)
+        return (Fraction(lo), Fraction(hi - 1), Fraction(1))
+
+    if ip == "":  # after a minus: the first digit is still to come
+        if left == 0:
+            return []
+        out = [after_int(0, 1, left - 2)]  # "0" (then maybe ".ddd")
+        out += [after_int(10 ** k, 10 ** (k + 1), left - 2 - k) for k in range(left)]  # 1-9 and k more digits
+        return out
+    if ip == "0":
+        return [after_int(0, 1, left - 1)]
+    p = int(ip)
+    return [after_int(p * 10 ** k, (p + 1) * 10 ** k, left - 1 - k) for k in range(left + 1)]
+
+
+def _number_fits(bounds: tuple, neg: bool, ip: str, fp: str | None, left: int) -> bool:
+    """Whether some completion of the decimal so far lies within bounds = (lo, lo exclusive, hi, hi exclusive)."""
+    import math
+
+    lo, lo_ex, hi, hi_ex = bounds
+    for a, b, g in _number_grids(ip, fp, left):
+        if neg:
+            a, b = -b, -a
+        jmin, jmax = 0, (b - a) / g
+        if lo is not None:
+            t = (lo - a) / g
+            jmin = max(jmin, math.ceil(t) + (1 if lo_ex and t == math.ceil(t) else 0))
+        if hi is not None:
+            t = (hi - a) / g
+            jmax = min(jmax, math.floor(t) - (1 if hi_ex and t == math.floor(t) else 0))
+        if jmin <= jmax:
+            return True
+    return False
+
+
+def _number_within(bounds: tuple, neg: bool, ip: str, fp: str | None) -> bool:
+    from fractions import Fraction
+
+    v = int(ip) + (Fraction(int(fp), 10 ** len(fp)) if fp else 0)
+    v = -v if neg else v
+    lo, lo_ex, hi, hi_ex = bounds
+    return (lo is None or v > lo or (v == lo and not lo_ex)) and (hi is None or v < hi or (v == hi and not hi_ex))
 
 
 class TokenVocab:
@@ -369,6 +449,12 @@ class JSONGrammar:
         if k == "integer" and n.pattern is not None:  # (NUMRE, regex index, its automaton's state, stack)
             st = self.regexes[n.pattern].step(self.regexes[n.pattern].start, c)
             return [(NUMRE, n.pattern, st, stack)] if st is not None else []
+        if k == "number" and n.bounds is not None:  # (NUMB, node, (negative?, digits, fraction digits, n), stack)
+            if c == "-" or c in DIGITS:
+                neg, ip = c == "-", "" if c == "-" else c
+                if _number_fits(n.bounds, neg, ip, None, MAX_NUMBER - 1):
+                    return [(NUMB, node, (neg, ip, None, 1), stack)]
+            return []
         if k in ("number", "integer"):
             return [self._num_start(c, k == "integer", stack)] if (c == "-" or c in DIGITS) else []
         if k == "boolean":
@@ -483,6 +569,23 @@ class JSONGrammar:
             if nxt is not None:
                 return [(NUM, integer, (nxt, n + 1), stack)] if n < MAX_NUMBER else []
             if sub in ("zero", "int", "frac", "exp"):  # the number ended before this character
+                return self._step(self._complete(stack), c)
+            return []
+        if mode == NUMB:  # a number within bounds: digits and a point while some completion still fits
+            bounds = self.nodes[a].bounds
+            neg, ip, fp, n = b
+            nxt = None
+            if c in DIGITS and n < MAX_NUMBER:
+                if fp is not None:
+                    nxt = (neg, ip, fp + c, n + 1)
+                elif ip != "0":
+                    nxt = (neg, ip + c, None, n + 1)
+            elif c == "." and fp is None and ip != "" and n < MAX_NUMBER:
+                nxt = (neg, ip, "", n + 1)
+            if nxt is not None:
+                return [(NUMB, a, nxt, stack)] if _number_fits(bounds, *nxt[:3], MAX_NUMBER - nxt[3]) else []
+            # the number ended before this character: if it is complete and within its bounds
+            if ip != "" and fp != "" and _number_within(bounds, neg, ip, fp):
                 return self._step(self._complete(stack), c)
             return []
         if mode == NUMRE:  # an integer in a range: its digits follow the automaton

@@ -602,3 +602,62 @@ def test_integer_range_automaton(lo, hi):
         assert r.matches(str(v)) == want, v
     for bad in ("-0", "01", "", "-", "1.0", "+1"):
         assert not r.matches(bad), bad
+
+
+def test_number_ranges(tok, vocab):
+    """A number's minimum / maximum (exclusive too), as pydantic's confloat(ge=0, le=1): each prefix is kept
+    while some completion still fits, and the number ends only within its bounds; no exponent under bounds."""
+    schema = {"type": "object", "properties": {
+        "p": {"type": "number", "minimum": 0, "maximum": 1},
+        "t": {"type": "number", "exclusiveMinimum": -3.5, "exclusiveMaximum": 2.5},
+        "w": {"type": "number", "minimum": 0.1}},
+        "required": ["p", "t", "w"], "additionalProperties": False}
+    g = JSONGrammar(vocab, schema)
+    for p, t, w in [("0", "0", "0.1"), ("1", "-3.4", "5"), ("0.25", "2.49", "0.10"), ("1.000", "-0", "123.5"),
+                    ("0.999", "-3.49999", "0.1000001")]:
+        text = '{"p": %s, "t": %s, "w": %s}' % (p, t, w)
+        b, state = feed(g, tok, text)
+        assert b is None and state.finished, text
+        jsonschema.validate(json.loads(text), schema)
+    for bad in ['{"p": 1.01', '{"p": 2', '{"p": -0.1', '{"p": 1e0', '{"p": 0.5, "t": 2.5,', '{"p": 0.5, "t": -3.5,',
+                '{"p": 0.5, "t": 3', '{"p": 0.5, "t": 1, "w": 0.09}', '{"p": 0.5, "t": 1, "w": 0}', '{"p": 01']:
+        b, state = feed(g, tok, bad)
+        assert b is not None or not state.can_end, bad
+    rng, done = random.Random(5), 0
+    for _ in range(30):
+        text = _walk(g, vocab, rng, max_steps=300)
+        if text is not None:
+            jsonschema.validate(json.loads(text), schema)
+            done += 1
+    assert done >= 10
+    for bad_schema, msg in [({"type": "number", "minimum": 2, "maximum": 1}, "no number"),
+                            ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "no number"),
+                            ({"type": "number", "minimum": "0"}, "finite number")]:
+        with pytest.raises(SchemaError, match=msg):
+            JSONGrammar(vocab, {"type": "object", "properties": {"x": bad_schema}})
+
+
+_DECIMAL = st.from_regex(r"-?(0|[1-9][0-9]{0,3})(\.[0-9]{1,3})?", fullmatch=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lo=st.one_of(st.none(), _DECIMAL), hi=st.one_of(st.none(), _DECIMAL), lo_ex=st.booleans(),
+       hi_ex=st.booleans(), num=_DECIMAL)
+def test_number_range_agrees_with_python(tok, vocab, lo, hi, lo_ex, hi_ex, num):
+    from fractions import Fraction
+
+    x = {"type": "number"}
+    if lo is not None:
+        x["exclusiveMinimum" if lo_ex else "minimum"] = json.loads(lo)
+    if hi is not None:
+        x["exclusiveMaximum" if hi_ex else "maximum"] = json.loads(hi)
+    v, L, H = Fraction(num), lo and Fraction(lo), hi and Fraction(hi)
+    fits_any = (lo is None or hi is None or L < H or (L == H and not lo_ex and not hi_ex))
+    if not fits_any:
+        with pytest.raises(SchemaError):
+            JSONGrammar(vocab, {"type": "object", "properties": {"x": x}})
+        return
+    inside = ((lo is None or v > L or (v == L and not lo_ex)) and (hi is None or v < H or (v == H and not hi_ex)))
+    b, state = feed(JSONGrammar(vocab, {"type": "object", "properties": {"x": x}, "required": ["x"]}), tok,
+                    '{"x": %s}' % num)
+    assert (b is None and state.finished) == inside, (x, num)

@@ -357,18 +357,21 @@ def test_response_format_json_schema(client):
 
 
 def test_pydantic_formats_parse(client):
-    """pydantic's date, datetime and UUID fields (JSON Schema formats) and a dict field (additionalProperties):
+    """pydantic's date, datetime and UUID fields (JSON Schema formats), a dict field (additionalProperties) and
+    bounded numbers (minimum / exclusiveMaximum ...):
     whatever the tiny random model writes under the grammar, a finished reply validates as the model."""
     import datetime
     import uuid
 
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Event(BaseModel):
         day: datetime.date
         at: datetime.datetime
         id: uuid.UUID
         counts: dict[str, int]
+        confidence: float = Field(ge=0, le=1)  # a number's range
+        level: int = Field(gt=0, lt=10)
 
     finished = 0
     for seed in range(4):
