@@ -140,10 +140,14 @@ def prompt_messages(messages: list[dict], functions: list[dict], tool_choice: An
     return out
 
 
-def parse_calls(text: str, functions: list[dict]) -> list[dict] | None:
-    """OpenAI tool calls from a reply made only of calls, else None."""
+def parse_calls(text: str, functions: list[dict], cut: bool = False) -> list[dict] | None:
+    """OpenAI tool calls from a reply made only of calls, else None. cut: the reply ended at max_tokens; its
+    complete calls count, and what follows them may only be the start of another call (dropped). A small model
+    often adds a second call (a repeat of the first) and runs out of tokens in it."""
     blocks = _BLOCK.findall(text)
-    if not blocks or _BLOCK.sub("", text).strip():
+    end = _last_end(text)
+    tail = text[end:].strip()
+    if not blocks or _BLOCK.sub("", text[:end]).strip() or (tail and not (cut and may_be_call(tail))):
         return None
     names = {f["name"] for f in functions}
     calls = []
@@ -158,6 +162,11 @@ def parse_calls(text: str, functions: list[dict]) -> list[dict] | None:
                       "function": {"name": call["name"],
                                    "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}})
     return calls
+
+
+def _last_end(text: str) -> int:
+    ends = [m.end() for m in _BLOCK.finditer(text)]
+    return ends[-1] if ends else 0
 
 
 def may_be_call(text: str) -> bool:

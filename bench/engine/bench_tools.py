@@ -85,7 +85,8 @@ def main() -> None:
                 eng.step()
             c = r.completion()
             text = tok.decode(c.content_ids)
-            parsed = tools.parse_calls(text, functions) if c.finish_reason == "stop" else None
+            # as the server does: a reply cut by max_tokens keeps its complete calls
+            parsed = tools.parse_calls(text, functions, cut=c.finish_reason == "length")
             call = parsed[0] if parsed else None
             n_calls += len(parsed or [])
             examples.setdefault(choice, []).append((prompt, [p["function"] for p in parsed] if parsed else text[:80]))

@@ -292,9 +292,10 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         async with cancel_on_disconnect(request, job):
             choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out, structured)
         for c in choices:
-            calls = tools.parse_calls(c["text"], functions) if functions and c["finish"] == "stop" else None
-            if calls:
-                c["tool_calls"], c["finish"] = calls, "tool_calls"
+            cut = c["finish"] == "length"
+            calls = tools.parse_calls(c["text"], functions, cut) if functions and (cut or c["finish"] == "stop") else None
+            if calls:  # a reply cut by max_tokens keeps its complete calls, and says it was cut
+                c["tool_calls"], c["finish"] = calls, ("length" if cut else "tool_calls")
         if cfg.store_api_conversations:
             await _store_api_exchange(svc, m, messages, choices, owner, opts)
         return _chat_body(svc, m, rid, choices, len(prompt_ids), completion_tokens,
@@ -488,9 +489,10 @@ async def _chat_stream(svc: Services, m: ServedModel, rid: str, job: Job, includ
                     reason = ev.reason
                     if ev.index in held:  # the reply was (or began as) a call
                         text = held.pop(ev.index)
-                        calls = tools.parse_calls(text, functions) if reason == "stop" else None
+                        cut = reason == "length"
+                        calls = tools.parse_calls(text, functions, cut) if cut or reason == "stop" else None
                         if calls:
-                            reason = "tool_calls"
+                            reason = "length" if cut else "tool_calls"
                             delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
                         else:
                             sent[ev.index] += text

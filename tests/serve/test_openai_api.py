@@ -491,6 +491,37 @@ def test_tool_calls_required_and_named(client):
     assert r.choices[0].message.tool_calls[0].function.arguments == "{}"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_cut_by_max_tokens_keep_the_complete_ones(client, stream):
+    """Parallel calls cut by max_tokens inside a later call: the complete calls come back as tool_calls, and the
+    finish reason says the reply was cut."""
+    seen = 0
+    for seed in range(4):
+        full = client.chat.completions.create(model="tiny", messages=USER, tools=[TIME], tool_choice="required",
+                                              temperature=1.0, seed=seed, max_tokens=400)
+        calls = full.choices[0].message.tool_calls or []
+        if full.choices[0].finish_reason != "tool_calls" or len(calls) < 2:
+            continue
+        for mt in range(4, full.usage.completion_tokens):  # the same seed gives the same tokens: cut earlier
+            args = dict(model="tiny", messages=USER, tools=[TIME], tool_choice="required", temperature=1.0,
+                        seed=seed, max_tokens=mt)
+            if stream:
+                deltas = [ch.choices[0] for ch in client.chat.completions.create(**args, stream=True) if ch.choices]
+                got = [tc for d in deltas if d.delta.tool_calls for tc in d.delta.tool_calls]
+                reason = deltas[-1].finish_reason
+                content = "".join(d.delta.content or "" for d in deltas)
+            else:
+                c = client.chat.completions.create(**args).choices[0]
+                got, reason, content = c.message.tool_calls or [], c.finish_reason, c.message.content or ""
+            assert reason == "length"
+            if got:
+                assert not content and 1 <= len(got) < len(calls)
+                assert all(g.function.name == "get_time" and json.loads(g.function.arguments) == {} for g in got)
+                seen += 1
+                break
+    assert seen >= 1
+
+
 def test_tool_calls_streamed(client):
     chunks = list(client.chat.completions.create(
         model="tiny", messages=USER, tools=[TIME], tool_choice="required", temperature=1.0, seed=0, stream=True))
@@ -567,6 +598,12 @@ def test_tool_prompt_messages_and_parsing():
     assert tools.parse_calls('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', fns) is None
     assert tools.parse_calls("It is sunny.", fns) is None
     assert tools.parse_calls(one + " and some text", fns) is None
+    # cut by max_tokens: the complete calls count when only the start of another follows them
+    cut = one + '\n<tool_call>\n{"name": "get_weather", "argu'
+    assert tools.parse_calls(cut, fns) is None
+    assert [c["function"]["name"] for c in tools.parse_calls(cut, fns, cut=True)] == ["get_weather"]
+    for bad in (one + " and some text", "text " + cut, '<tool_call>\n{"name": "get_w'):
+        assert tools.parse_calls(bad, fns, cut=True) is None, bad
     assert tools.may_be_call("  <tool") and tools.may_be_call("<tool_call>\n{") and not tools.may_be_call("<b>")
 
 
