@@ -54,6 +54,18 @@ def test_engine_on_cuda_matches_cpu_logprobs():
         torch.testing.assert_close(torch.tensor(b.logprobs[:n]), torch.tensor(a.logprobs[:n]), atol=1e-3, rtol=1e-3)
 
 
+def test_embeddings_on_cuda_match_cpu():
+    """/v1/embeddings' Engine.embeddings on the GPU: fp32 as the CPU's; bf16 autocast (the default there) close."""
+    from minichat.engine import Engine
+
+    seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    ref = Engine(_model(), weights="fp32", device="cpu").embeddings(seqs)
+    got = Engine(_model().to("cuda"), weights="fp32").embeddings(seqs)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    fast = Engine(_model().to("cuda")).embeddings(seqs)  # auto: bf16
+    assert fast.device.type == "cpu" and ((fast * ref).sum(-1) > 0.99).all()
+
+
 def test_engine_cuda_bf16_samples_batched():
     from minichat.engine import Engine, SamplingParams
 
