@@ -1,7 +1,7 @@
 """`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
-GET /v1/models/{id}, POST /v1/moderations, GET /health; the web chat at / (static page) with its JSON API under /api.
+Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id}; responses.py),
+POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /v1/moderations, GET /health; the web chat at / (static page) with its JSON API under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
 context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
 A client's mistake is never answered with a 5xx (OpenAI clients retry those).
@@ -239,67 +239,69 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, owner: str | None = Depends(require_key)):
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
-        m = models.get(req.model)
-        _top_p_ok(req)
-        functions = req.functions_in_use
-        raw = [x.as_dict() for x in req.messages]
-        # tool calls and results as text, the tools described in the system message (toolcall.py)
-        messages = tools.prompt_messages(raw, functions, req.tool_choice, m.tokenizer.meta.default_system)
-        prompt_ids = m.render_chat(messages)
-        m.check_fits(prompt_ids)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=cfg.default_max_tokens, req=req,
-                     logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=cfg.dry_multiplier)
-        opts.grammar = (m.tool_grammar(functions, req.tool_choice, req.parallel_tool_calls is not False) if functions
-                        else m.grammar(req.response_format))
-        # a reply that must be JSON (response_format, a required tool call) is refused in `message.refusal` with
-        # no content, as OpenAI's structured outputs do: the client's parse() then gives refusal, not an error
-        structured = isinstance(opts.grammar, JSONGrammar)
-        rid = new_id("chatcmpl")
-        policy = req.moderation
-        block_in = policy is None or policy.mode("input") == "block"
-        block_out = policy is None or policy.mode("output") == "block"
-        # the job joins the engine's batch while its input is checked (the check's queueing in the moderation
-        # process, ~6 ms p50 at 32 clients, would otherwise come before the prefill); nothing it generates is
-        # read before the verdict, and a flagged input cancels it
-        job = submit(svc, m, prompt_ids, opts)
-        try:
-            verdict = await check_input(moderator, [x["content"] for x in raw if x["role"] != "assistant"])
-        except BaseException:
-            job.cancel()
-            raise
+        run = await _start_chat(svc, req, new_id("chatcmpl"))
+        m, rid, opts, structured = run.m, run.rid, run.opts, run.structured
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        if verdict.flagged is not None and block_in:
-            job.cancel()
-            mod = Moderated(0, verdict.flagged, moderator.refusal_for(verdict.flagged), "input")
-            await _record_moderation(svc, mod, rid, "refused")
-            report = _report(verdict, {}, 0)
+        if run.refusal is not None:
+            mod = run.refusal
+            report = _report(run.verdict, {}, 0)
             if req.stream:
                 return StreamingResponse(
-                    _refusal_stream(svc, m, rid, opts.n, mod, len(prompt_ids), include_usage,
-                                    report if policy is not None else None, structured),
+                    _refusal_stream(svc, m, rid, opts.n, mod, len(run.prompt_ids), include_usage,
+                                    report if run.policy is not None else None, structured),
                     media_type="text/event-stream", headers=SSE_HEADERS)
             return _chat_body(svc, m, rid, [{"text": mod.refusal, "finish": "content_filter", "logprobs": None,
                                              "refused": structured, "moderation": summary(mod.result, "input")}
                                             for _ in range(opts.n)],
-                              len(prompt_ids), 0, report)
+                              len(run.prompt_ids), 0, report)
         if req.stream:
             return StreamingResponse(
-                _chat_stream(svc, m, rid, job, include_usage, request, messages, owner, verdict, block_out,
-                             send_report=policy is not None, functions=functions, structured=structured),
+                _chat_stream(svc, m, rid, run.job, include_usage, request, run.messages, owner, run.verdict,
+                             run.block_out, send_report=run.policy is not None, functions=run.functions,
+                             structured=structured),
                 media_type="text/event-stream", headers=SSE_HEADERS)
-        verdicts: dict[int, Any] = {}
-        async with cancel_on_disconnect(request, job):
-            choices, completion_tokens = await _collect(svc, job, rid, verdicts, block_out, structured)
-        for c in choices:
-            cut = c["finish"] == "length"
-            calls = tools.parse_calls(c["text"], functions, cut) if functions and (cut or c["finish"] == "stop") else None
-            if calls:  # a reply cut by max_tokens keeps its complete calls, and says it was cut
-                c["tool_calls"], c["finish"] = calls, ("length" if cut else "tool_calls")
+        choices, completion_tokens, verdicts = await _run_to_end(svc, run, request)
         if cfg.store_api_conversations:
-            await _store_api_exchange(svc, m, messages, choices, owner, opts)
-        return _chat_body(svc, m, rid, choices, len(prompt_ids), completion_tokens,
-                          _report(verdict, verdicts, opts.n))
+            await _store_api_exchange(svc, m, run.messages, choices, owner, opts)
+        return _chat_body(svc, m, rid, choices, len(run.prompt_ids), completion_tokens,
+                          _report(run.verdict, verdicts, opts.n))
+
+    # ---------------------------------------------------------------- responses (OpenAI's newer API)
+    from minichat.serve import responses as resp_api
+
+    saved = resp_api.ResponseStore()
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request, owner: str | None = Depends(require_key)):
+        body = await read_json(request)
+        rr = resp_api.parse_request(body)
+        history = saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
+        req = resp_api.chat_request(rr, history)
+        run = await _start_chat(svc, req, resp_api._item_id("resp"))
+        keep = rr.store is not False
+        if rr.stream:
+            return StreamingResponse(resp_api.stream(svc, run, rr, request, saved if keep else None, owner,
+                                                     _run_events(svc, run, request)),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        if run.refusal is not None:
+            choice = {"text": run.refusal.refusal, "finish": "content_filter"}
+            tokens = 0
+        else:
+            choices, tokens, _ = await _run_to_end(svc, run, request)
+            choice = choices[0]
+        out = resp_api.response_object(run, rr, choice, tokens)
+        if keep:
+            saved.put(out, run.messages_in, choice, owner)
+        return out
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, owner: str | None = Depends(require_key)):
+        return saved.get(response_id, owner)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, owner: str | None = Depends(require_key)):
+        saved.delete(response_id, owner)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     # ---------------------------------------------------------------- legacy completions
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
@@ -374,6 +376,91 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
 
 # ---------------------------------------------------------------------------------------------- chat helpers
+
+@dataclass
+class ChatRun:
+    """A chat request under way: its prompt, options and job (None when the input was refused: `refusal`)."""
+    m: ServedModel
+    rid: str
+    messages_in: list[dict]  # the conversation as sent (OpenAI chat messages), before tools are rendered
+    messages: list[dict]  # what the model sees: tools described in the system message, calls as text
+    functions: list[dict]
+    prompt_ids: list[int]
+    opts: GenOptions
+    structured: bool  # the reply must be JSON: a refusal goes in `refusal`, not the content
+    policy: Any
+    block_out: bool
+    verdict: Any
+    job: Job | None = None
+    refusal: Moderated | None = None
+
+
+async def _start_chat(svc: Services, req: ChatCompletionRequest, rid: str) -> ChatRun:
+    """Render, submit and check the input of a chat request (shared by chat completions and responses)."""
+    m = svc.models.get(req.model)
+    _top_p_ok(req)
+    functions = req.functions_in_use
+    raw = [x.as_dict() for x in req.messages]
+    # tool calls and results as text, the tools described in the system message (toolcall.py)
+    messages = tools.prompt_messages(raw, functions, req.tool_choice, m.tokenizer.meta.default_system)
+    prompt_ids = m.render_chat(messages)
+    m.check_fits(prompt_ids)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=svc.cfg.default_max_tokens, req=req,
+                 logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=svc.cfg.dry_multiplier)
+    opts.grammar = (m.tool_grammar(functions, req.tool_choice, req.parallel_tool_calls is not False) if functions
+                    else m.grammar(req.response_format))
+    # a reply that must be JSON (response_format, a required tool call) is refused in `message.refusal` with
+    # no content, as OpenAI's structured outputs do: the client's parse() then gives refusal, not an error
+    structured = isinstance(opts.grammar, JSONGrammar)
+    policy = req.moderation
+    block_in = policy is None or policy.mode("input") == "block"
+    block_out = policy is None or policy.mode("output") == "block"
+    # the job joins the engine's batch while its input is checked (the check's queueing in the moderation
+    # process, ~6 ms p50 at 32 clients, would otherwise come before the prefill); nothing it generates is
+    # read before the verdict, and a flagged input cancels it
+    job = submit(svc, m, prompt_ids, opts)
+    try:
+        verdict = await check_input(svc.moderator, [x["content"] for x in raw if x["role"] != "assistant"])
+    except BaseException:
+        job.cancel()
+        raise
+    run = ChatRun(m, rid, raw, messages, functions, prompt_ids, opts, structured, policy, block_out, verdict, job)
+    if verdict.flagged is not None and block_in:
+        job.cancel()
+        run.job = None
+        run.refusal = Moderated(0, verdict.flagged, svc.moderator.refusal_for(verdict.flagged), "input")
+        await _record_moderation(svc, run.refusal, rid, "refused")
+    return run
+
+
+async def _run_to_end(svc: Services, run: ChatRun, request: Request) -> tuple[list[dict], int, dict[int, Any]]:
+    """Collect a run's choices; a reply of calls gets `tool_calls` (a reply cut by max_tokens keeps its complete
+    calls, and says it was cut)."""
+    verdicts: dict[int, Any] = {}
+    async with cancel_on_disconnect(request, run.job):
+        choices, completion_tokens = await _collect(svc, run.job, run.rid, verdicts, run.block_out, run.structured)
+    for c in choices:
+        cut = c["finish"] == "length"
+        ok = run.functions and (cut or c["finish"] == "stop")
+        calls = tools.parse_calls(c["text"], run.functions, cut) if ok else None
+        if calls:
+            c["tool_calls"], c["finish"] = calls, ("length" if cut else "tool_calls")
+    return choices, completion_tokens, verdicts
+
+
+def _run_events(svc: Services, run: ChatRun, request: Request):
+    """The moderated events of a run's job, cancelled if the client goes away (for streamed responses)."""
+
+    async def events():
+        if run.job is None:
+            return
+        async with cancel_on_disconnect(request, run.job):
+            async for ev in moderated_events(svc.moderator, run.job, None, run.block_out):
+                yield ev
+
+    return events()
+
 
 def _report(verdict, verdicts: dict[int, Any], n: int) -> dict:
     """The response's `moderation` field, in OpenAI's moderated-completions shape (output: one per choice)."""
