@@ -269,13 +269,13 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     # ---------------------------------------------------------------- responses (OpenAI's newer API)
     from minichat.serve import responses as resp_api
 
-    saved = resp_api.ResponseStore()
+    saved = resp_api.ResponseStore(store)
 
     @app.post("/v1/responses")
     async def create_response(request: Request, owner: str | None = Depends(require_key)):
         body = await read_json(request)
         rr = resp_api.parse_request(body)
-        history = saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
+        history = await saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
         req = resp_api.chat_request(rr, history)
         run = await _start_chat(svc, req, resp_api._item_id("resp"))
         keep = rr.store is not False
@@ -291,16 +291,16 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             choice = choices[0]
         out = resp_api.response_object(run, rr, choice, tokens)
         if keep:
-            saved.put(out, run.messages_in, choice, owner)
+            await saved.put(out, run.messages_in, choice, owner)
         return out
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, owner: str | None = Depends(require_key)):
-        return saved.get(response_id, owner)
+        return await saved.get(response_id, owner)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, owner: str | None = Depends(require_key)):
-        saved.delete(response_id, owner)
+        await saved.delete(response_id, owner)
         return {"id": response_id, "object": "response", "deleted": True}
 
     # ---------------------------------------------------------------- legacy completions

@@ -11,11 +11,12 @@ rewritten in chat's nesting, `text.format` becomes `response_format` and `max_ou
 input / output tokens. Streaming sends the typed events (response.created, response.output_text.delta, ...,
 response.completed) with sequence numbers.
 
-Responses are kept (unless `store: false`) in memory, per API key, for `previous_response_id` and
-GET / DELETE /v1/responses/{id}: the last MAX_STORED, lost when the server stops.
+Responses are kept (unless `store: false`), per API key, for `previous_response_id` and GET / DELETE
+/v1/responses/{id}: in the server's store (table `responses`), or in memory without one (the last MAX_STORED).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
@@ -221,40 +222,59 @@ def _assistant_messages(choice: dict) -> list[dict]:
 
 
 class ResponseStore:
-    """Responses kept for previous_response_id and GET /v1/responses/{id}: in memory, the last MAX_STORED, each
-    visible only to the API key that made it."""
+    """Responses kept for previous_response_id and GET / DELETE /v1/responses/{id}, each visible only to the API
+    key that made it: in the server's store (SQLite or PostgreSQL, table `responses`) when it has one, else in
+    memory (the last `limit`, lost on restart)."""
 
-    def __init__(self, limit: int = MAX_STORED):
+    def __init__(self, store=None, limit: int = MAX_STORED):
+        self.db = store
         self.limit = limit
         self._items: OrderedDict[str, tuple[str | None, dict, list[dict]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, body: dict, messages_in: list[dict], choice: dict, owner: str | None) -> None:
-        convo = [m for m in messages_in] + _assistant_messages(choice)
+    async def put(self, body: dict, messages_in: list[dict], choice: dict, owner: str | None) -> None:
+        convo = list(messages_in) + _assistant_messages(choice)
+        if self.db is not None:
+            await asyncio.to_thread(self.db.put_response, body, convo, owner)
+            return
         with self._lock:
             self._items[body["id"]] = (owner, body, convo)
             while len(self._items) > self.limit:
                 self._items.popitem(last=False)
 
-    def _find(self, rid: str, owner: str | None, param: str | None = None):
-        with self._lock:
-            item = self._items.get(rid)
-        if item is None or item[0] != owner:
+    async def _find(self, rid: str, owner: str | None, param: str | None = None) -> tuple[dict, list[dict]]:
+        from minichat.serve.store import NotFound
+
+        found = None
+        if self.db is not None:
+            try:
+                found = await asyncio.to_thread(self.db.get_response, rid, owner)
+            except NotFound:
+                pass
+        else:
+            with self._lock:
+                item = self._items.get(rid)
+            if item is not None and item[0] == owner:
+                found = item[1], item[2]
+        if found is None:
             if param is not None:
                 raise bad_request(f"Previous response with id '{rid}' not found.", param=param)
             raise APIError(404, f"Response with id '{rid}' not found.", code="not_found")
-        return item
+        return found
 
-    def history(self, rid: str, owner: str | None) -> list[dict]:
+    async def history(self, rid: str, owner: str | None) -> list[dict]:
         """The stored conversation up to and including that response's answer (its system message left out:
         instructions are not carried over, as OpenAI's are not)."""
-        return [m for m in self._find(rid, owner, "previous_response_id")[2] if m["role"] != "system"]
+        return [m for m in (await self._find(rid, owner, "previous_response_id"))[1] if m["role"] != "system"]
 
-    def get(self, rid: str, owner: str | None) -> dict:
-        return self._find(rid, owner)[1]
+    async def get(self, rid: str, owner: str | None) -> dict:
+        return (await self._find(rid, owner))[0]
 
-    def delete(self, rid: str, owner: str | None) -> None:
-        self._find(rid, owner)
+    async def delete(self, rid: str, owner: str | None) -> None:
+        await self._find(rid, owner)
+        if self.db is not None:
+            await asyncio.to_thread(self.db.delete_response, rid, owner)
+            return
         with self._lock:
             self._items.pop(rid, None)
 
@@ -378,5 +398,5 @@ async def stream(svc, run, rr: ResponsesRequest, request, saved: ResponseStore |
         items.append(item)
     body = response_object(run, rr, choice, tokens, created, items)
     if saved is not None:
-        saved.put(body, run.messages_in, choice, owner)
+        await saved.put(body, run.messages_in, choice, owner)
     yield ev("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)

@@ -4,13 +4,15 @@ SQLite by default (a file in the user's data directory, created on first use), o
 (e.g. postgresql+psycopg://user@host/db). The schema is versioned by Alembic; `Store(url)` upgrades the
 database to the newest revision on open, so an old file keeps working after an upgrade of minichat.
 
-Tables (revision 0001):
+Tables (revisions 0001, 0002):
     conversations          one chat: title, model, system prompt, sampling settings, current leaf message
     messages               a tree per conversation (parent_id): editing a user message or regenerating an
                            answer adds a sibling, so every version is kept; the page shows the path to the leaf
     moderation_decisions   every moderation verdict on the chat path (input or output), with what was done
     feedback               thumbs up/down (+1/-1) and an optional comment, one row per message and user
     comparisons            "answer A was better than answer B" for two answers to the same user message
+    responses              the Responses API's answers (0002): the response body and the conversation up to it,
+                           for previous_response_id and GET /v1/responses/{id}, per API key
 
 Adding tables (e.g. the labeling app): declare models on `Base` from this module, and put Alembic revisions
 in another folder with their own branch label that `depends_on` this module's head; pass that folder in
@@ -37,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from minichat.errors import MinichatError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0001"  # this module's newest revision; a test checks the models match the migrated schema
+HEAD_REVISION = "0002"  # this module's newest revision; a test checks the models match the migrated schema
 
 # Constraint names must be deterministic for migrations (and for SQLite's batch mode to alter tables later).
 NAMING = {
@@ -131,6 +133,15 @@ class Comparison(Base):
     user: Mapped[str] = mapped_column(String(200), default="")
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class StoredResponse(Base):
+    __tablename__ = "responses"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the API key's owner, None without keys
+    body: Mapped[dict] = mapped_column(JSON)  # the response as the API returned it
+    conversation: Mapped[list] = mapped_column(JSON)  # chat messages up to and including its answer
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class NotFound(MinichatError):
@@ -472,6 +483,26 @@ class Store:
                              "rejected_id": rejected_id, "chosen_model": chosen.model,
                              "rejected_model": rejected.model},
                 }
+
+    # ------------------------------------------------------------------ responses (the Responses API)
+    def put_response(self, body: dict, conversation: list[dict], owner: str | None) -> None:
+        with self.session() as s:
+            s.merge(StoredResponse(id=body["id"], owner=owner, body=body, conversation=conversation))
+
+    def get_response(self, response_id: str, owner: str | None) -> tuple[dict, list[dict]]:
+        """(body, conversation) of a stored response of this owner; NotFound otherwise."""
+        with self.session() as s:
+            r = s.get(StoredResponse, response_id)
+            if r is None or r.owner != owner:
+                raise NotFound(f"no response {response_id!r}")
+            return r.body, r.conversation
+
+    def delete_response(self, response_id: str, owner: str | None) -> None:
+        with self.session() as s:
+            r = s.get(StoredResponse, response_id)
+            if r is None or r.owner != owner:
+                raise NotFound(f"no response {response_id!r}")
+            s.delete(r)
 
     def counts(self) -> dict[str, int]:
         from sqlalchemy import func

@@ -15,6 +15,7 @@ from minichat.label.service import (
     Forbidden, Labeling, ProjectConfig, Unauthorized, export_counts, pair_agreement, ranks_from_groups,
     rating_agreement,
 )
+from minichat.serve.store import HEAD_REVISION as SERVE_HEAD
 from minichat.serve.store import NotFound, Store
 
 PROMPTS = [
@@ -53,7 +54,7 @@ def test_schema_matches_models_and_other_tools_still_open_the_store(tmp_path):
     store.close()
     # a tool that knows only the serving store's migrations (minichat feedback export) still opens it
     plain = Store(url)
-    assert plain.revision() == {"0001"}
+    assert plain.revision() == {SERVE_HEAD}
     assert feedback_export(plain, tmp_path / "prefs.jsonl") == {"comparison": 0, "thumbs": 0}
     plain.close()
 

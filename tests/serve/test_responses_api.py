@@ -81,6 +81,30 @@ def test_responses_are_kept_per_api_key(model_files, tmp_path):
         store.close()
 
 
+def test_responses_outlive_a_restart_in_the_store(model_files, tmp_path):
+    """With a store (SQLite here; PostgreSQL when the tests have one) responses are rows, not memory."""
+    from tests.serve.conftest import make_server
+
+    ids = []
+    for round_ in range(2):
+        srv, store = make_server(model_files, tmp_path, moderation=False)
+        srv.start()
+        try:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            if round_ == 0:
+                ids.append(c.responses.create(model="script", input=ASK, temperature=0).id)
+            else:
+                assert c.responses.retrieve(ids[0]).output_text.startswith("Sure!")
+                nxt = c.responses.create(model="tiny", input="More?", previous_response_id=ids[0], max_output_tokens=2)
+                assert nxt.usage.input_tokens > 20
+                c.responses.delete(ids[0])
+                with pytest.raises(openai.NotFoundError):
+                    c.responses.retrieve(ids[0])
+        finally:
+            srv.stop()
+            store.close()
+
+
 def test_stream_events(client, model_files, live):
     with client.responses.stream(model="script", input=ASK, temperature=0) as s:
         events = list(s)
