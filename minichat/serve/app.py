@@ -277,7 +277,10 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         rr = resp_api.parse_request(body)
         history = await saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
         req = resp_api.chat_request(rr, history)
-        run = await _start_chat(svc, req, resp_api._item_id("resp"))
+        try:
+            run = await _start_chat(svc, req, resp_api._item_id("resp"), truncate=rr.truncation == "auto")
+        except APIError as e:  # errors name the Responses API's fields (input, not messages)
+            raise resp_api.renamed(e) from None
         keep = rr.store is not False
         if rr.stream:
             return StreamingResponse(resp_api.stream(svc, run, rr, request, saved if keep else None, owner,
@@ -395,17 +398,25 @@ class ChatRun:
     refusal: Moderated | None = None
 
 
-async def _start_chat(svc: Services, req: ChatCompletionRequest, rid: str) -> ChatRun:
-    """Render, submit and check the input of a chat request (shared by chat completions and responses)."""
+async def _start_chat(svc: Services, req: ChatCompletionRequest, rid: str, truncate: bool = False) -> ChatRun:
+    """Render, submit and check the input of a chat request (shared by chat completions and responses).
+    truncate: drop the oldest turns (never the system message or the newest one) until the prompt leaves room
+    for the answer (the Responses API's truncation "auto"); otherwise a prompt that does not fit is a 400."""
+    from minichat.serve.web import fit_history
+
     m = svc.models.get(req.model)
     _top_p_ok(req)
     functions = req.functions_in_use
     raw = [x.as_dict() for x in req.messages]
     # tool calls and results as text, the tools described in the system message (toolcall.py)
     messages = tools.prompt_messages(raw, functions, req.tool_choice, m.tokenizer.meta.default_system)
-    prompt_ids = m.render_chat(messages)
-    m.check_fits(prompt_ids)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if truncate:
+        reserve = min(max_tokens or svc.cfg.default_max_tokens, m.context_len // 2)
+        prompt_ids, _ = fit_history(m, messages, reserve)
+    else:
+        prompt_ids = m.render_chat(messages)
+        m.check_fits(prompt_ids)
     opts = _opts(svc, m, len(prompt_ids), max_tokens=max_tokens, default_max=svc.cfg.default_max_tokens, req=req,
                  logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, dry_default=svc.cfg.dry_multiplier)
     opts.grammar = (m.tool_grammar(functions, req.tool_choice, req.parallel_tool_calls is not False) if functions

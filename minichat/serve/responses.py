@@ -4,7 +4,7 @@ A request is translated into a chat-completions request (`chat_request`): `instr
 message, `input` (a string, or message / function_call / function_call_output items) the conversation,
 `previous_response_id` puts a stored response's conversation first, function `tools` and `tool_choice` are
 rewritten in chat's nesting, `text.format` becomes `response_format` and `max_output_tokens`
-`max_completion_tokens`. The chat path then renders, checks, generates and moderates as for
+`max_completion_tokens`; `truncation: "auto"` drops the oldest turns to fit the context window. The chat path then renders, checks, generates and moderates as for
 /v1/chat/completions, and `response_object` / `stream` give the answer in the Responses shape: output items
 (a message with `output_text`, or a `refusal` part; `function_call` items), `status` "completed" or
 "incomplete" with `incomplete_details.reason` "max_output_tokens" or "content_filter", and usage in
@@ -21,7 +21,7 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -52,6 +52,7 @@ class ResponsesRequest(_Req):
     stream: bool | None = False
     store: bool | None = True
     metadata: dict | None = None
+    truncation: Literal["auto", "disabled"] | None = "disabled"  # auto: drop the oldest turns to fit the context
 
 
 def parse_request(body: Any) -> ResponsesRequest:
@@ -156,9 +157,14 @@ def chat_request(rr: ResponsesRequest, history: list[dict]) -> ChatCompletionReq
     try:
         return parse(ChatCompletionRequest, {k: v for k, v in body.items() if v is not None})
     except APIError as e:
-        if e.param is not None:
-            e.param = PARAM_NAMES.get(e.param.split(".")[0], e.param)
-        raise
+        raise renamed(e) from None
+
+
+def renamed(e: APIError) -> APIError:
+    """An error of the chat path with the Responses API's parameter name."""
+    if e.param is not None:
+        e.param = PARAM_NAMES.get(e.param.split(".")[0], e.param)
+    return e
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -203,7 +209,7 @@ def _base(run, rr: ResponsesRequest, created: int) -> dict:
             "parallel_tool_calls": rr.parallel_tool_calls is not False, "text": rr.text or {"format": {"type": "text"}},
             "previous_response_id": rr.previous_response_id, "store": rr.store is not False,
             "metadata": rr.metadata or {}, "error": None, "reasoning": {"effort": None, "summary": None},
-            "truncation": "disabled", "user": getattr(rr, "user", None)}
+            "truncation": rr.truncation or "disabled", "user": getattr(rr, "user", None)}
 
 
 def response_object(run, rr: ResponsesRequest, choice: dict, completion_tokens: int,

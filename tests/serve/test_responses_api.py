@@ -105,6 +105,19 @@ def test_responses_outlive_a_restart_in_the_store(model_files, tmp_path):
             store.close()
 
 
+def test_truncation_auto_drops_the_oldest_turns(client):
+    long = " ".join(["Paris is the capital of France."] * 60)  # ~ 400 tokens a turn; the context is 1,024
+    items = []
+    for k in range(4):
+        items += [{"role": "user", "content": f"{k}: {long}"}, {"role": "assistant", "content": "Noted."}]
+    items.append({"role": "user", "content": ASK})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="tiny", input=items, max_output_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "input"
+    r = client.responses.create(model="tiny", input=items, max_output_tokens=4, truncation="auto")
+    assert r.truncation == "auto" and r.usage.input_tokens + 4 <= 1024 and r.usage.input_tokens > 400
+
+
 def test_stream_events(client, model_files, live):
     with client.responses.stream(model="script", input=ASK, temperature=0) as s:
         events = list(s)
