@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from minichat.errors import MinichatError
-from minichat.moderation.categories import EVAL_KEYS
+from minichat.moderation.categories import EVAL_KEYS, PARENT
+
+OVERALL = "overall (labelled categories)"  # any of the categories the file labels, and their sub-categories
+OVERALL_ALL = "overall (all 13 categories)"  # any category the moderator flags, illicit included
 
 
 def binary_metrics(y: list[int], score: list[float], flagged: list[bool]) -> dict:
@@ -67,23 +70,31 @@ def evaluate_rows(moderator, rows: list[dict], batch: int = 256) -> dict:
         report["categories"][f"{cat} ({key})"] = binary_metrics(
             [rows[i][key] for i in idx], [results[i].category_scores[cat] for i in idx],
             [results[i].categories[cat] for i in idx])
+    # "any": a text is positive when one of its labelled categories is. The moderator's own verdict on the file's
+    # categories (with their sub-categories) is the fair comparison: OpenAI's eval set labels no illicit
+    # category, so a request to steal a car is a negative there; the verdict over all 13 is reported beside it
+    lab_s, lab_f = [], []
     for r, res in zip(rows, results):
-        known = [r[k] for k in EVAL_KEYS if r.get(k) is not None]
-        if not known:
+        keys = [k for k in EVAL_KEYS if r.get(k) is not None]
+        if not keys:
             continue
-        any_y.append(int(any(known)))
+        cats = {EVAL_KEYS[k] for k in keys}
+        cats |= {c for c, parent in PARENT.items() if parent in cats}
+        cats &= set(res.category_scores)
+        any_y.append(int(any(r[k] for k in keys)))
+        lab_s.append(max((res.category_scores[c] for c in cats), default=0.0))
+        lab_f.append(any(res.categories[c] for c in cats))
         any_s.append(max(res.category_scores.values()))
         any_f.append(res.flagged)
     if any_y:
-        report["overall (any category)"] = binary_metrics(any_y, any_s, any_f)
+        report[OVERALL] = binary_metrics(any_y, lab_s, lab_f)
+        report[OVERALL_ALL] = binary_metrics(any_y, any_s, any_f)
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [f"{'category':<28}{'n':>6}{'pos':>6}{'prec':>8}{'recall':>8}{'F1':>8}{'AUPRC':>8}"]
-    items = list(report["categories"].items())
-    if "overall (any category)" in report:
-        items.append(("overall (any category)", report["overall (any category)"]))
+    items = list(report["categories"].items()) + [(k, report[k]) for k in (OVERALL, OVERALL_ALL) if k in report]
     for name, m in items:
         lines.append(f"{name:<28}{m['n']:>6}{m['positive']:>6}{m['precision']:>8.3f}{m['recall']:>8.3f}"
                      f"{m['f1']:>8.3f}{m['auprc']:>8.3f}")
