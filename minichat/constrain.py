@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -185,8 +186,6 @@ class _Compiler:
             return self.add(_Node("string", lengths=lengths, pattern=pattern))
         bounds = [k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in s]
         if t == "integer" and bounds:  # a range of integers as an automaton over its digits
-            import math
-
             for k in bounds:
                 if isinstance(s[k], bool) or not isinstance(s[k], (int, float)):
                     raise SchemaError(f"{path}.{k} must be a number")
@@ -208,7 +207,7 @@ class _Compiler:
             lo_ex = hi_ex = False
             for k in bounds:
                 v = s[k]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise SchemaError(f"{path}.{k} must be a finite number")
                 f = Fraction(repr(v)) if isinstance(v, float) else Fraction(v)  # 0.1 as written, not its binary
                 if k in ("minimum", "exclusiveMinimum") and (lo is None or f > lo or (f == lo and k[0] == "e")):
@@ -279,8 +278,6 @@ def _number_grids(ip: str, fp: str | None, left: int) -> list[tuple]:
 
 def _number_fits(bounds: tuple, neg: bool, ip: str, fp: str | None, left: int) -> bool:
     """Whether some completion of the decimal so far lies within bounds = (lo, lo exclusive, hi, hi exclusive)."""
-    import math
-
     lo, lo_ex, hi, hi_ex = bounds
     for a, b, g in _number_grids(ip, fp, left):
         if neg:

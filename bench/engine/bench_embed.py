@@ -5,8 +5,8 @@
 Quality: embed_triplets.tsv (written for this bench) holds an anchor, a paraphrase of it and a sentence on another
 subject; a triplet is right when the anchor's cosine similarity to its paraphrase is above that to the other
 sentence, and also against every other triplet's paraphrase (retrieval: the paraphrase ranks first among all
-paraphrases), against TF-IDF vectors of words. Both poolings, mean and last token, in fp32 and under bf16 autocast. Speed: texts per second for the triplets' sentences one at a
-time and 16 at a time.
+paraphrases), against TF-IDF vectors of words. Both poolings, mean and last token, in fp32 and under bf16
+autocast. Speed: texts per second for the triplets' sentences one at a time and 16 at a time.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def main() -> None:
     eng = Engine.from_pretrained(a.model)
     tok = eng.tokenizer
     print(f"{a.model}, {a.threads} threads, {len(rows)} triplets")
-    print("| pooling, autocast | paraphrase above the other sentence | paraphrase first among all paraphrases | texts/s one at a time | texts/s 16 at a time |")
+    print("| pooling, autocast | paraphrase above the other sentence | paraphrase first among all paraphrases "
+          "| texts/s one at a time | texts/s 16 at a time |")
     print("|---|---|---|---|---|")
     texts = [t for r in rows for t in r]
     ids = [tok.encode(t) for t in texts]
@@ -40,8 +41,9 @@ def main() -> None:
 
     tf = torch.tensor(TfidfVectorizer().fit_transform(texts).toarray(), dtype=torch.float32).reshape(len(rows), 3, -1)
     tf = torch.nn.functional.normalize(tf, dim=-1)
-    print(f"| TF-IDF of words (baseline) | {((tf[:, 0] * tf[:, 1]).sum(-1) > (tf[:, 0] * tf[:, 2]).sum(-1)).float().mean():.1%} "
-          f"| {((tf[:, 0] @ tf[:, 1].T).argmax(1) == torch.arange(len(rows))).float().mean():.1%} | | |")
+    tf_triplet = ((tf[:, 0] * tf[:, 1]).sum(-1) > (tf[:, 0] * tf[:, 2]).sum(-1)).float().mean()
+    tf_retrieval = ((tf[:, 0] @ tf[:, 1].T).argmax(1) == torch.arange(len(rows))).float().mean()
+    print(f"| TF-IDF of words (baseline) | {tf_triplet:.1%} | {tf_retrieval:.1%} | | |")
     for pooling, dtype in (("mean", torch.float32), ("mean", torch.bfloat16), ("last", torch.float32),
                            ("last", torch.bfloat16)):
         e = eng.embeddings(ids, pooling=pooling, dtype=dtype).reshape(len(rows), 3, -1)
@@ -58,7 +60,8 @@ def main() -> None:
             t = time.perf_counter()
             eng.embeddings(ids, pooling=pooling, dtype=dtype)
             many.append(len(ids) / (time.perf_counter() - t))
-        print(f"| {pooling}, {str(dtype).removeprefix('torch.')} | {triplet:.1%} | {retrieval:.1%} | {statistics.median(one):.0f} | {statistics.median(many):.0f} |")
+        print(f"| {pooling}, {str(dtype).removeprefix('torch.')} | {triplet:.1%} | {retrieval:.1%} | "
+              f"{statistics.median(one):.0f} | {statistics.median(many):.0f} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A request is translated into a chat-completions request (`chat_request`): `instr
 message, `input` (a string, or message / function_call / function_call_output items) the conversation,
 `previous_response_id` puts a stored response's conversation first, function `tools` and `tool_choice` are
 rewritten in chat's nesting, `text.format` becomes `response_format` and `max_output_tokens`
-`max_completion_tokens`; `truncation: "auto"` drops the oldest turns to fit the context window. The chat path then renders, checks, generates and moderates as for
+`max_completion_tokens`; `truncation: "auto"` drops the oldest turns to fit the context window. The chat path
+then renders, checks, generates and moderates as for
 /v1/chat/completions, and `response_object` / `stream` give the answer in the Responses shape: output items
 (a message with `output_text`, or a `refusal` part; `function_call` items), `status` "completed" or
 "incomplete" with `incomplete_details.reason` "max_output_tokens" or "content_filter", and usage in

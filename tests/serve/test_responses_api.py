@@ -27,7 +27,8 @@ def test_text_reply_equals_chat_completions(client, model_files):
     items = [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
              {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
              {"type": "message", "role": "user", "content": ASK}]
-    r2 = client.responses.create(model="tiny", instructions="Be brief.", input=items, temperature=0, max_output_tokens=8)
+    r2 = client.responses.create(model="tiny", instructions="Be brief.", input=items, temperature=0,
+                                 max_output_tokens=8)
     c2 = client.chat.completions.create(model="tiny", temperature=0, max_tokens=8, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": ASK}])
@@ -178,7 +179,8 @@ def test_function_calls_and_their_outputs(client, stream):
     assert follow.output[0].type in ("message", "function_call")
     # the same through previous_response_id
     again = client.responses.create(model="tiny", max_output_tokens=5, tools=[WEATHER], previous_response_id=r.id,
-                                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}])
+                                    input=[{"type": "function_call_output", "call_id": call.call_id,
+                                            "output": "Sunny"}])
     assert again.usage.input_tokens > follow.usage.input_tokens - 10
 
 
