@@ -658,3 +658,27 @@ def test_embeddings_too_long_and_unknown_model(client):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="gpt-9", input="x")
+
+
+def test_embeddings_while_generating(client):
+    """Embeddings run beside the generation worker: the same vectors while a long reply is being sampled."""
+    import threading
+
+    import numpy as np
+
+    idle = client.embeddings.create(model="tiny", input=["the cat", "Paris"], encoding_format="float")
+    out: dict = {}
+
+    def long_reply():
+        out["r"] = client.chat.completions.create(model="tiny", messages=USER, max_tokens=300, temperature=1.0,
+                                                  seed=1)
+
+    t = threading.Thread(target=long_reply)
+    t.start()
+    busy = [client.embeddings.create(model="tiny", input=["the cat", "Paris"], encoding_format="float")
+            for _ in range(5)]
+    t.join(60)
+    assert out["r"].usage.completion_tokens > 0
+    for b in busy:
+        for x, y in zip(idle.data, b.data):
+            assert np.allclose(x.embedding, y.embedding, atol=1e-6)
