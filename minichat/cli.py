@@ -12,6 +12,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("minichat.train.pretrain:main", "pretrain a Transformer by next-token prediction"),
     "sample": ("minichat.sample:main", "sample text from a checkpoint"),
+    "perplexity": ("minichat.perplexity:main", "perplexity and bits per byte of a model on a text corpus"),
     "sft": ("minichat.train.sft:main", "supervised fine-tuning on demonstrations"),
     "reward": ("minichat.train.reward:main", "train a reward model on rankings"),
     "rsft": ("minichat.train.rejection:main", "rejection-sampling fine-tuning (best of K by the RM)"),
