@@ -6,7 +6,9 @@
 Each document (a .txt file, a JSONL line's text field, a folder of them, or `builtin`) is scored on its own,
 after the tokenizer's end-of-text token, so that every one of its tokens is predicted. A document longer than
 the context is read in windows of `context` tokens that advance by `stride`; each token is scored once, with
-at least context − stride tokens before it (HF's sliding-window perplexity). Reported: tokens scored, mean
+at least context − stride tokens before it (HF's sliding-window perplexity). `--weights MODE` scores through
+the engine's decoding path instead, token by token, with the numbers sampling sees (e.g. int8 or int4
+weights). Reported: tokens scored, mean
 negative log-likelihood per token, perplexity, and bits per byte (the NLL per UTF-8 byte in bits, which
 compares models whose tokenizers differ). Windows of similar length are batched.
 """
@@ -81,6 +83,31 @@ def score(model, docs: list[list[int]], context: int, stride: int, batch: int = 
     return total, n
 
 
+def score_engine(engine, docs: list[list[int]], context: int, stride: int, batch: int = 8,
+                 progress: bool = False) -> tuple[float, int]:
+    """score() through an Engine's decoding path, token by token: the numbers sampling sees with its weight mode
+    (int8, int4, fast ...), slower than the forward pass."""
+    wins = sorted((w for d in docs for w in windows(d, context, stride)), key=lambda w: len(w.ids))
+    batch = min(batch, engine.max_batch)
+    total, n = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(wins), desc="windows (engine)", file=sys.stderr)
+    for s in range(0, len(wins), batch):
+        group = wins[s:s + batch]
+        for w, lps in zip(group, engine.score_many([w.ids for w in group])):
+            kept = lps[w.scored_from:]
+            total -= sum(kept)
+            n += len(kept)
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return total, n
+
+
 def main(argv: list[str] | None = None) -> int:
     from minichat import gguf_import
     from minichat.data.corpus import iter_documents
@@ -98,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="fp32", choices=("auto", "fp32", "bf16"),
                     help="matmul precision (auto: bf16 where this device multiplies it clearly faster)")
+    ap.add_argument("--weights", default="", help="score through the engine's decoding path with this weight mode "
+                                                  "(fast, int8, int4, bf16, fp32, ...), as sampling sees it; token "
+                                                  "by token, slower (default: the model's forward pass)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args(argv)
@@ -136,13 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         n_bytes -= sum(len(tok.decode(d[:1]).encode("utf-8")) for d in docs)
     dtype = torch.float32 if a.dtype == "fp32" else (torch.bfloat16 if a.dtype == "bf16" else
                                                      resolve_dtype("auto", device))
-    t0 = time.perf_counter()
-    nll, n = score(model, docs, context, stride, a.batch, dtype, progress=not a.json)
+    if a.weights:
+        from minichat.engine import Engine
+
+        engine = Engine(model, tok, weights=a.weights, max_batch=a.batch)
+        if context > engine.max_seq_len - 1:  # the decoding path needs room for one more position
+            context = engine.max_seq_len - 1
+            stride = min(stride, context - 1)
+        t0 = time.perf_counter()
+        nll, n = score_engine(engine, docs, context, stride, a.batch, progress=not a.json)
+        precision = f"engine weights {engine.weights}"
+    else:
+        t0 = time.perf_counter()
+        nll, n = score(model, docs, context, stride, a.batch, dtype, progress=not a.json)
+        precision = str(dtype).removeprefix("torch.")
     secs = time.perf_counter() - t0
     if n == 0:
         raise MinichatError("no token was scored: every document is a single token")
     out = {"model": a.model, "data": a.data, "documents": n_docs, "tokens": n, "bytes": n_bytes,
-           "context": context, "stride": stride, "dtype": str(dtype).removeprefix("torch."),
+           "context": context, "stride": stride, "precision": precision,
            "nll_per_token": nll / n, "perplexity": math.exp(nll / n),
            "bits_per_byte": nll / math.log(2) / max(1, n_bytes), "seconds": round(secs, 2),
            "tokens_per_s": round(n / secs, 1) if secs > 0 else None}
@@ -150,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         print(f"{out['documents']} documents, {n:,} tokens scored ({n_bytes:,} bytes), context {context}, "
-              f"stride {stride}, {out['dtype']}: NLL {out['nll_per_token']:.4f} per token, "
+              f"stride {stride}, {precision}: NLL {out['nll_per_token']:.4f} per token, "
               f"perplexity {out['perplexity']:.3f}, {out['bits_per_byte']:.4f} bits per byte "
               f"({out['tokens_per_s']} tokens/s)")
     return 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minichat.errors import MinichatError
-from minichat.perplexity import main, score, windows
+from minichat.perplexity import main, score, score_engine, windows
 from tests.engine.engine_util import make_tiny
 
 
@@ -41,6 +41,12 @@ def test_score_is_the_models_nll():
     # short windows: the same tokens, each with less context
     nll_short, n_short = score(model, docs, context=6, stride=3, batch=3)
     assert n_short == n and nll_short != pytest.approx(nll, rel=1e-6)
+    # through the engine's decoding path: the same with fp32 weights, close with int8 ones
+    from minichat.engine import Engine
+
+    for weights, rel in (("fp32", 1e-5), ("int8", 2e-2)):
+        e_nll, e_n = score_engine(Engine(model, tok, weights=weights), docs, context=6, stride=3, batch=3)
+        assert e_n == n_short and e_nll == pytest.approx(nll_short, rel=rel), weights
 
 
 def test_cli_on_a_checkpoint_and_jsonl(tiny_ckpt, tmp_path, capsys):
@@ -59,6 +65,11 @@ def test_cli_on_a_checkpoint_and_jsonl(tiny_ckpt, tmp_path, capsys):
     nll = out["nll_per_token"] * out["tokens"]
     assert out["perplexity"] == pytest.approx(math.exp(out["nll_per_token"]))
     assert out["bits_per_byte"] == pytest.approx(nll / math.log(2) / out["bytes"])
+    assert main(["--model", str(tiny_ckpt), "--data", str(data), "--text_field", "body", "--json",
+                 "--context", "8", "--stride", "4", "--weights", "fp32"]) == 0
+    eng = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert eng["tokens"] == out["tokens"] and eng["precision"] == "engine weights fp32"
+    assert eng["nll_per_token"] == pytest.approx(out["nll_per_token"], rel=1e-5)
     # --max_tokens cuts the corpus
     assert main(["--model", str(tiny_ckpt), "--data", str(data), "--text_field", "body", "--json",
                  "--max_tokens", "5"]) == 0
