@@ -2,7 +2,7 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id}; responses.py),
 POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /v1/moderations,
-GET /health; the web chat at / (static page) with its JSON API under /api.
+POST /tokenize and /detokenize (vLLM's), GET /health; the web chat at / (static page) with its JSON API under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
 context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
 A client's mistake is never answered with a 5xx (OpenAI clients retry those).
@@ -26,14 +26,15 @@ from fastapi.staticfiles import StaticFiles
 
 from minichat import toolcall as tools
 from minichat.constrain import JSONGrammar
+from minichat.errors import MinichatError
 from minichat.serve.config import ServeConfig
 from minichat.serve.generation import (
     Moderated, cancel_on_disconnect, check_input, moderated_events, results_block, summary,
 )
 from minichat.serve.models import ModelRegistry, ServedModel
 from minichat.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenOptions, ModerationRequest,
-    bad_request, install_error_handlers, new_id, now, parse, usage,
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, GenOptions,
+    ModerationRequest, TokenizeRequest, bad_request, install_error_handlers, new_id, now, parse, usage,
 )
 from minichat.serve.worker import Delta, Job, Overloaded
 
@@ -234,6 +235,30 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = sum(map(len, seqs))
         return {"object": "list", "data": data, "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/tokenize", dependencies=[Depends(require_key)])
+    async def tokenize(request: Request):
+        """vLLM's token counting: a prompt's ids, or the ids of chat messages as the model's template renders them."""
+        req: TokenizeRequest = parse(TokenizeRequest, await read_json(request))
+        m = models.get(req.model)
+        if req.messages is not None:
+            try:
+                ids, _ = m.tokenizer.render_chat([x.as_dict() for x in req.messages],
+                                                 add_generation_prompt=req.add_generation_prompt)
+            except MinichatError as e:
+                raise bad_request(str(e), param="messages") from None
+        else:
+            ids = m.encode(req.prompt)
+        return {"count": len(ids), "max_model_len": m.context_len, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=[Depends(require_key)])
+    async def detokenize(request: Request):
+        req: DetokenizeRequest = parse(DetokenizeRequest, await read_json(request))
+        m = models.get(req.model)
+        V = m.tokenizer.vocab_size
+        if any(not 0 <= t < V for t in req.tokens):
+            raise bad_request(f"token ids must be in 0..{V - 1}", param="tokens")
+        return {"prompt": m.tokenizer.decode(req.tokens)}
 
     # ---------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")

@@ -268,6 +268,27 @@ class ModerationRequest(_Req):
         return v
 
 
+class TokenizeRequest(_Req):
+    """vLLM's /tokenize: a prompt as is, or chat messages as the template renders them."""
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "give either prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ParamError("messages", "messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Req):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
 MAX_EMBEDDING_INPUTS = 2048  # texts per request, as OpenAI's limit
 
 

@@ -682,3 +682,24 @@ def test_embeddings_while_generating(client):
     for b in busy:
         for x, y in zip(idle.data, b.data):
             assert np.allclose(x.embedding, y.embedding, atol=1e-6)
+
+
+def test_tokenize_and_detokenize(live, model_files):
+    """vLLM's /tokenize and /detokenize: the ids a prompt or a conversation costs, and back."""
+    from minichat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_files.tiny)
+    r = httpx.post(live.url + "/tokenize", json={"model": "tiny", "prompt": "Paris is the capital"}, timeout=10).json()
+    assert r["tokens"] == tok.encode("Paris is the capital") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 1024
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    r = httpx.post(live.url + "/tokenize", json={"model": "tiny", "messages": msgs}, timeout=10).json()
+    assert r["tokens"] == tok.render_chat(msgs, add_generation_prompt=True)[0]
+    back = httpx.post(live.url + "/detokenize", json={"model": "tiny", "tokens": tok.encode("héllo")}, timeout=10)
+    assert back.json() == {"prompt": "héllo"}
+    for path, body, param in [("/tokenize", {"model": "tiny"}, "prompt"),
+                              ("/tokenize", {"model": "tiny", "prompt": "a", "messages": msgs}, "prompt"),
+                              ("/detokenize", {"model": "tiny", "tokens": [10 ** 6]}, "tokens")]:
+        e = httpx.post(live.url + path, json=body, timeout=10)
+        assert e.status_code == 400 and e.json()["error"]["param"] == param
+    assert httpx.post(live.url + "/tokenize", json={"model": "gpt-9", "prompt": "a"}, timeout=10).status_code == 404
