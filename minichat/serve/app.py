@@ -309,7 +309,8 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         keep = rr.store is not False
         if rr.stream:
             return StreamingResponse(resp_api.stream(svc, run, rr, request, saved if keep else None, owner,
-                                                     _run_events(svc, run, request)),
+                                                     _run_events(svc, run, request),
+                                                     lambda mod: _record_moderation(svc, mod, run.rid, "replaced")),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         if run.refusal is not None:
             choice = {"text": run.refusal.refusal, "finish": "content_filter"}

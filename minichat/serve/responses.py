@@ -299,10 +299,10 @@ class _Events:
 
 
 async def stream(svc, run, rr: ResponsesRequest, request, saved: ResponseStore | None, owner: str | None,
-                 events: AsyncIterator) -> AsyncIterator[str]:
+                 events: AsyncIterator, on_moderated=None) -> AsyncIterator[str]:
     """The Responses event stream of a run: text as it comes (a reply that may still become a tool call is held
     back, and its calls are sent whole); a reply flagged while streaming gets a refusal part after the text
-    already sent."""
+    already sent, and `on_moderated` (async) records the verdict."""
     ev = _Events()
     created = now()
     yield ev("response.created", response={**_base(run, rr, created), "status": "in_progress",
@@ -344,6 +344,8 @@ async def stream(svc, run, rr: ResponsesRequest, request, saved: ResponseStore |
             finish, tokens = e.reason, e.completion_tokens
         else:  # Moderated: the output was flagged
             refusal, finish = e.refusal, "content_filter"
+            if on_moderated is not None:
+                await on_moderated(e)  # the audit record, as for chat completions
     choice = {"text": text, "finish": finish}
     calls = None
     if held is not None and finish in ("stop", "length"):

@@ -184,7 +184,7 @@ def test_function_calls_and_their_outputs(client, stream):
     assert again.usage.input_tokens > follow.usage.input_tokens - 10
 
 
-def test_flagged_input_and_output_are_refusals(client, model_files):
+def test_flagged_input_and_output_are_refusals(client, model_files, live):
     r = client.responses.create(model="script", input="I will kill you", temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
     part = r.output[0].content[0]
@@ -192,8 +192,11 @@ def test_flagged_input_and_output_are_refusals(client, model_files):
     r = client.responses.create(model="bad", input=ASK, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
     assert [p.type for p in r.output[0].content] == ["refusal"] and "kill" not in r.output[0].content[0].refusal
+    before = len(live.store.moderation_decisions())
     with client.responses.stream(model="bad", input=ASK, temperature=0) as s:
         events = list(s)
+    dec = live.store.moderation_decisions()[before:]
+    assert [(d["source"], d["action"]) for d in dec] == [("output", "replaced")]  # audited as chat completions are
     kinds = [e.type for e in events]
     assert kinds[-1] == "response.incomplete" and "response.refusal.done" in kinds
     sent = "".join(e.delta for e in events if e.type == "response.output_text.delta")
