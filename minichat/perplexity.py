@@ -46,23 +46,34 @@ def windows(ids: list[int], context: int, stride: int) -> list[Window]:
     return out
 
 
+def _over_windows(docs: list[list[int]], context: int, stride: int, batch: int, step, desc: str | None):
+    """Sum step(group) -> (NLL, tokens) over the documents' windows, in batches of similar length."""
+    wins = sorted((w for d in docs for w in windows(d, context, stride)), key=lambda w: len(w.ids))
+    total, n = 0.0, 0
+    if desc is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(wins), desc=desc, file=sys.stderr)
+    for s in range(0, len(wins), batch):
+        group = wins[s:s + batch]
+        nll, k = step(group)
+        total, n = total + nll, n + k
+        if desc is not None:
+            bar.update(len(group))
+    if desc is not None:
+        bar.close()
+    return total, n
+
+
 @torch.inference_mode()
 def score(model, docs: list[list[int]], context: int, stride: int, batch: int = 8, dtype=torch.float32,
           progress: bool = False) -> tuple[float, int]:
-    """(total NLL in nats, tokens scored) over the documents' windows."""
+    """(total NLL in nats, tokens scored) over the documents' windows, by the model's forward pass."""
     from minichat.runtime import autocast
 
-    wins = [w for d in docs for w in windows(d, context, stride)]
-    wins.sort(key=lambda w: len(w.ids))
     dev = next(model.parameters()).device
-    total, n = 0.0, 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(wins), desc="windows", file=sys.stderr)
-    for s in range(0, len(wins), batch):
-        group = wins[s:s + batch]
+    def step(group: list[Window]) -> tuple[float, int]:
         T = max(len(w.ids) for w in group)
         x = torch.zeros(len(group), T, dtype=torch.long)
         keep = torch.zeros(len(group), T - 1, dtype=torch.bool)
@@ -74,38 +85,22 @@ def score(model, docs: list[list[int]], context: int, stride: int, batch: int = 
             # right padding: no real token attends to a pad; the head runs only where a target is scored
             logits = model(x.to(dev), select=select.to(dev))  # (N, V)
         targets = x[:, 1:][keep].to(dev)  # (N,), in the same row-major order
-        total -= float(torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum())
-        n += int(keep.sum())
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
-    return total, n
+        return -float(torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum()), int(keep.sum())
+
+    return _over_windows(docs, context, stride, batch, step, "windows" if progress else None)
 
 
 def score_engine(engine, docs: list[list[int]], context: int, stride: int, batch: int = 8,
                  progress: bool = False) -> tuple[float, int]:
     """score() through an Engine's decoding path, token by token: the numbers sampling sees with its weight mode
     (int8, int4, fast ...), slower than the forward pass."""
-    wins = sorted((w for d in docs for w in windows(d, context, stride)), key=lambda w: len(w.ids))
-    batch = min(batch, engine.max_batch)
-    total, n = 0.0, 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(wins), desc="windows (engine)", file=sys.stderr)
-    for s in range(0, len(wins), batch):
-        group = wins[s:s + batch]
-        for w, lps in zip(group, engine.score_many([w.ids for w in group])):
-            kept = lps[w.scored_from:]
-            total -= sum(kept)
-            n += len(kept)
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
-    return total, n
+    def step(group: list[Window]) -> tuple[float, int]:
+        kept = [lp for w, lps in zip(group, engine.score_many([w.ids for w in group])) for lp in lps[w.scored_from:]]
+        return -sum(kept), len(kept)
+
+    return _over_windows(docs, context, stride, min(batch, engine.max_batch), step,
+                         "windows (engine)" if progress else None)
 
 
 def main(argv: list[str] | None = None) -> int:
