@@ -227,3 +227,17 @@ def test_unknown_model_and_response(client):
         client.responses.create(model="gpt-9", input="x")
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_nothing")
+
+
+def test_streamed_text_reply_with_tools_offered(client):
+    """tool_choice auto: a reply held back while it could still become a call goes out as text once it cannot;
+    streamed and plain give the same output."""
+    args = dict(model="tiny", input=ASK, tools=[WEATHER], temperature=0, max_output_tokens=30)
+    plain = client.responses.create(**args)
+    with client.responses.stream(**args) as s:
+        events = list(s)
+    final = events[-1].response
+    assert [o.type for o in final.output] == [o.type for o in plain.output] == ["message"]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == final.output_text == plain.output_text and text
+    assert "response.function_call_arguments.done" not in [e.type for e in events]
