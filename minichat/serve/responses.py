@@ -72,6 +72,9 @@ def _text_of(content: Any, i: int) -> str:
         raise bad_request(f"input[{i}].content must be a string or a list of parts", param="input")
     out = []
     for p in content:
+        if isinstance(p, dict) and p.get("type") == "refusal" and isinstance(p.get("refusal"), str):
+            out.append(p["refusal"])  # an earlier answer's refusal, sent back as history
+            continue
         if not isinstance(p, dict) or p.get("type") not in TEXT_PARTS or not isinstance(p.get("text"), str):
             kind = p.get("type") if isinstance(p, dict) else type(p).__name__
             raise bad_request(f"input[{i}]: only text content parts are supported, got {kind!r}", param="input")

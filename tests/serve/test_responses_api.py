@@ -25,7 +25,8 @@ def test_text_reply_equals_chat_completions(client, model_files):
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     # instructions are the system message; input items with roles and text parts are the conversation
     items = [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
-             {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
+             {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+              "content": [{"type": "output_text", "text": "Hello.", "annotations": []}]},
              {"type": "message", "role": "user", "content": ASK}]
     r2 = client.responses.create(model="tiny", instructions="Be brief.", input=items, temperature=0,
                                  max_output_tokens=8)
@@ -37,7 +38,9 @@ def test_text_reply_equals_chat_completions(client, model_files):
 
 
 def test_max_output_tokens_is_incomplete(client):
-    r = client.responses.create(model="tiny", input=ASK, max_output_tokens=3, temperature=1.0)
+    # min_tokens (minichat's extension) keeps the random model from ending sooner
+    r = client.responses.create(model="tiny", input=ASK, max_output_tokens=3, temperature=1.0,
+                                extra_body={"min_tokens": 3})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 3 and r.max_output_tokens == 3
 
@@ -134,7 +137,7 @@ def test_stream_events(client, model_files, live):
     assert client.responses.retrieve(final.id).output_text == model_files.script_text
     # cut by max_output_tokens: the last event is response.incomplete
     raw = httpx.post(live.url + "/v1/responses", json={"model": "tiny", "input": ASK, "stream": True,
-                                                               "max_output_tokens": 3}, timeout=30)
+                                                      "max_output_tokens": 3, "min_tokens": 3}, timeout=30)
     lines = [json.loads(x[6:]) for x in raw.text.splitlines() if x.startswith("data: ")]
     assert lines[-1]["type"] == "response.incomplete"
     assert lines[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
@@ -189,6 +192,10 @@ def test_flagged_input_and_output_are_refusals(client, model_files, live):
     assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
     part = r.output[0].content[0]
     assert part.type == "refusal" and part.refusal and "kill" not in part.refusal and r.usage.output_tokens == 0
+    # the refused answer goes back as history, as clients send earlier output items
+    again = client.responses.create(model="script", temperature=0, input=[
+        {"role": "user", "content": "Hello"}, r.output[0].model_dump(), {"role": "user", "content": ASK}])
+    assert again.status == "completed"
     r = client.responses.create(model="bad", input=ASK, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
     assert [p.type for p in r.output[0].content] == ["refusal"] and "kill" not in r.output[0].content[0].refusal
