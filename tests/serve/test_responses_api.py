@@ -85,13 +85,13 @@ def test_responses_are_kept_per_api_key(model_files, tmp_path):
         store.close()
 
 
-def test_responses_outlive_a_restart_in_the_store(model_files, tmp_path):
-    """With a store (SQLite here; PostgreSQL when the tests have one) responses are rows, not memory."""
+def test_responses_outlive_a_restart_in_the_store(model_files, tmp_path, db_url):
+    """With a store (an SQLite file, and a real PostgreSQL database) responses are rows, not memory."""
     from tests.serve.conftest import make_server
 
     ids = []
     for round_ in range(2):
-        srv, store = make_server(model_files, tmp_path, moderation=False)
+        srv, store = make_server(model_files, tmp_path, moderation=False, store_url=db_url)
         srv.start()
         try:
             c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
