@@ -1,7 +1,7 @@
 """`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
 
-Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id}; responses.py),
-POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /v1/moderations,
+Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id} and GET
+/v1/responses/{id}/input_items; responses.py), POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /v1/moderations,
 POST /tokenize and /detokenize (vLLM's), GET /health; the web chat at / (static page) with its JSON API under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
 context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
@@ -326,6 +326,11 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, owner: str | None = Depends(require_key)):
         return await saved.get(response_id, owner)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, order: str = "desc", limit: int = 20, after: str | None = None,
+                                   owner: str | None = Depends(require_key)):
+        return resp_api.page(await saved.inputs(response_id, owner), order, limit, after)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, owner: str | None = Depends(require_key)):

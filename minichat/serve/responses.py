@@ -12,8 +12,8 @@ then renders, checks, generates and moderates as for
 input / output tokens. Streaming sends the typed events (response.created, response.output_text.delta, ...,
 response.completed) with sequence numbers.
 
-Responses are kept (unless `store: false`), per API key, for `previous_response_id` and GET / DELETE
-/v1/responses/{id}: in the server's store (table `responses`), or in memory without one (the last MAX_STORED).
+Responses are kept (unless `store: false`), per API key, for `previous_response_id`, GET / DELETE
+/v1/responses/{id} and GET /v1/responses/{id}/input_items: in the server's store (table `responses`), or in memory without one (the last MAX_STORED).
 """
 from __future__ import annotations
 
@@ -231,6 +231,47 @@ def _assistant_messages(choice: dict) -> list[dict]:
     return [{"role": "assistant", "content": choice["text"]}]
 
 
+def input_items(body: dict, conversation: list[dict]) -> list[dict]:
+    """A stored response's input as Responses items (what the model saw before its answer, without the
+    instructions, which the response carries in its own field)."""
+    convo = conversation[:-1]  # the last message is the response's own answer
+    if convo and body.get("instructions") and convo[0] == {"role": "system", "content": body["instructions"]}:
+        convo = convo[1:]
+    items, base = [], body["id"].removeprefix("resp_")
+    for k, m in enumerate(convo):
+        iid = f"{base}_{k}"
+        if m["role"] == "tool":
+            items.append({"type": "function_call_output", "id": f"fco_{iid}", "call_id": m.get("tool_call_id"),
+                          "output": m.get("content") or ""})
+        elif m.get("tool_calls"):
+            items += [{"type": "function_call", "id": f"fc_{iid}_{j}", "call_id": c.get("id"),
+                       "name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}",
+                       "status": "completed"} for j, c in enumerate(m["tool_calls"])]
+        else:
+            kind = "output_text" if m["role"] == "assistant" else "input_text"
+            part = {"type": kind, "text": m.get("content") or "", **({"annotations": []} if kind == "output_text" else {})}
+            items.append({"type": "message", "id": f"msg_{iid}", "role": m["role"], "status": "completed",
+                          "content": [part]})
+    return items
+
+
+def page(items: list[dict], order: str, limit: int, after: str | None) -> dict:
+    """OpenAI's list object over items: newest first unless order is asc, `limit` of them after the item `after`."""
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be asc or desc", param="order")
+    if not 1 <= limit <= 100:
+        raise bad_request("limit must be in 1..100", param="limit")
+    seq = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [x["id"] for x in seq]
+        if after not in ids:
+            raise bad_request(f"no item {after!r} in this list", param="after")
+        seq = seq[ids.index(after) + 1:]
+    data = seq[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(seq) > limit}
+
+
 class ResponseStore:
     """Responses kept for previous_response_id and GET / DELETE /v1/responses/{id}, each visible only to the API
     key that made it: in the server's store (SQLite or PostgreSQL, table `responses`) when it has one, else in
@@ -279,6 +320,9 @@ class ResponseStore:
 
     async def get(self, rid: str, owner: str | None) -> dict:
         return (await self._find(rid, owner))[0]
+
+    async def inputs(self, rid: str, owner: str | None) -> list[dict]:
+        return input_items(*await self._find(rid, owner))
 
     async def delete(self, rid: str, owner: str | None) -> None:
         await self._find(rid, owner)

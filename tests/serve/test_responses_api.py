@@ -248,3 +248,27 @@ def test_streamed_text_reply_with_tools_offered(client):
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == final.output_text == plain.output_text and text
     assert "response.function_call_arguments.done" not in [e.type for e in events]
+
+
+def test_input_items_of_a_stored_response(client):
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'}
+    items = [{"role": "user", "content": "Weather in Rome?"}, call,
+             {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
+             {"role": "user", "content": "Thanks. And tomorrow?"}]
+    r = client.responses.create(model="tiny", instructions="Be brief.", input=items, tools=[WEATHER],
+                                tool_choice="none", max_output_tokens=3)  # a text answer
+    got = list(client.responses.input_items.list(r.id, order="asc"))
+    assert [i.type for i in got] == ["message", "function_call", "function_call_output", "message"]
+    assert got[0].content[0].text == "Weather in Rome?" and got[0].role == "user"  # no instructions among them
+    assert (got[1].call_id, got[1].name, got[1].arguments) == ("call_1", "get_weather", '{"city": "Rome"}')
+    assert got[2].output == "Sunny" and got[3].content[0].text == "Thanks. And tomorrow?"
+    newest = client.responses.input_items.list(r.id, limit=2)  # newest first by default
+    assert [i.id for i in newest.data] == [got[3].id, got[2].id] and newest.has_more
+    rest = client.responses.input_items.list(r.id, limit=2, after=newest.data[-1].id)
+    assert [i.id for i in rest.data] == [got[1].id, got[0].id] and not rest.has_more
+    # with previous_response_id the earlier exchange is part of the input
+    nxt = client.responses.create(model="tiny", input="More?", previous_response_id=r.id, max_output_tokens=2)
+    chain = list(client.responses.input_items.list(nxt.id, order="asc"))
+    assert len(chain) == 6 and chain[4].role == "assistant" and chain[5].content[0].text == "More?"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nothing")
