@@ -13,7 +13,8 @@ input / output tokens. Streaming sends the typed events (response.created, respo
 response.completed) with sequence numbers.
 
 Responses are kept (unless `store: false`), per API key, for `previous_response_id`, GET / DELETE
-/v1/responses/{id} and GET /v1/responses/{id}/input_items: in the server's store (table `responses`), or in memory without one (the last MAX_STORED).
+/v1/responses/{id} and GET /v1/responses/{id}/input_items: in the server's store (table `responses`), or in
+memory without one (the last MAX_STORED).
 """
 from __future__ import annotations
 
@@ -249,7 +250,9 @@ def input_items(body: dict, conversation: list[dict]) -> list[dict]:
                        "status": "completed"} for j, c in enumerate(m["tool_calls"])]
         else:
             kind = "output_text" if m["role"] == "assistant" else "input_text"
-            part = {"type": kind, "text": m.get("content") or "", **({"annotations": []} if kind == "output_text" else {})}
+            part = {"type": kind, "text": m.get("content") or ""}
+            if kind == "output_text":
+                part["annotations"] = []
             items.append({"type": "message", "id": f"msg_{iid}", "role": m["role"], "status": "completed",
                           "content": [part]})
     return items
