@@ -11,6 +11,7 @@ A client's mistake is never answered with a 5xx (OpenAI clients retry those).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -228,8 +229,6 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         data = []
         for i, v in enumerate(vecs.numpy()):
             if req.encoding_format == "base64":  # little-endian float32, as the openai client decodes it
-                import base64
-
                 emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
             else:
                 emb = v.tolist()
