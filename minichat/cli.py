@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("minichat.eval.cli:main", "evaluate models with labelers"),
     "pipeline": ("minichat.pipeline:main", "the whole InstructGPT recipe in one command"),
     "label": ("minichat.label.cli:main", "labeling app and export"),
-    "export": ("minichat.gguf_export:main", "write a model as a GGUF file for llama.cpp / Ollama"),
+    "export": ("minichat.gguf_export:main", "write a model as GGUF (llama.cpp, Ollama) or a Hugging Face folder"),
 }
 
 

@@ -163,12 +163,26 @@ def export_gguf(model_path: str, out: str | Path, dtype: str = "f16") -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from minichat.hf_format import HF_DTYPES, export_hf
+
     ap = argparse.ArgumentParser(prog="minichat export", description="Write a minichat language model as a GGUF "
-                                 "file that llama.cpp, Ollama and LM Studio load.")
-    ap.add_argument("model", help="checkpoint or run folder (e.g. runs/pipeline/ppo), a .gguf, or smollm2")
-    ap.add_argument("out", help="the .gguf file to write")
-    ap.add_argument("--dtype", default="f16", choices=DTYPES, help="weights' type (norms stay f32); default f16")
+                                 "file that llama.cpp, Ollama and LM Studio load, or as a Hugging Face folder that "
+                                 "transformers (and the tools built on it) load.")
+    ap.add_argument("model", help="checkpoint or run folder (e.g. runs/pipeline/ppo), a .gguf, a Hugging Face "
+                                  "folder, or smollm2")
+    ap.add_argument("out", help="the .gguf file to write, or the folder for --format hf")
+    ap.add_argument("--format", default="auto", choices=("auto", "gguf", "hf"),
+                    help="auto (default): gguf when OUT ends in .gguf, else a Hugging Face folder")
+    ap.add_argument("--dtype", default=None, choices=DTYPES,
+                    help="weights' type (norms stay f32); default f16 for GGUF, f32 for Hugging Face "
+                         f"({', '.join(HF_DTYPES)} there)")
     a = ap.parse_args(argv)
-    r = export_gguf(a.model, a.out, a.dtype)
+    fmt = a.format if a.format != "auto" else ("gguf" if a.out.endswith(".gguf") else "hf")
+    if fmt == "hf":
+        r = export_hf(a.model, a.out, a.dtype or "f32")
+        print(f"wrote {r['path']}/: {r['parameters']:,} parameters as {r['dtype']}, {r['bytes'] / 2**20:.1f} MiB "
+              f"(a Hugging Face LlamaForCausalLM folder)")
+        return 0
+    r = export_gguf(a.model, a.out, a.dtype or "f16")
     print(f"wrote {r['path']}: {r['parameters']:,} parameters as {r['dtype']}, {r['bytes'] / 2**20:.1f} MiB")
     return 0

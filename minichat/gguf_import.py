@@ -265,14 +265,18 @@ def recommended_sampling(name_or_path) -> dict[str, float]:
 
 
 def resolve_model(name_or_path: str | Path | None = "smollm2", verbose: bool = True) -> Path:
-    """A checkpoint folder for "smollm2" (the built-in model), a .gguf file, or a minichat checkpoint/run."""
+    """A checkpoint folder for "smollm2" (the built-in model), a .gguf file, a Hugging Face Llama folder, or a
+    minichat checkpoint/run."""
     from minichat.checkpoint import resolve
+    from minichat.hf_format import ensure_imported, is_hf_folder
 
     if is_builtin(name_or_path):
         return ensure_converted(builtin_gguf_path(), verbose=verbose)
     p = Path(str(name_or_path)).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return ensure_converted(p, verbose=verbose)
+    if is_hf_folder(p):
+        return ensure_imported(p, verbose=verbose)
     return resolve(p)
 
 

@@ -38,7 +38,7 @@ def sample_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 100, t
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="minichat sample", description=__doc__)
-    ap.add_argument("--model", required=True, help="checkpoint folder or run folder")
+    ap.add_argument("--model", required=True, help="checkpoint or run folder, a .gguf, a Hugging Face folder, or smollm2")
     ap.add_argument("--prompt", default="")
     ap.add_argument("-n", "--num-samples", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=200)
@@ -46,9 +46,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from minichat.checkpoint import load_model
+    from minichat.gguf_import import load
 
-    model, tok, _ = load_model(a.model)
+    model, tok, _ = load(a.model)
     for i in range(a.num_samples):
         print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed + i))
         print("---")

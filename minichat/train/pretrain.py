@@ -94,10 +94,10 @@ PRESETS = {"default": PretrainConfig, "shakespeare-char": preset_shakespeare_cha
 def prepare_tokenizer(cfg: PretrainConfig, docs: list[str], out: Path):
     from minichat.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
-    if cfg.init_from:
-        from minichat.checkpoint import resolve
+    if cfg.init_from:  # a checkpoint, smollm2, a .gguf or a Hugging Face folder
+        from minichat.gguf_import import resolve_model
 
-        return load_tokenizer(resolve(cfg.init_from))
+        return load_tokenizer(resolve_model(cfg.init_from, verbose=False))
     saved = out / "tokenizer"
     if saved.is_dir():  # a rerun or resume must reuse the very same ids
         return load_tokenizer(saved)
@@ -154,8 +154,9 @@ def run(cfg: PretrainConfig) -> dict:
 
         if cfg.init_from:
             from minichat.checkpoint import load_model
+            from minichat.gguf_import import resolve_model
 
-            model, _, _ = load_model(cfg.init_from)
+            model, _, _ = load_model(resolve_model(cfg.init_from, verbose=False))
             cfg.model = model.cfg
         else:
             cfg.model.vocab_size = tok.vocab_size

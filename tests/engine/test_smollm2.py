@@ -90,3 +90,32 @@ def test_fp32_greedy_identical_to_transformers_generate(smol, hf):
             ref = hmodel.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, len(p):].tolist()
         assert o.token_ids == ref
+
+
+@pytest.mark.slow
+def test_hugging_face_export_runs_in_transformers(smol, tmp_path, monkeypatch):
+    """`minichat export smollm2 DIR` is a folder transformers loads by itself (no GGUF reader): the chat
+    template gives our ids, the logits are ours, and its greedy reply is ours."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minichat.hf_format import export_hf
+
+    model, tok = smol
+    export_hf("smollm2", tmp_path / "smol")
+    hm = AutoModelForCausalLM.from_pretrained(tmp_path / "smol", dtype=torch.float32).eval()
+    ht = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = ht.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == tok.render_chat(conv)[0]  # SmolLM2's default system prompt included
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert float((hm(x).logits - model(x)).norm() / model(x).norm()) < 1e-5
+    out = hm.generate(x, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    cur = list(ids)
+    with torch.no_grad():
+        for _ in range(len(out)):
+            cur.append(int(model(torch.tensor([cur]))[0, -1].argmax()))
+    assert out == cur[len(ids):] and "Paris" in tok.decode(out)
