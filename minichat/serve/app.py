@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from minichat import toolcall as tools
@@ -52,6 +52,7 @@ class Services:
     store: Any | None = None  # minichat.serve.store.Store
     moderator: Any | None = None  # minichat.moderation.Moderator
     started: float = 0.0
+    metrics: Any | None = None  # minichat.serve.metrics.ServerMetrics (None: --metrics false)
 
     @property
     def fingerprint(self) -> str:
@@ -136,7 +137,8 @@ def _top_p_ok(req) -> None:
 
 def record_moderation(svc: Services, mod: Moderated, action: str, *, request_id: str | None = None,
                       conversation_id: str | None = None, message_id: str | None = None) -> None:
-    """Keep a flagged verdict in the store (blocking: call from a thread when on the event loop)."""
+    """Count a flagged verdict, and keep it in the store (blocking: call from a thread when on the event loop)."""
+    _count_moderation(svc, mod, action)
     if svc.store is None:
         return
     r = mod.result
@@ -150,9 +152,17 @@ def record_moderation(svc: Services, mod: Moderated, action: str, *, request_id:
         log.exception("could not record a moderation decision")
 
 
+def _count_moderation(svc: Services, mod: Moderated, action: str) -> None:
+    if svc.metrics is not None:
+        r = mod.result
+        svc.metrics.moderated(mod.source, action, list(r.flagged_categories) if r is not None else [])
+
+
 async def _record_moderation(svc: Services, mod: Moderated, request_id: str, action: str) -> None:
     if svc.store is not None:
         await asyncio.to_thread(record_moderation, svc, mod, action, request_id=request_id)
+    else:
+        _count_moderation(svc, mod, action)
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -171,6 +181,17 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
     app = FastAPI(title="minichat", version=svc.fingerprint, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.services = svc
+    if cfg.metrics:
+        from minichat.serve.metrics import CONTENT_TYPE, HTTPCounter, ServerMetrics
+
+        svc.metrics = ServerMetrics(lambda: {n: m.worker for n, m in models.models.items()})
+        for name, m in models.models.items():
+            m.worker.observer = lambda job, name=name: svc.metrics.job_done(job, name)
+        app.add_middleware(HTTPCounter, metrics=svc.metrics)
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics():
+            return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
     app.state.api_keys = cfg.all_api_keys()
 
     if cfg.cors_origins:

@@ -53,6 +53,7 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)  # e.g. "*" or "http://localhost:3000"; empty = no CORS
     store_url: str = ""  # SQLAlchemy URL; "" = SQLite in the user data dir; "none" = no store (and no web chat)
     web: bool = True  # serve the chat page at / and its /api
+    metrics: bool = True  # GET /metrics in Prometheus's format (unauthenticated, as /health)
     moderation: bool = True  # moderate inputs and outputs on the chat path, and serve /v1/moderations
     moderation_config: str = ""  # a moderation rules file merged on the packaged rules
     moderation_audit: str = ""  # append moderation decisions to this JSONL file

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from minichat.errors import MinichatError
 from minichat.runtime import ThreadTuner
@@ -112,6 +112,7 @@ class _Choice:
         self.tokens = 0  # content tokens generated (the stop token not counted)
         self.pending_lp: list[dict] = []
         self.done = False
+        self.reason: str | None = None  # the finish reason, once done
 
 
 class Job:
@@ -210,6 +211,7 @@ class ModelWorker:
         # the thread waits: for the GIL, or for a core other processes hold)
         self.tokens_out = 0
         self.finished: dict[str, int] = {}  # finish reason -> sequences
+        self.observer: Callable[[Job], None] | None = None  # called in this thread when a job's last choice ends
 
     @property
     def context_len(self) -> int:
@@ -393,12 +395,17 @@ class ModelWorker:
     def _close(self, job: Job, c: _Choice, reason: str, error: str | None = None) -> None:
         if c.done:
             return
-        c.done = True
+        c.done, c.reason = True, reason
         self.finished[reason] = self.finished.get(reason, 0) + 1
         with self._lock:
             if c.request is not None:
                 self._by_request.pop(c.request.id, None)
         job._emit(Finish(c.index, reason, c.tokens, error))
+        if self.observer is not None and all(ch.done for ch in job.choices):
+            try:
+                self.observer(job)
+            except Exception:  # bookkeeping must never fail a reply
+                log.exception("request metrics failed")
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
