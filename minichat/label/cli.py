@@ -8,6 +8,7 @@
     minichat label sample helpful [--model sft=runs/sft]  # answers for tasks that have none
     minichat label serve --port 8001                      # the page at http://127.0.0.1:8001/label/
     minichat label stats [--project helpful]              # progress per project and labeler, agreement
+    minichat label report [--project helpful] [--baseline sft] [--out report.md] [--json]   # the models, judged
     minichat label export --out data/labels [--project P] [--labeler NAME] [--held-out exclude|include|only]
                                             [--since 2025-01-01] [--until ...]
 
@@ -183,6 +184,17 @@ def main(argv: list[str]) -> int:
     st.add_argument("--project")
     st.add_argument("--json", action="store_true")
 
+    rp = store_arg(sub.add_parser("report", help="the models as the labelers judged them: Likert, win rates, "
+                                                 "flags; all, training and held-out labelers"))
+    rp.add_argument("--project")
+    rp.add_argument("--baseline", help="report every model's win rate against this one (e.g. sft)")
+    rp.add_argument("--labeler", action="append", default=[], help="only this labeler's work (repeatable)")
+    rp.add_argument("--since", type=_date, help="submitted at or after this UTC date/time")
+    rp.add_argument("--until", type=_date, help="submitted before this UTC date/time")
+    rp.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals (default 1000)")
+    rp.add_argument("--json", action="store_true", help="the numbers as JSON instead of Markdown")
+    rp.add_argument("--out", "-o", help="also write the report to this file (atomically)")
+
     ns = ap.parse_args(argv)
     if ns.cmd == "project":
         return _project_cmd(["--help"])
@@ -247,6 +259,21 @@ def main(argv: list[str]) -> int:
                   f"(sft.jsonl), {counts['rankings']} rankings = {counts['comparisons']} comparisons "
                   f"(rankings.jsonl; {counts['pairs']} ordered pairs in pairs.jsonl), {counts['ratings']} ratings "
                   f"(ratings.jsonl)")
+        elif ns.cmd == "report":
+            from minichat.label.report import evaluation, to_json, to_markdown
+
+            if ns.bootstrap < 10:
+                raise MinichatError(f"--bootstrap must be at least 10, got {ns.bootstrap}")
+            rows = lab.export_rows(project=ns.project, labelers=ns.labeler, held_out="include", since=ns.since,
+                                   until=ns.until)
+            rep = evaluation(rows, ns.baseline, n_boot=ns.bootstrap)
+            text = to_json(rep) if ns.json else to_markdown(
+                rep, f"Human evaluation{' of project ' + ns.project if ns.project else ''}")
+            if ns.out:
+                from minichat.checkpoint import atomic_write_text
+
+                atomic_write_text(ns.out, text + "\n")
+            print(text)
         elif ns.cmd == "stats":
             from minichat.label.models import ROLES
 
