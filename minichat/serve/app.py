@@ -53,6 +53,7 @@ class Services:
     moderator: Any | None = None  # minichat.moderation.Moderator
     started: float = 0.0
     metrics: Any | None = None  # minichat.serve.metrics.ServerMetrics (None: --metrics false)
+    limiter: Any | None = None  # minichat.serve.ratelimit.RateLimiter (None: no rate limits)
 
     @property
     def fingerprint(self) -> str:
@@ -83,6 +84,27 @@ async def require_key(request: Request) -> str | None:
     raise APIError(401, "Incorrect API key provided." if token else
                    "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
                    code="invalid_api_key")
+
+
+async def rate_limit(request: Request, owner: str | None = Depends(require_key)) -> str | None:
+    """require_key, then one request from the caller's rate-limit bucket (429 when empty); returns the owner."""
+    lim = request.app.state.services.limiter
+    if lim is not None:
+        key = owner or f"ip:{request.client.host if request.client else 'unknown'}"
+        lim.admit(key)
+        request.state.ratelimit_key = key
+    return owner
+
+
+def charge_tokens(request: Request, prompt_tokens: int, jobs: list[Job] = ()) -> None:
+    """Charge the caller's token bucket: the prompt now, each job's generated tokens when it ends."""
+    lim = request.app.state.services.limiter
+    key = getattr(request.state, "ratelimit_key", None)
+    if lim is None or key is None:
+        return
+    lim.charge(key, prompt_tokens)
+    for job in jobs:
+        job.add_done_callback(lambda j: lim.charge(key, sum(c.tokens for c in j.choices)))
 
 
 async def read_json(request: Request) -> Any:
@@ -181,6 +203,11 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
     app = FastAPI(title="minichat", version=svc.fingerprint, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.services = svc
+    if cfg.rate_limit_rpm or cfg.rate_limit_tpm:
+        from minichat.serve.ratelimit import RateLimiter, RateLimitHeaders
+
+        svc.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+        app.add_middleware(RateLimitHeaders, limiter=svc.limiter)
     if cfg.metrics:
         from minichat.serve.metrics import CONTENT_TYPE, HTTPCounter, ServerMetrics
 
@@ -199,7 +226,8 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in cfg.cors_origins,
-                           expose_headers=["Retry-After"])
+                           expose_headers=["Retry-After", *(f"x-ratelimit-{a}-{b}" for a in ("limit", "remaining", "reset")
+                                                            for b in ("requests", "tokens"))])
 
     install_error_handlers(app, log)  # errors, all in OpenAI's shape
 
@@ -218,7 +246,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     async def get_model(model_id: str):
         return models.get(model_id).info()
 
-    @app.post("/v1/moderations", dependencies=[Depends(require_key)])
+    @app.post("/v1/moderations", dependencies=[Depends(rate_limit)])
     async def moderations(request: Request):
         req = parse(ModerationRequest, await read_json(request))
         if moderator is None:
@@ -229,7 +257,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         results = await moderator.acheck_many(texts, source="api")
         return moderation_response(results)
 
-    @app.post("/v1/embeddings", dependencies=[Depends(require_key)])
+    @app.post("/v1/embeddings", dependencies=[Depends(rate_limit)])
     async def embeddings(request: Request):
         req: EmbeddingRequest = parse(EmbeddingRequest, await read_json(request))
         m = models.get(req.model)
@@ -242,6 +270,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         width = m.worker.engine.cfg.d_model
         if req.dimensions is not None and req.dimensions > width:
             raise bad_request(f"dimensions must be at most this model's {width}", param="dimensions")
+        charge_tokens(request, sum(map(len, seqs)))
         vecs = await asyncio.to_thread(m.embed, seqs, cfg.embedding_pooling)
         if req.dimensions is not None:  # shortened as OpenAI's text-embedding-3 allow: the first ones, renormed
             import torch
@@ -283,9 +312,10 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
     # ---------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, owner: str | None = Depends(require_key)):
+    async def chat_completions(request: Request, owner: str | None = Depends(rate_limit)):
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         run = await _start_chat(svc, req, new_id("chatcmpl"))
+        charge_tokens(request, len(run.prompt_ids), [run.job] if run.job is not None else [])
         m, rid, opts, structured = run.m, run.rid, run.opts, run.structured
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         if run.refusal is not None:
@@ -318,7 +348,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     saved = resp_api.ResponseStore(store)
 
     @app.post("/v1/responses")
-    async def create_response(request: Request, owner: str | None = Depends(require_key)):
+    async def create_response(request: Request, owner: str | None = Depends(rate_limit)):
         body = await read_json(request)
         rr = resp_api.parse_request(body)
         history = await saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
@@ -327,6 +357,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             run = await _start_chat(svc, req, resp_api._item_id("resp"), truncate=rr.truncation == "auto")
         except APIError as e:  # errors name the Responses API's fields (input, not messages)
             raise resp_api.renamed(e) from None
+        charge_tokens(request, len(run.prompt_ids), [run.job] if run.job is not None else [])
         keep = rr.store is not False
         if rr.stream:
             return StreamingResponse(resp_api.stream(svc, run, rr, request, saved if keep else None, owner,
@@ -359,7 +390,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         return {"id": response_id, "object": "response", "deleted": True}
 
     # ---------------------------------------------------------------- legacy completions
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    @app.post("/v1/completions", dependencies=[Depends(rate_limit)])
     async def completions(request: Request):
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         m = models.get(req.model)
@@ -392,6 +423,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
             for j in jobs:
                 j.cancel()
             raise
+        charge_tokens(request, sum(map(len, prompts)), jobs)
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return StreamingResponse(_completion_stream(svc, m, rid, jobs, texts, bool(req.echo), include_usage,

@@ -69,6 +69,10 @@ class ServeConfig:
     # the web chat; 0 = off. Text completions (/v1/completions) only get it when they ask
     dry_multiplier: float = 0.8
     retry_after: int = 1  # seconds, sent with 429
+    # per API key (or client address when the server has no keys), as OpenAI's limits: requests and tokens
+    # (prompt + generated) a minute on the generating endpoints; 0 = no limit (serve/ratelimit.py)
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
     log_level: str = "info"
     # /v1/embeddings: the final hidden states averaged over the input's tokens ("mean") or its last token's
     # ("last"); mean ranked paraphrases better with SmolLM2 (bench/results/engine.md)
@@ -86,6 +90,8 @@ class ServeConfig:
             raise ConfigError(f"label_session_hours must be positive, got {self.label_session_hours}")
         if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise ConfigError("rate_limit_rpm and rate_limit_tpm must be >= 0 (0 = no limit)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"log_level must be critical, error, warning, info, debug or trace, got {self.log_level!r}")
         if self.embedding_pooling not in ("mean", "last"):

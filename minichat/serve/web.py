@@ -24,7 +24,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from minichat.serve.app import SSE_HEADERS, Services, read_json, record_moderation, require_key, services, sse, submit
+from minichat.serve.app import (SSE_HEADERS, Services, charge_tokens, rate_limit, read_json, record_moderation,
+                                require_key, services, sse, submit)
 from minichat.serve.generation import Moderated, check_input, moderated_events
 from minichat.serve.protocol import APIError, GenOptions, bad_request, parse
 from minichat.serve.worker import Delta, Finish
@@ -192,7 +193,7 @@ def fit_history(m, messages: list[dict], reserve: int) -> tuple[list[int], int]:
 
 @router.post("/conversations/{cid}/generate")
 async def generate(cid: str, request: Request, svc: Services = Depends(services),
-                   owner: str | None = Depends(require_key)):
+                   owner: str | None = Depends(rate_limit)):
     b: GenerateBody = parse(GenerateBody, await read_json(request))
     st = _store(svc)
     conv = await _call(st.get_conversation, cid, owner=owner)
@@ -234,6 +235,7 @@ async def generate(cid: str, request: Request, svc: Services = Depends(services)
     to_check = [new_user if new_user is not None else history[-1]["content"]] + ([system] if system else [])
     flagged = (await check_input(svc.moderator, to_check)).flagged
     job = None if flagged is not None else submit(svc, m, prompt_ids, opts)  # a 429 here stores nothing
+    charge_tokens(request, len(prompt_ids), [job] if job is not None else [])
 
     def start_rows():
         user_msg = None

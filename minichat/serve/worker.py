@@ -130,6 +130,25 @@ class Job:
         self.first_token_at: float | None = None
         self._open = opts.n
         self.cancelled = False
+        self._done_lock = threading.Lock()
+        self._done_callbacks: list[Callable[["Job"], None]] | None = []  # None once the job has ended
+
+    def add_done_callback(self, fn: Callable[["Job"], None]) -> None:
+        """Call fn(job) when the last choice has finished (in the worker thread), or now if it has."""
+        with self._done_lock:
+            if self._done_callbacks is not None:
+                self._done_callbacks.append(fn)
+                return
+        fn(self)
+
+    def _ended(self) -> None:  # worker thread
+        with self._done_lock:
+            callbacks, self._done_callbacks = self._done_callbacks or [], None
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # bookkeeping must never fail a reply
+                log.exception("a request's done callback failed")
 
     @property
     def prompt_tokens(self) -> int:
@@ -401,11 +420,13 @@ class ModelWorker:
             if c.request is not None:
                 self._by_request.pop(c.request.id, None)
         job._emit(Finish(c.index, reason, c.tokens, error))
-        if self.observer is not None and all(ch.done for ch in job.choices):
-            try:
-                self.observer(job)
-            except Exception:  # bookkeeping must never fail a reply
-                log.exception("request metrics failed")
+        if all(ch.done for ch in job.choices):
+            if self.observer is not None:
+                try:
+                    self.observer(job)
+                except Exception:  # bookkeeping must never fail a reply
+                    log.exception("request metrics failed")
+            job._ended()
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
