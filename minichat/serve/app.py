@@ -2,10 +2,12 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id} and GET
 /v1/responses/{id}/input_items; responses.py), POST /v1/completions, POST /v1/embeddings, GET /v1/models,
-GET /v1/models/{id}, POST /v1/moderations, POST /tokenize and /detokenize (vLLM's), GET /health; the web chat
-at / (static page) with its JSON API under /api.
+GET /v1/models/{id}, POST /v1/moderations, /v1/files and /v1/batches (batches.py), POST /tokenize and
+/detokenize (vLLM's), GET /health, GET /metrics (metrics.py); the web chat at / (static page) with its JSON API
+under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
-context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded (with Retry-After).
+context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded or over a rate limit (with
+Retry-After).
 A client's mistake is never answered with a 5xx (OpenAI clients retry those).
 """
 from __future__ import annotations
@@ -73,6 +75,12 @@ async def services(request: Request) -> Services:
 async def require_key(request: Request) -> str | None:
     """Bearer API key check (when keys are configured); returns a short fingerprint of the key (the store's
     owner of web conversations), or None when the server has no keys."""
+    from minichat.serve.batches import internal_request
+
+    internal, owner = internal_request(request)
+    if internal:  # a batch line, sent by the app's own runner for the batch's owner
+        request.state.internal = True
+        return owner
     keys = request.app.state.api_keys
     if not keys:
         return None
@@ -89,7 +97,7 @@ async def require_key(request: Request) -> str | None:
 async def rate_limit(request: Request, owner: str | None = Depends(require_key)) -> str | None:
     """require_key, then one request from the caller's rate-limit bucket (429 when empty); returns the owner."""
     lim = request.app.state.services.limiter
-    if lim is not None:
+    if lim is not None and not getattr(request.state, "internal", False):  # a batch's lines are not limited
         key = owner or f"ip:{request.client.host if request.client else 'unknown'}"
         lim.admit(key)
         request.state.ratelimit_key = key
@@ -197,8 +205,10 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         svc.started = time.time()
         models.start()
         try:
+            await batch_runner.resume()
             yield
         finally:
+            await batch_runner.stop()
             models.stop()
 
     app = FastAPI(title="minichat", version=svc.fingerprint, lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -230,6 +240,14 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
                                                             for b in ("requests", "tokens"))])
 
     install_error_handlers(app, log)  # errors, all in OpenAI's shape
+
+    from minichat.serve import batches as batch_api
+
+    batch_files = batch_api.BatchFiles(store)
+    batch_runner = batch_api.BatchRunner(app, batch_files, cfg.batch_concurrency or cfg.engine.max_batch,
+                                         cfg.batch_max_lines)
+    app.state.batch_runner = batch_runner
+    app.include_router(batch_api.router(batch_files, batch_runner, require_key, cfg.max_file_mb * 2**20))
 
     # ---------------------------------------------------------------- plain endpoints
     @app.get("/health")

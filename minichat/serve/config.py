@@ -73,6 +73,11 @@ class ServeConfig:
     # (prompt + generated) a minute on the generating endpoints; 0 = no limit (serve/ratelimit.py)
     rate_limit_rpm: int = 0
     rate_limit_tpm: int = 0
+    # the Batch API (serve/batches.py): lines of one batch in flight at once (0: the engine's max_batch), lines
+    # per batch, and the largest file /v1/files takes
+    batch_concurrency: int = 0
+    batch_max_lines: int = 50_000
+    max_file_mb: int = 100
     log_level: str = "info"
     # /v1/embeddings: the final hidden states averaged over the input's tokens ("mean") or its last token's
     # ("last"); mean ranked paraphrases better with SmolLM2 (bench/results/engine.md)
@@ -90,6 +95,8 @@ class ServeConfig:
             raise ConfigError(f"label_session_hours must be positive, got {self.label_session_hours}")
         if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
+        if self.batch_concurrency < 0 or self.batch_max_lines < 1 or self.max_file_mb < 1:
+            raise ConfigError("batch_concurrency >= 0, batch_max_lines >= 1 and max_file_mb >= 1 are required")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise ConfigError("rate_limit_rpm and rate_limit_tpm must be >= 0 (0 = no limit)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):

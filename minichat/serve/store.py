@@ -4,7 +4,7 @@ SQLite by default (a file in the user's data directory, created on first use), o
 (e.g. postgresql+psycopg://user@host/db). The schema is versioned by Alembic; `Store(url)` upgrades the
 database to the newest revision on open, so an old file keeps working after an upgrade of minichat.
 
-Tables (revisions 0001, 0002):
+Tables (revisions 0001, 0002, 0003):
     conversations          one chat: title, model, system prompt, sampling settings, current leaf message
     messages               a tree per conversation (parent_id): editing a user message or regenerating an
                            answer adds a sibling, so every version is kept; the page shows the path to the leaf
@@ -13,6 +13,8 @@ Tables (revisions 0001, 0002):
     comparisons            "answer A was better than answer B" for two answers to the same user message
     responses              the Responses API's answers (0002): the response body and the conversation up to it,
                            for previous_response_id and GET /v1/responses/{id}, per API key
+    files, batches         the Files and Batch APIs (0003): uploaded and result files (their bytes in the
+                           database), and each batch's object as the API returns it, per API key
 
 Adding tables (e.g. the labeling app): declare models on `Base` from this module, and put Alembic revisions
 in another folder with their own branch label that `depends_on` this module's head; pass that folder in
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, create_engine,
-    event, select,
+    JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint,
+    create_engine, event, select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,7 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from minichat.errors import MinichatError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0002"  # this module's newest revision; a test checks the models match the migrated schema
+HEAD_REVISION = "0003"  # this module's newest revision; a test checks the models match the migrated schema
 
 # Constraint names must be deterministic for migrations (and for SQLite's batch mode to alter tables later).
 NAMING = {
@@ -144,8 +146,33 @@ class StoredResponse(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class StoredFile(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class StoredBatch(Base):
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    body: Mapped[dict] = mapped_column(JSON)  # the batch object as the API returns it
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 class NotFound(MinichatError):
     """A conversation or message id that is not in the store."""
+
+
+def _defer_content():
+    from sqlalchemy.orm import defer
+
+    return defer(StoredFile.content)  # listing files must not read every file's bytes
 
 
 def default_url() -> str:
@@ -503,6 +530,61 @@ class Store:
             if r is None or r.owner != owner:
                 raise NotFound(f"no response {response_id!r}")
             s.delete(r)
+
+    # ------------------------------------------------------------------ files and batches (serve/batches.py)
+    def put_file(self, meta: dict, content: bytes, owner: str | None) -> None:
+        with self.session() as s:
+            s.add(StoredFile(id=meta["id"], owner=owner, filename=meta["filename"], purpose=meta["purpose"],
+                             bytes=len(content), content=content,
+                             created_at=dt.datetime.fromtimestamp(meta["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+
+    @staticmethod
+    def _file_meta(f: StoredFile) -> dict:
+        return {"id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename, "purpose": f.purpose,
+                "created_at": int(f.created_at.replace(tzinfo=dt.timezone.utc).timestamp()), "status": "processed"}
+
+    def get_file(self, file_id: str, owner: str | None, content: bool = False) -> tuple[dict, bytes | None]:
+        with self.session() as s:
+            f = s.get(StoredFile, file_id)
+            if f is None or f.owner != owner:
+                raise NotFound(f"no file {file_id!r}")
+            return self._file_meta(f), (bytes(f.content) if content else None)
+
+    def list_files(self, owner: str | None, purpose: str | None = None) -> list[dict]:
+        """This owner's files, oldest first (the caller pages)."""
+        with self.session() as s:
+            q = select(StoredFile).where(StoredFile.owner.is_(None) if owner is None else StoredFile.owner == owner)
+            if purpose:
+                q = q.where(StoredFile.purpose == purpose)
+            return [self._file_meta(f) for f in s.scalars(q.order_by(StoredFile.created_at, StoredFile.id)
+                                                            .options(_defer_content()))]
+
+    def delete_file(self, file_id: str, owner: str | None) -> None:
+        with self.session() as s:
+            f = s.get(StoredFile, file_id)
+            if f is None or f.owner != owner:
+                raise NotFound(f"no file {file_id!r}")
+            s.delete(f)
+
+    def put_batch(self, body: dict, owner: str | None) -> None:
+        with self.session() as s:
+            s.merge(StoredBatch(id=body["id"], owner=owner, body=body,
+                                created_at=dt.datetime.fromtimestamp(body["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+
+    def get_batch(self, batch_id: str, owner: str | None) -> dict:
+        with self.session() as s:
+            b = s.get(StoredBatch, batch_id)
+            if b is None or b.owner != owner:
+                raise NotFound(f"no batch {batch_id!r}")
+            return dict(b.body)
+
+    def list_batches(self, owner: str | None = None, *, everyone: bool = False) -> list[tuple[str | None, dict]]:
+        """(owner, body) of this owner's batches (or everyone's), oldest first."""
+        with self.session() as s:
+            q = select(StoredBatch)
+            if not everyone:
+                q = q.where(StoredBatch.owner.is_(None) if owner is None else StoredBatch.owner == owner)
+            return [(b.owner, dict(b.body)) for b in s.scalars(q.order_by(StoredBatch.created_at, StoredBatch.id))]
 
     def counts(self) -> dict[str, int]:
         from sqlalchemy import func
