@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, Request, UploadFile
 from fastapi.responses import Response
 
 from minichat.serve.protocol import APIError, bad_request
+from minichat.serve.responses import page
 
 log = logging.getLogger("minichat.serve")
 
@@ -120,20 +121,6 @@ class BatchFiles:
         with self._lock:
             items = [(o, json.loads(json.dumps(b))) for o, b in self._batches.values() if everyone or o == owner]
         return sorted(items, key=lambda x: (x[1]["created_at"], x[1]["id"]))
-
-
-def _page(items: list[dict], after: str | None, limit: int, newest_first: bool) -> dict:
-    if not 1 <= limit <= 10_000:
-        raise bad_request("limit must be between 1 and 10000", param="limit")
-    items = items[::-1] if newest_first else items
-    if after is not None:
-        ids = [x["id"] for x in items]
-        if after not in ids:
-            raise bad_request(f"no object {after!r} to list after", param="after")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[dict], list[dict]]:
@@ -374,9 +361,7 @@ def router(files: BatchFiles, runner: BatchRunner, owner_dep, max_file_bytes: in
     @r.get("/v1/files")
     async def list_files(purpose: str | None = None, limit: int = 10000, after: str | None = None,
                          order: str = "desc", owner: str | None = Depends(owner_dep)):
-        if order not in ("asc", "desc"):
-            raise bad_request("order must be asc or desc", param="order")
-        return _page(await files.list_files(owner, purpose), after, limit, order == "desc")
+        return page(await files.list_files(owner, purpose), order, limit, after, max_limit=10_000)
 
     @r.get("/v1/files/{file_id}")
     async def get_file(file_id: str, owner: str | None = Depends(owner_dep)):
@@ -427,7 +412,7 @@ def router(files: BatchFiles, runner: BatchRunner, owner_dep, max_file_bytes: in
 
     @r.get("/v1/batches")
     async def list_batches(limit: int = 20, after: str | None = None, owner: str | None = Depends(owner_dep)):
-        return _page([b for _, b in await files.list_batches(owner)], after, limit, True)
+        return page([b for _, b in await files.list_batches(owner)], "desc", limit, after)
 
     @r.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, owner: str | None = Depends(owner_dep)):

@@ -258,12 +258,13 @@ def input_items(body: dict, conversation: list[dict]) -> list[dict]:
     return items
 
 
-def page(items: list[dict], order: str, limit: int, after: str | None) -> dict:
-    """OpenAI's list object over items: newest first unless order is asc, `limit` of them after the item `after`."""
+def page(items: list[dict], order: str, limit: int, after: str | None, max_limit: int = 100) -> dict:
+    """OpenAI's list object over items (oldest first): newest first unless order is asc, `limit` of them after
+    the item `after`."""
     if order not in ("asc", "desc"):
         raise bad_request("order must be asc or desc", param="order")
-    if not 1 <= limit <= 100:
-        raise bad_request("limit must be in 1..100", param="limit")
+    if not 1 <= limit <= max_limit:
+        raise bad_request(f"limit must be in 1..{max_limit}", param="limit")
     seq = items if order == "asc" else items[::-1]
     if after is not None:
         ids = [x["id"] for x in seq]
