@@ -206,8 +206,10 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         models.start()
         try:
             await batch_runner.resume()
+            await tuner.start()
             yield
         finally:
+            await tuner.stop()
             await batch_runner.stop()
             models.stop()
 
@@ -222,8 +224,13 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         from minichat.serve.metrics import CONTENT_TYPE, HTTPCounter, ServerMetrics
 
         svc.metrics = ServerMetrics(lambda: {n: m.worker for n, m in models.models.items()})
-        for name, m in models.models.items():
-            m.worker.observer = lambda job, name=name: svc.metrics.job_done(job, name)
+
+        def observe(m) -> None:
+            m.worker.observer = lambda job, name=m.name: svc.metrics.job_done(job, name)
+
+        for m in models.models.values():
+            observe(m)
+        models.on_add.append(observe)
         app.add_middleware(HTTPCounter, metrics=svc.metrics)
 
         @app.get("/metrics", include_in_schema=False)
@@ -248,6 +255,13 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
                                          cfg.batch_max_lines)
     app.state.batch_runner = batch_runner
     app.include_router(batch_api.router(batch_files, batch_runner, require_key, cfg.max_file_mb * 2**20))
+    from minichat.serve import finetune as ft_api
+
+    ft_jobs = ft_api.JobStore(store)
+    tuner = ft_api.FineTuner(ft_jobs, batch_files, models, cfg.engine,
+                             Path(cfg.fine_tune_dir).expanduser() if cfg.fine_tune_dir else ft_api.default_dir(),
+                             cfg.fine_tune_threads)
+    app.include_router(ft_api.router(ft_jobs, tuner, batch_files, models, require_key))
 
     # ---------------------------------------------------------------- plain endpoints
     @app.get("/health")

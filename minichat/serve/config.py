@@ -78,6 +78,10 @@ class ServeConfig:
     batch_concurrency: int = 0
     batch_max_lines: int = 50_000
     max_file_mb: int = 100
+    # the fine-tuning API (serve/finetune.py): where fine-tuned models are written ("" = the user data dir's
+    # fine_tunes/), and the torch threads of a training process (the rest of the cores keep serving)
+    fine_tune_dir: str = ""
+    fine_tune_threads: int = 1
     log_level: str = "info"
     # /v1/embeddings: the final hidden states averaged over the input's tokens ("mean") or its last token's
     # ("last"); mean ranked paraphrases better with SmolLM2 (bench/results/engine.md)
@@ -95,6 +99,8 @@ class ServeConfig:
             raise ConfigError(f"label_session_hours must be positive, got {self.label_session_hours}")
         if self.max_queue < 0 or self.max_n < 1 or self.default_max_tokens < 1 or self.retry_after < 0:
             raise ConfigError("max_queue >= 0, max_n >= 1, default_max_tokens >= 1 and retry_after >= 0 are required")
+        if self.fine_tune_threads < 1:
+            raise ConfigError("fine_tune_threads must be >= 1")
         if self.batch_concurrency < 0 or self.batch_max_lines < 1 or self.max_file_mb < 1:
             raise ConfigError("batch_concurrency >= 0, batch_max_lines >= 1 and max_file_mb >= 1 are required")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:

@@ -105,11 +105,24 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]):
+    def __init__(self, models: list[ServedModel], max_queue: int = 64):
         if not models:
             raise MinichatError("no models to serve")
         self.models = {m.name: m for m in models}
         self.default = models[0].name
+        self.max_queue = max_queue
+        self.started = False
+        self.on_add: list = []  # callbacks(ServedModel) for a model added while serving (e.g. metrics)
+
+    def add(self, m: ServedModel) -> None:
+        """Serve one more model (a fine-tuned one), started at once if the others are running."""
+        if m.name in self.models:
+            raise MinichatError(f"a model named {m.name!r} is already served")
+        for fn in self.on_add:
+            fn(m)
+        self.models[m.name] = m
+        if self.started:
+            m.worker.start()
 
     def get(self, name: str) -> ServedModel:
         m = self.models.get(name)
@@ -124,8 +137,10 @@ class ModelRegistry:
     def start(self) -> None:
         for m in self.models.values():
             m.worker.start()
+        self.started = True
 
     def stop(self) -> None:
+        self.started = False
         for m in self.models.values():
             m.worker.stop()
 
@@ -134,7 +149,7 @@ class ModelRegistry:
         """(name, engine, tokenizer) triples -> a registry (used by tests and the loader below)."""
         now = int(time.time())
         return cls([ServedModel(name, name, tok, ModelWorker(name, eng, tok, max_queue=max_queue), now)
-                    for name, eng, tok in items])
+                    for name, eng, tok in items], max_queue)
 
     @classmethod
     def load(cls, specs: list[str], settings: EngineSettings, max_queue: int = 64) -> "ModelRegistry":
@@ -165,4 +180,4 @@ class ModelRegistry:
                 served.append(ServedModel(name, path, tok, worker, int(time.time()), recommended_sampling(path)))
         finally:
             torch.set_num_threads(prev)
-        return cls(served)
+        return cls(served, max_queue)

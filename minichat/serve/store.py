@@ -4,7 +4,7 @@ SQLite by default (a file in the user's data directory, created on first use), o
 (e.g. postgresql+psycopg://user@host/db). The schema is versioned by Alembic; `Store(url)` upgrades the
 database to the newest revision on open, so an old file keeps working after an upgrade of minichat.
 
-Tables (revisions 0001, 0002, 0003):
+Tables (revisions 0001-0004):
     conversations          one chat: title, model, system prompt, sampling settings, current leaf message
     messages               a tree per conversation (parent_id): editing a user message or regenerating an
                            answer adds a sibling, so every version is kept; the page shows the path to the leaf
@@ -15,6 +15,7 @@ Tables (revisions 0001, 0002, 0003):
                            for previous_response_id and GET /v1/responses/{id}, per API key
     files, batches         the Files and Batch APIs (0003): uploaded and result files (their bytes in the
                            database), and each batch's object as the API returns it, per API key
+    fine_tuning_jobs       the fine-tuning API (0004): each job's object and its events, per API key
 
 Adding tables (e.g. the labeling app): declare models on `Base` from this module, and put Alembic revisions
 in another folder with their own branch label that `depends_on` this module's head; pass that folder in
@@ -41,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from minichat.errors import MinichatError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0003"  # this module's newest revision; a test checks the models match the migrated schema
+HEAD_REVISION = "0004"  # this module's newest revision; a test checks the models match the migrated schema
 
 # Constraint names must be deterministic for migrations (and for SQLite's batch mode to alter tables later).
 NAMING = {
@@ -162,6 +163,15 @@ class StoredBatch(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     body: Mapped[dict] = mapped_column(JSON)  # the batch object as the API returns it
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class StoredFineTune(Base):
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    body: Mapped[dict] = mapped_column(JSON)  # the job object (and the runner's own "_" keys)
+    events: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
@@ -585,6 +595,25 @@ class Store:
             if not everyone:
                 q = q.where(StoredBatch.owner.is_(None) if owner is None else StoredBatch.owner == owner)
             return [(b.owner, dict(b.body)) for b in s.scalars(q.order_by(StoredBatch.created_at, StoredBatch.id))]
+
+    def put_fine_tune(self, body: dict, owner: str | None, events: list[dict]) -> None:
+        with self.session() as s:
+            s.merge(StoredFineTune(id=body["id"], owner=owner, body=body, events=events,
+                                   created_at=dt.datetime.fromtimestamp(body["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+
+    def get_fine_tune(self, job_id: str, owner: str | None) -> tuple[dict, list[dict]]:
+        with self.session() as s:
+            j = s.get(StoredFineTune, job_id)
+            if j is None or j.owner != owner:
+                raise NotFound(f"no fine-tuning job {job_id!r}")
+            return dict(j.body), list(j.events)
+
+    def list_fine_tunes(self, owner: str | None = None, *, everyone: bool = False) -> list[tuple[str | None, dict]]:
+        with self.session() as s:
+            q = select(StoredFineTune)
+            if not everyone:
+                q = q.where(StoredFineTune.owner.is_(None) if owner is None else StoredFineTune.owner == owner)
+            return [(j.owner, dict(j.body)) for j in s.scalars(q.order_by(StoredFineTune.created_at, StoredFineTune.id))]
 
     def counts(self) -> dict[str, int]:
         from sqlalchemy import func
