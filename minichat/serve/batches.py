@@ -84,7 +84,7 @@ class BatchFiles:
             return await asyncio.to_thread(self.db.list_files, owner, purpose)
         with self._lock:
             items = [dict(m) for o, m, _ in self._files.values() if o == owner and (not purpose or m["purpose"] == purpose)]
-        return sorted(items, key=lambda m: (m["created_at"], m["id"]))
+        return sorted(items, key=lambda m: m["created_at"])  # stable: insertion order within a second
 
     async def delete_file(self, file_id: str, owner: str | None) -> None:
         await self.get_file(file_id, owner)
@@ -120,7 +120,7 @@ class BatchFiles:
             return await asyncio.to_thread(self.db.list_batches, owner, everyone=everyone)
         with self._lock:
             items = [(o, json.loads(json.dumps(b))) for o, b in self._batches.values() if everyone or o == owner]
-        return sorted(items, key=lambda x: (x[1]["created_at"], x[1]["id"]))
+        return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
 
 
 def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[dict], list[dict]]:

@@ -20,6 +20,7 @@ the API key that made them, kept in the store (table `fine_tuning_jobs`) or in m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -90,7 +91,7 @@ class JobStore:
             return await asyncio.to_thread(self.db.list_fine_tunes, owner, everyone=everyone)
         with self._lock:
             items = [(o, json.loads(json.dumps(b))) for o, b, _ in self._jobs.values() if everyone or o == owner]
-        return sorted(items, key=lambda x: (x[1]["created_at"], x[1]["id"]))
+        return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
 
 
 def check_training_file(content: bytes) -> tuple[int, str | None]:
@@ -155,11 +156,11 @@ class FineTuner:
 
     async def stop(self) -> None:
         for p in list(self._procs.values()):
-            with _quiet():
+            with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
         if self._task is not None:
             self._task.cancel()
-            with _quiet():
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     def submit(self, job_id: str, owner: str | None) -> None:
@@ -169,7 +170,7 @@ class FineTuner:
         self._cancelled.add(job_id)
         p = self._procs.get(job_id)
         if p is not None:
-            with _quiet():
+            with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
 
     async def _loop(self) -> None:
@@ -232,7 +233,7 @@ class FineTuner:
         try:
             while proc.returncode is None:
                 if job_id in self._cancelled:  # asked before the process existed
-                    with _quiet():
+                    with contextlib.suppress(ProcessLookupError):
                         proc.send_signal(signal.SIGTERM)
                 try:
                     await asyncio.wait_for(proc.wait(), timeout=0.5)
@@ -299,14 +300,6 @@ class FineTuner:
 def _event(job_id: str, message: str, level: str = "info", data: dict | None = None, type: str = "message") -> dict:
     return {"object": "fine_tuning.job.event", "id": f"ftevent-{uuid.uuid4().hex[:24]}", "created_at": _now(),
             "level": level, "message": message, "data": data or {}, "type": type}
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and not issubclass(exc[0], (KeyboardInterrupt, SystemExit))
 
 
 def _public(body: dict) -> dict:

@@ -543,10 +543,9 @@ class Store:
 
     # ------------------------------------------------------------------ files and batches (serve/batches.py)
     def put_file(self, meta: dict, content: bytes, owner: str | None) -> None:
-        with self.session() as s:
+        with self.session() as s:  # created_at to the microsecond: files list in the order they were made
             s.add(StoredFile(id=meta["id"], owner=owner, filename=meta["filename"], purpose=meta["purpose"],
-                             bytes=len(content), content=content,
-                             created_at=dt.datetime.fromtimestamp(meta["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+                             bytes=len(content), content=content, created_at=utcnow()))
 
     @staticmethod
     def _file_meta(f: StoredFile) -> dict:
@@ -577,9 +576,13 @@ class Store:
             s.delete(f)
 
     def put_batch(self, body: dict, owner: str | None) -> None:
+        """Insert, or update the body (created_at stays the first write's, to the microsecond, for ordering)."""
         with self.session() as s:
-            s.merge(StoredBatch(id=body["id"], owner=owner, body=body,
-                                created_at=dt.datetime.fromtimestamp(body["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+            b = s.get(StoredBatch, body["id"])
+            if b is None:
+                s.add(StoredBatch(id=body["id"], owner=owner, body=body, created_at=utcnow()))
+            else:
+                b.body = body
 
     def get_batch(self, batch_id: str, owner: str | None) -> dict:
         with self.session() as s:
@@ -598,8 +601,11 @@ class Store:
 
     def put_fine_tune(self, body: dict, owner: str | None, events: list[dict]) -> None:
         with self.session() as s:
-            s.merge(StoredFineTune(id=body["id"], owner=owner, body=body, events=events,
-                                   created_at=dt.datetime.fromtimestamp(body["created_at"], dt.timezone.utc).replace(tzinfo=None)))
+            j = s.get(StoredFineTune, body["id"])
+            if j is None:
+                s.add(StoredFineTune(id=body["id"], owner=owner, body=body, events=events, created_at=utcnow()))
+            else:
+                j.body, j.events = body, events
 
     def get_fine_tune(self, job_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         with self.session() as s:
