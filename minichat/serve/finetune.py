@@ -140,7 +140,7 @@ class FineTuner:
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._loop())
         for owner, body in await self.jobs.all(everyone=True):
-            if body["status"] == "succeeded" and body.get("fine_tuned_model"):
+            if body["status"] == "succeeded" and body.get("fine_tuned_model") and not body.get("_deleted"):
                 path = self.root / body["id"] / "final"
                 if path.is_dir() and body["fine_tuned_model"] not in self.models.models:
                     try:
@@ -385,6 +385,24 @@ def router(jobs: JobStore, tuner: FineTuner, files, models, owner_dep) -> APIRou
     @r.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def events(job_id: str, limit: int = 20, after: str | None = None, owner: str | None = Depends(owner_dep)):
         return page((await jobs.get(job_id, owner))[1], "desc", limit, after, max_limit=1000)
+
+    @r.delete("/v1/models/{model_id:path}")
+    async def delete_model(model_id: str, owner: str | None = Depends(owner_dep)):
+        """OpenAI's model deletion, for the fine-tuned models of this key's jobs (base models stay)."""
+        for _, body in await jobs.all(owner):
+            if body.get("fine_tuned_model") == model_id and body["status"] == "succeeded":
+                break
+        else:
+            raise APIError(404, f"The model {model_id!r} is not a fine-tuned model of this key's jobs; only those "
+                                "can be deleted.", param="model", code="model_not_found")
+        if model_id in models.models:
+            await asyncio.to_thread(models.remove, model_id)
+        await asyncio.to_thread(shutil.rmtree, tuner.root / body["id"], True)
+        body["_deleted"] = True  # not served again after a restart
+        _, ev = await jobs.get(body["id"], owner)
+        ev.append(_event(body["id"], f"The model {model_id} was deleted."))
+        await jobs.put(body, owner, ev)
+        return {"id": model_id, "object": "model", "deleted": True}
 
     @r.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel(job_id: str, owner: str | None = Depends(owner_dep)):

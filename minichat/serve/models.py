@@ -134,6 +134,11 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self.models)
 
+    def remove(self, name: str) -> None:
+        """Stop serving a model added while serving (requests still running on it end with an error)."""
+        m = self.models.pop(name)
+        m.worker.stop()
+
     def start(self) -> None:
         for m in self.models.values():
             m.worker.start()

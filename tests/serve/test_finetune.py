@@ -74,6 +74,13 @@ def test_fine_tune_then_chat_with_the_result_then_restart(model_files, tmp_path)
         r = c.chat.completions.create(model=job.fine_tuned_model, temperature=0,
                                       messages=[{"role": "user", "content": QUESTIONS[1]}])
         assert r.choices[0].message.content == ANSWER
+        with pytest.raises(openai.NotFoundError):
+            c.models.delete("tiny")  # a base model is not deleted
+        assert c.models.delete(job.fine_tuned_model).deleted
+        assert job.fine_tuned_model not in [m.id for m in c.models.list().data]
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+        assert not (tmp_path / "ft" / job.id).exists()
         c.close()
     finally:
         s.stop()
