@@ -11,6 +11,8 @@ Accepted JSONL rows (one object a line; .gz is fine):
                 with tool_calls; prompts for PPO likewise)
                 {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                 {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  Anthropic HH transcripts
+                {"input": {"messages": [...]}, "preferred_output": [assistant], "non_preferred_output": [...]}
+                                                                     OpenAI's preference fine-tuning rows
   prompts       {"prompt": str | messages} or {"messages": [...]}, or a .txt file with one prompt a line
 
 A malformed line stops with "file:line: what is wrong". Rows that are well formed but unusable (fewer than two
@@ -362,6 +364,8 @@ class DivergentPair(MinichatError):
 def comparison_from_row(obj: dict, where: str, default_system: str | None = None) -> Comparison:
     """default_system: the tokenizer's default system prompt, kept before the tools' description in rows with
     tools (as the server does)."""
+    if "preferred_output" in obj or "non_preferred_output" in obj:  # OpenAI's DPO fine-tuning format
+        obj = _from_openai_preference(obj, where)
     if _has_tools(obj) and "prompt" in obj:  # tool calls in the prompt or the answers, rendered as minichat.toolcall
         prompt = tool_conversation(obj, where, default_system, key="prompt")
         key = next((k for k in ("answers", "responses", "completions") if k in obj), None)
@@ -402,6 +406,23 @@ def comparison_from_row(obj: dict, where: str, default_system: str | None = None
         return Comparison(ch[:-1], [ch[-1]["content"], rj[-1]["content"]], [0, 1], where)
     raise MinichatError(f"{where}: expected 'prompt'+'answers', 'prompt'+'chosen'+'rejected', or HH 'chosen'+'rejected' "
                         f"(got {', '.join(sorted(obj)) or 'none'})")
+
+
+def _from_openai_preference(obj: dict, where: str) -> dict:
+    """{"input": {"messages", "tools"?}, "preferred_output": [msg], "non_preferred_output": [msg]} as a
+    prompt/chosen/rejected row."""
+    inp = obj.get("input")
+    if not isinstance(inp, dict) or not isinstance(inp.get("messages"), list):
+        raise MinichatError(f"{where}: 'input' must be an object with 'messages'")
+    out = {"prompt": inp["messages"]}
+    for ours, theirs in (("chosen", "preferred_output"), ("rejected", "non_preferred_output")):
+        v = obj.get(theirs)
+        if not isinstance(v, list) or not v or not isinstance(v[-1], dict) or v[-1].get("role") != "assistant":
+            raise MinichatError(f"{where}: '{theirs}' must be a list ending with an assistant message")
+        out[ours] = v[-1] if v[-1].get("tool_calls") else v[-1].get("content") or ""
+    if inp.get("tools"):
+        out["tools"] = inp["tools"]
+    return out
 
 
 def clean_comparison(c: Comparison, report: DataReport) -> Comparison | None:

@@ -8,7 +8,8 @@
     client.chat.completions.create(model=job.fine_tuned_model, messages=[...])
 
 The file is the chat format OpenAI's fine-tuning takes ({"messages": [...]} per line, minichat's SFT reader also
-takes prompt/response and Alpaca rows); it is checked before the job is queued. Jobs run one at a time, each as
+takes prompt/response and Alpaca rows), or for `method` "dpo" OpenAI's preference rows ({"input",
+"preferred_output", "non_preferred_output"}) run by `minichat dpo`; it is checked before the job is queued. Jobs run one at a time, each as
 a `minichat sft` process (LoRA adapters, merged at the end, for models of 20M parameters and more; the whole model
 below), on `--fine_tune_threads` threads so that serving keeps the rest of the cores. Hyperparameters: n_epochs
 (default 3), batch_size (default 8, at most the number of conversations), learning_rate_multiplier (times the
@@ -124,6 +125,34 @@ def check_training_file(content: bytes) -> tuple[int, str | None]:
     return rows, None
 
 
+def check_preference_file(content: bytes) -> tuple[int, str | None]:
+    """(pairs, problem) for a DPO job: OpenAI's preference rows, or any preference row minichat reads."""
+    from minichat.data.chat import comparison_from_row
+    from minichat.errors import MinichatError
+
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        return 0, "the file is not UTF-8 text"
+    rows = 0
+    for i, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                return rows, f"line {i} must be a JSON object"
+            comparison_from_row(row, f"line {i}")
+        except json.JSONDecodeError as e:
+            return rows, f"line {i} is not valid JSON: {e}"
+        except MinichatError as e:
+            return rows, str(e)
+        rows += 1
+    if rows == 0:
+        return 0, "the file has no preference pairs"
+    return rows, None
+
+
 class FineTuner:
     """Queues jobs and runs them one at a time as `minichat sft` processes; serves each result."""
 
@@ -206,11 +235,20 @@ class FineTuner:
         rows = body["_rows"]
         steps = max(1, math.ceil(hp["n_epochs"] * rows / hp["batch_size"]))
         n_params = sum(p.numel() for p in base.worker.engine.model.parameters())
-        preset = "lora" if n_params >= LORA_FROM_PARAMS else "default"
-        from minichat.train.sft import PRESETS
+        lora = n_params >= LORA_FROM_PARAMS
+        dpo = body["method"]["type"] == "dpo"
+        if dpo:  # DPO's own rate for whole models; adapters take ten times more (as SFT's presets differ)
+            from minichat.train.dpo import DPOConfig
 
-        lr = PRESETS[preset]().train.lr * hp["learning_rate_multiplier"]
-        cmd = [sys.executable, "-m", "minichat.cli", "sft", "--preset", preset, "--init_from", str(base.source),
+            lr = DPOConfig().train.lr * (10 if lora else 1) * hp["learning_rate_multiplier"]
+            verb = ["dpo", "--beta", repr(hp["beta"])] + (["--lora.rank", "16", "--lora.alpha", "32"] if lora else [])
+        else:
+            from minichat.train.sft import PRESETS
+
+            lr = PRESETS["lora" if lora else "default"]().train.lr * hp["learning_rate_multiplier"]
+            verb = ["sft", "--preset", "lora" if lora else "default"]
+        preset = ("DPO" if dpo else "SFT") + (", LoRA" if lora else ", whole model")
+        cmd = [sys.executable, "-m", "minichat.cli", *verb, "--init_from", str(base.source),
                "--data.train", str(out / "data" / "train.jsonl"), "--train.out_dir", str(out),
                "--train.max_steps", str(steps), "--train.batch_size", str(hp["batch_size"]),
                "--train.lr", repr(lr), "--train.min_lr", repr(lr / 10), "--train.warmup_steps", str(min(10, steps // 10)),
@@ -325,20 +363,23 @@ def router(jobs: JobStore, tuner: FineTuner, files, models, owner_dep) -> APIRou
         if f["purpose"] != "fine-tune":
             raise bad_request(f"file {f['id']} was uploaded with purpose {f['purpose']!r}, not 'fine-tune'",
                               param="training_file")
-        rows, problem = check_training_file(content)
+        is_dpo = isinstance(b.get("method"), dict) and b["method"].get("type") == "dpo"
+        check = check_preference_file if is_dpo else check_training_file
+        rows, problem = check(content)
         if problem:
             raise bad_request(f"training_file {f['id']}: {problem}", param="training_file",
                               code="invalid_training_file")
         if b.get("validation_file") is not None:
             vf, vcontent = await files.get_file(b["validation_file"], owner, content=True)
-            _, vproblem = check_training_file(vcontent)
+            _, vproblem = check(vcontent)
             if vproblem:
                 raise bad_request(f"validation_file {vf['id']}: {vproblem}", param="validation_file")
         method = b.get("method") or {"type": "supervised"}
-        if not isinstance(method, dict) or method.get("type") != "supervised":
-            raise bad_request("only supervised fine-tuning is served here (method.type 'supervised')",
-                              param="method")
-        hp_in = b.get("hyperparameters") or (method.get("supervised") or {}).get("hyperparameters") or {}
+        if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
+            raise bad_request("method.type must be 'supervised' or 'dpo' (reinforcement fine-tuning is not served "
+                              "here)", param="method")
+        kind = method["type"]
+        hp_in = b.get("hyperparameters") or (method.get(kind) or {}).get("hyperparameters") or {}
         if not isinstance(hp_in, dict):
             raise bad_request("hyperparameters must be an object", param="hyperparameters")
 
@@ -354,6 +395,8 @@ def router(jobs: JobStore, tuner: FineTuner, files, models, owner_dep) -> APIRou
         hp = {"n_epochs": num("n_epochs", 3, int, 1, 50),
               "batch_size": min(num("batch_size", 8, int, 1, 256), rows),
               "learning_rate_multiplier": num("learning_rate_multiplier", 1.0, float, 1e-3, 100.0)}
+        if kind == "dpo":
+            hp["beta"] = num("beta", 0.1, float, 1e-3, 2.0)
         suffix = b.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not 1 <= len(suffix) <= 64
                                    or not all(ch.isalnum() or ch in "-_" for ch in suffix)):
@@ -367,7 +410,7 @@ def router(jobs: JobStore, tuner: FineTuner, files, models, owner_dep) -> APIRou
                 "result_files": [], "status": "queued", "validation_file": b.get("validation_file"),
                 "training_file": f["id"], "hyperparameters": hp, "trained_tokens": None, "error": None,
                 "seed": seed, "estimated_finish": None, "integrations": [], "user_provided_suffix": suffix,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+                "method": {"type": kind, kind: {"hyperparameters": hp}},
                 "metadata": b.get("metadata"), "_rows": rows}
         await jobs.put(body, owner, [_event(body["id"], f"Validated the training file: {rows} examples."),
                                      _event(body["id"], "Fine-tuning job queued.")])

@@ -175,3 +175,21 @@ def test_prompts_from_a_pair_that_differs_before_the_last_turn_come_from_the_cho
     bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}
     p = jsonl(tmp_path / "p.jsonl", [bad])
     assert D.load_prompts(p) == [[{"role": "user", "content": "a"}]]
+
+
+def test_openai_preference_rows():
+    """OpenAI's DPO fine-tuning rows read as prompt/chosen/rejected; malformed ones are named."""
+    from minichat.data.chat import comparison_from_row
+    from minichat.errors import MinichatError
+
+    c = comparison_from_row({"input": {"messages": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "hi"}]},
+                             "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+                             "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}, "f:1")
+    assert c.prompt[-1] == {"role": "user", "content": "hi"} and c.answers == ["Hello!", "Go away."] and c.ranks == [0, 1]
+    with pytest.raises(MinichatError, match="f:2: 'non_preferred_output' must be a list ending with an assistant"):
+        comparison_from_row({"input": {"messages": [{"role": "user", "content": "hi"}]},
+                             "preferred_output": [{"role": "assistant", "content": "x"}],
+                             "non_preferred_output": [{"role": "user", "content": "y"}]}, "f:2")
+    with pytest.raises(MinichatError, match="'input' must be an object"):
+        comparison_from_row({"input": "hi", "preferred_output": [], "non_preferred_output": []}, "f:3")

@@ -120,3 +120,45 @@ def test_bad_requests_are_refused_up_front(model_files, tmp_path):
     finally:
         s.stop()
         store.close()
+
+
+def test_a_dpo_job_on_openai_preference_rows(model_files, tmp_path):
+    """method dpo: OpenAI's preference rows; the result prefers the preferred answer by a wider margin."""
+    s, store = make_server(model_files, tmp_path, moderation=False, fine_tune_dir=str(tmp_path / "ft"))
+    s.start()
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        rows = [{"input": {"messages": [{"role": "user", "content": q}]},
+                 "preferred_output": [{"role": "assistant", "content": ANSWER}],
+                 "non_preferred_output": [{"role": "assistant", "content": "I do not know, sorry."}]} for q in QUESTIONS]
+        f = c.files.create(file=("prefs.jsonl", jsonl(rows)), purpose="fine-tune")
+        with pytest.raises(openai.BadRequestError, match="invalid_training_file|assistant"):
+            c.fine_tuning.jobs.create(training_file=c.files.create(file=("c.jsonl", jsonl(
+                [{"input": {"messages": []}, "preferred_output": []}])), purpose="fine-tune").id, model="tiny",
+                method={"type": "dpo"})
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny", suffix="dpo", method={
+            "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 40, "learning_rate_multiplier": 100}}})
+        assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+        job = wait(c, job.id)
+        assert job.status == "succeeded", job.error
+        losses = [e.data["train_loss"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data[::-1]
+                  if e.type == "metrics" and "train_loss" in e.data]
+        assert losses and losses[-1] < losses[0]
+        assert c.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
+                                         messages=[{"role": "user", "content": "hi"}]).choices  # served
+        c.close()
+        # the preferred answer's margin over the other grew (DPO's aim), read off the saved models
+        from minichat.eval.evaluate import sequence_logprobs
+        from minichat.gguf_import import load
+
+        def margin(path):
+            m, tok, _ = load(path, verbose=False)
+            p = tok.render_chat([{"role": "user", "content": QUESTIONS[2]}])[0]
+            good, bad = sequence_logprobs(m, [(p, tok.encode(ANSWER) + [tok.im_end_id]),
+                                              (p, tok.encode("I do not know, sorry.") + [tok.im_end_id])], tok.pad_id)
+            return good - bad
+
+        assert margin(tmp_path / "ft" / job.id / "final") > margin(model_files.tiny) + 5
+    finally:
+        s.stop()
+        store.close()
