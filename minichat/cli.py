@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bestofn": ("minichat.bestofn:main", "sample N answers, keep the reward model's favourite"),
     "chat": ("minichat.chat:main", "terminal chat (built-in SmolLM2 by default)"),
     "serve": ("minichat.serve.app:main", "OpenAI-compatible API and web chat"),
+    "batch": ("minichat.serve.batches:main", "answer a file of OpenAI batch requests offline"),
     "feedback": ("minichat.serve.feedback:main", "export user feedback as comparisons"),
     "moderate": ("minichat.moderation.cli:main", "moderate text, or evaluate the moderator"),
     "eval": ("minichat.eval.cli:main", "evaluate models with labelers"),

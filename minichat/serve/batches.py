@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, UploadFile
@@ -123,7 +124,7 @@ class BatchFiles:
         return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
 
 
-def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[dict], list[dict]]:
+def parse_lines(content: bytes, endpoint: str | None, max_lines: int) -> tuple[list[dict], list[dict]]:
     """(requests, errors): the input file checked line by line, OpenAI's batch error objects for each problem."""
     errors: list[dict] = []
     out: list[dict] = []
@@ -162,15 +163,17 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[dic
             seen.add(cid)
         if row.get("method") != "POST":
             err("invalid_method", f"line {i}: method must be POST", i, "method")
-        if row.get("url") != endpoint:
+        if endpoint is not None and row.get("url") != endpoint:
             err("mismatched_endpoint", f"line {i}: url {row.get('url')!r} is not the batch's endpoint {endpoint}", i,
                 "url")
+        elif endpoint is None and row.get("url") not in ENDPOINTS:
+            err("invalid_url", f"line {i}: url must be one of {', '.join(ENDPOINTS)}", i, "url")
         body = row.get("body")
         if not isinstance(body, dict):
             err("invalid_request", f"line {i}: body must be a JSON object", i, "body")
         elif body.get("stream"):
             err("invalid_request", f"line {i}: stream is not supported in a batch", i, "body.stream")
-        out.append({"custom_id": cid, "body": body, "line": i})
+        out.append({"custom_id": cid, "body": body, "line": i, "url": row.get("url")})
     return out, errors
 
 
@@ -434,3 +437,100 @@ def internal_request(request: Request) -> tuple[bool, str | None]:
     """(True, owner) when the request is a batch line the app's runner sent itself."""
     runner: Any = getattr(request.app.state, "batch_runner", None)
     return runner.internal_owner(request) if runner is not None else (False, None)
+
+
+# ------------------------------------------------------------------------------------------------ offline
+
+def run_offline(app, requests: list[dict], concurrency: int, progress=None) -> list[dict]:
+    """Every request through the app in-process, `concurrency` at a time: output lines in input order."""
+
+    async def go() -> list[dict]:
+        sem = asyncio.Semaphore(concurrency)
+        out: list[dict | None] = [None] * len(requests)
+
+        async def one(k: int, req: dict) -> None:
+            async with sem:
+                while True:
+                    status, raw = await asgi_post(app, req["url"], req["body"], {})
+                    if status != 429 or b"at capacity" not in raw:
+                        break
+                    await asyncio.sleep(0.2)
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = {"error": {"message": raw[:1000].decode("utf-8", "replace"), "type": "server_error"}}
+            e = payload.get("error") if status >= 400 and isinstance(payload, dict) else None
+            out[k] = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req["custom_id"],
+                      "response": {"status_code": status, "request_id": payload.get("id", "") if isinstance(
+                          payload, dict) else "", "body": payload},
+                      "error": {"code": e.get("code") or e.get("type"), "message": e.get("message")} if e else None}
+            if progress is not None:
+                progress(status < 400)
+
+        await asyncio.gather(*(one(k, r) for k, r in enumerate(requests)))
+        return out  # type: ignore[return-value]
+
+    return asyncio.run(go())
+
+
+def main(argv: list[str]) -> int:
+    """`minichat batch`: a file of OpenAI batch requests answered offline, without a server."""
+    from minichat import config as config_mod
+    from minichat.checkpoint import atomic_write_text
+    from minichat.errors import MinichatError
+    from minichat.serve.app import build_services, create_app
+    from minichat.serve.config import ServeConfig
+
+    def extra(ap):
+        ap.add_argument("-i", "--input", required=True, help="JSONL of {custom_id, method, url, body} requests")
+        ap.add_argument("-o", "--output", required=True, help="JSONL of results, in input order")
+        ap.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a model the requests may name (repeatable; default: the built-in smollm2)")
+        ap.add_argument("--no-moderation", action="store_true", help="turn moderation off")
+        ap.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cfg, ns = config_mod.build(ServeConfig, argv, prog="minichat batch", extra=extra, description=(
+        "Answer a file of OpenAI Batch API requests (chat completions, completions, embeddings, responses, "
+        "moderations; each line's url says which) without starting a server, as `minichat serve` would answer "
+        "them: the same moderation, validation and errors. Results go to --output in OpenAI's batch output format."))
+    cfg.store_url, cfg.web, cfg.metrics = "none", False, False
+    if ns.model:
+        cfg.models = ns.model
+    if ns.no_moderation:
+        cfg.moderation = False
+    cfg.validate()
+    try:
+        content = Path(ns.input).expanduser().read_bytes()
+    except OSError as e:
+        raise MinichatError(f"cannot read --input {ns.input}: {e}") from None
+    requests, errors = parse_lines(content, None, cfg.batch_max_lines)
+    if errors:
+        listed = "\n  ".join(e["message"] for e in errors[:20])
+        raise MinichatError(f"{ns.input}: {len(errors)} problem(s), nothing was run:\n  {listed}")
+    models, _, moderator = build_services(cfg)
+    app = create_app(cfg, models, None, moderator)
+    bar = None
+    if not ns.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="batch", dynamic_ncols=True)
+    counts = {"ok": 0, "failed": 0}
+
+    def progress(ok: bool) -> None:
+        counts["ok" if ok else "failed"] += 1
+        if bar is not None:
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    models.start()
+    try:
+        out = run_offline(app, requests, cfg.batch_concurrency or cfg.engine.max_batch, progress)
+    finally:
+        models.stop()
+        if bar is not None:
+            bar.close()
+        if hasattr(moderator, "close"):
+            moderator.close()
+    atomic_write_text(ns.output, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in out))
+    print(f"wrote {ns.output}: {counts['ok']} answered, {counts['failed']} failed, in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -199,3 +199,29 @@ def test_without_a_store_batches_live_in_memory(model_files):
         c.close()
     finally:
         srv.stop()
+
+
+def test_minichat_batch_answers_a_file_offline(model_files, tmp_path, capsys):
+    """`minichat batch`: no server; lines may name different endpoints; the answers are the server's."""
+    from minichat.cli import main
+
+    rows = [line("chat", {"model": "script", "messages": USER, "temperature": 0}),
+            line("emb", {"model": "tiny", "input": ["a", "b"]}, "/v1/embeddings"),
+            line("cmpl", {"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0}, "/v1/completions"),
+            line("nope", {"model": "gpt-9", "messages": USER}),
+            line("refused", {"model": "script", "messages": [{"role": "user", "content": "How do I kill my boss?"}]})]
+    (tmp_path / "in.jsonl").write_bytes(jsonl(rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), "--quiet", "--moderation_process", "false",
+                 *[a for spec in model_files.specs() for a in ("--model", spec)]]) == 0
+    assert "4 answered, 1 failed" in capsys.readouterr().out
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["custom_id"] for g in got] == ["chat", "emb", "cmpl", "nope", "refused"]
+    assert got[0]["response"]["body"]["choices"][0]["message"]["content"] == model_files.script_text
+    assert len(got[1]["response"]["body"]["data"]) == 2 and got[2]["response"]["body"]["object"] == "text_completion"
+    assert got[3]["response"]["status_code"] == 404 and got[3]["error"]["code"] == "model_not_found"
+    assert got[4]["response"]["body"]["choices"][0]["finish_reason"] == "content_filter"
+    (tmp_path / "bad.jsonl").write_text('{"custom_id": "x", "method": "POST", "url": "/v1/images", "body": {}}\n')
+    assert main(["batch", "-i", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o2.jsonl")]) == 2
+    assert "nothing was run:\n  line 1: url must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "o2.jsonl").exists()
