@@ -16,6 +16,7 @@ directory (platformdirs; override with $MINICHAT_CACHE_DIR); later starts only r
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -232,27 +233,27 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return save_checkpoint(out_dir, model, tok, extra_config=extra)
 
 
+def convert_once(out: Path, convert, what: str, verbose: bool = True) -> Path:
+    """The cached checkpoint folder `out`, made by convert(out) on first use (GGUF files, Hugging Face folders)."""
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    if verbose:
+        print(f"minichat: converting {what} once into {out} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        convert(out)
+    except OSError as e:
+        raise MinichatError(f"cannot write the converted model to {out}: {e} (set MINICHAT_CACHE_DIR)") from None
+    if verbose:
+        print(f"minichat: converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
 def ensure_converted(gguf_path: str | Path, verbose: bool = True) -> Path:
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise MinichatError(f"GGUF file {gguf_path} does not exist")
-    out = _cache_dir_for(gguf_path)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    if verbose:
-        import sys
-
-        print(f"minichat: converting {gguf_path.name} once into {out} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    try:
-        convert_gguf(gguf_path, out)
-    except OSError as e:
-        raise MinichatError(f"cannot write the converted model to {out}: {e} (set MINICHAT_CACHE_DIR)") from None
-    if verbose:
-        import sys
-
-        print(f"minichat: converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return out
+    return convert_once(_cache_dir_for(gguf_path), lambda out: convert_gguf(gguf_path, out), gguf_path.name, verbose)
 
 
 def is_builtin(name: str | Path | None) -> bool:

@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -298,24 +296,13 @@ def convert_hf(folder: str | Path, out_dir: str | Path) -> Path:
 def ensure_imported(folder: str | Path, verbose: bool = True) -> Path:
     """The cached minichat checkpoint of a Hugging Face folder, converted on first use (and again when its
     weights or config change)."""
-    from minichat.gguf_import import cache_root
-
     import hashlib
+
+    from minichat.gguf_import import cache_root, convert_once
 
     folder = Path(folder).expanduser().resolve()
     stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(folder.iterdir())
              if f.suffix in (".json", ".safetensors", ".jinja")]
     key = hashlib.sha256(json.dumps([str(folder), stamp, IMPORTER_VERSION]).encode()).hexdigest()[:16]
     out = cache_root() / "models" / f"hf-{folder.name}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    if verbose:
-        print(f"minichat: importing the Hugging Face folder {folder} once into {out} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    try:
-        convert_hf(folder, out)
-    except OSError as e:
-        raise MinichatError(f"cannot write the imported model to {out}: {e} (set MINICHAT_CACHE_DIR)") from None
-    if verbose:
-        print(f"minichat: imported in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return out
+    return convert_once(out, lambda o: convert_hf(folder, o), f"the Hugging Face folder {folder}", verbose)

@@ -207,6 +207,25 @@ async def asgi_post(app, path: str, payload: Any, headers: dict[str, str]) -> tu
     return status, b"".join(chunks)
 
 
+async def answer_line(app, req: dict, url: str, headers: dict[str, str], retry_after: float = 0.2) -> dict:
+    """One batch line through the app: OpenAI's output line (a full queue's 429 is waited out and retried)."""
+    while True:
+        status, raw = await asgi_post(app, url, req["body"], headers)
+        if status != 429 or b"at capacity" not in raw:
+            break
+        await asyncio.sleep(retry_after)  # the queue is full of live traffic: wait
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = {"error": {"message": raw[:1000].decode("utf-8", "replace"), "type": "server_error"}}
+    rid = payload.get("id") if isinstance(payload, dict) else None
+    e = payload.get("error") if isinstance(payload, dict) else None
+    e = e if isinstance(e, dict) else {}
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req["custom_id"],
+            "response": {"status_code": status, "request_id": rid or "", "body": payload},
+            "error": {"code": e.get("code") or e.get("type"), "message": e.get("message")} if status >= 400 else None}
+
+
 class BatchRunner:
     """Runs batches in the server's event loop, each line through the app itself."""
 
@@ -279,23 +298,8 @@ class BatchRunner:
                 async with sem:
                     if bid in self._cancel:
                         return
-                    while True:
-                        status, raw = await asgi_post(self.app, body["endpoint"], req["body"], headers)
-                        if status != 429 or b"at capacity" not in raw:
-                            break
-                        await asyncio.sleep(self.retry_after)  # the queue is full of live traffic: wait
-                try:
-                    payload = json.loads(raw)
-                except ValueError:
-                    payload = {"error": {"message": raw[:1000].decode("utf-8", "replace"), "type": "server_error"}}
-                rid = payload.get("id") if isinstance(payload, dict) else None
-                line = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req["custom_id"],
-                        "response": {"status_code": status, "request_id": rid or "", "body": payload}, "error": None}
-                if status >= 400:
-                    e = payload.get("error", {}) if isinstance(payload, dict) else {}
-                    line["error"] = {"code": e.get("code") or e.get("type"), "message": e.get("message")}
-                results[k] = line
-                body["request_counts"]["completed" if status < 400 else "failed"] += 1
+                    results[k] = line = await answer_line(self.app, req, body["endpoint"], headers, self.retry_after)
+                body["request_counts"]["completed" if line["error"] is None else "failed"] += 1
                 if time.monotonic() - last_save[0] > 1.0:  # progress for retrieve(), about once a second
                     last_save[0] = time.monotonic()
                     await self.files.put_batch(self._mark(body), owner)
@@ -450,22 +454,9 @@ def run_offline(app, requests: list[dict], concurrency: int, progress=None) -> l
 
         async def one(k: int, req: dict) -> None:
             async with sem:
-                while True:
-                    status, raw = await asgi_post(app, req["url"], req["body"], {})
-                    if status != 429 or b"at capacity" not in raw:
-                        break
-                    await asyncio.sleep(0.2)
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                payload = {"error": {"message": raw[:1000].decode("utf-8", "replace"), "type": "server_error"}}
-            e = payload.get("error") if status >= 400 and isinstance(payload, dict) else None
-            out[k] = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req["custom_id"],
-                      "response": {"status_code": status, "request_id": payload.get("id", "") if isinstance(
-                          payload, dict) else "", "body": payload},
-                      "error": {"code": e.get("code") or e.get("type"), "message": e.get("message")} if e else None}
+                out[k] = await answer_line(app, req, req["url"], {})
             if progress is not None:
-                progress(status < 400)
+                progress(out[k]["error"] is None)
 
         await asyncio.gather(*(one(k, r) for k, r in enumerate(requests)))
         return out  # type: ignore[return-value]

@@ -95,8 +95,8 @@ class JobStore:
         return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
 
 
-def check_training_file(content: bytes) -> tuple[int, str | None]:
-    """(conversations, problem): a quick check of the file before a job is queued (the trainer reads it fully)."""
+def _check_lines(content: bytes, check_row, empty: str) -> tuple[int, str | None]:
+    """(rows, problem): each non-empty line a JSON object that check_row(row, i) finds no problem with."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
@@ -109,48 +109,44 @@ def check_training_file(content: bytes) -> tuple[int, str | None]:
             row = json.loads(raw)
         except json.JSONDecodeError as e:
             return rows, f"line {i} is not valid JSON: {e}"
-        if not isinstance(row, dict):
-            return rows, f"line {i} must be a JSON object"
-        msgs = row.get("messages")
-        if msgs is not None:
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-                return rows, f"line {i}: messages must be a non-empty list of message objects"
-            if not any(m.get("role") == "assistant" for m in msgs):
-                return rows, f"line {i}: a conversation needs at least one assistant message to learn from"
-        elif not (("prompt" in row and ("response" in row or "completion" in row)) or "instruction" in row):
-            return rows, f"line {i}: expected {{\"messages\": [...]}} (or prompt/response, or Alpaca) rows"
+        problem = f"line {i} must be a JSON object" if not isinstance(row, dict) else check_row(row, i)
+        if problem:
+            return rows, problem
         rows += 1
-    if rows == 0:
-        return 0, "the file has no training examples"
-    return rows, None
+    return (0, empty) if rows == 0 else (rows, None)
 
 
-def check_preference_file(content: bytes) -> tuple[int, str | None]:
-    """(pairs, problem) for a DPO job: OpenAI's preference rows, or any preference row minichat reads."""
+def _sft_row(row: dict, i: int) -> str | None:
+    msgs = row.get("messages")
+    if msgs is not None:
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            return f"line {i}: messages must be a non-empty list of message objects"
+        if not any(m.get("role") == "assistant" for m in msgs):
+            return f"line {i}: a conversation needs at least one assistant message to learn from"
+    elif not (("prompt" in row and ("response" in row or "completion" in row)) or "instruction" in row):
+        return f"line {i}: expected {{\"messages\": [...]}} (or prompt/response, or Alpaca) rows"
+    return None
+
+
+def _preference_row(row: dict, i: int) -> str | None:
     from minichat.data.chat import comparison_from_row
     from minichat.errors import MinichatError
 
     try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        return 0, "the file is not UTF-8 text"
-    rows = 0
-    for i, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            if not isinstance(row, dict):
-                return rows, f"line {i} must be a JSON object"
-            comparison_from_row(row, f"line {i}")
-        except json.JSONDecodeError as e:
-            return rows, f"line {i} is not valid JSON: {e}"
-        except MinichatError as e:
-            return rows, str(e)
-        rows += 1
-    if rows == 0:
-        return 0, "the file has no preference pairs"
-    return rows, None
+        comparison_from_row(row, f"line {i}")
+    except MinichatError as e:
+        return str(e)
+    return None
+
+
+def check_training_file(content: bytes) -> tuple[int, str | None]:
+    """(conversations, problem): a quick check of the file before a job is queued (the trainer reads it fully)."""
+    return _check_lines(content, _sft_row, "the file has no training examples")
+
+
+def check_preference_file(content: bytes) -> tuple[int, str | None]:
+    """(pairs, problem) for a DPO job: OpenAI's preference rows, or any preference row minichat reads."""
+    return _check_lines(content, _preference_row, "the file has no preference pairs")
 
 
 class FineTuner:

@@ -93,14 +93,14 @@ def test_export_reads_back_exactly_and_is_imported_once(tmp_path, capsys):
     tok.meta.default_system = "Be kind."
     export_hf(str(save_checkpoint(tmp_path / "ckpt", model, tok)), tmp_path / "hf")
     back, btok, cfg = load(tmp_path / "hf")
-    assert "importing the Hugging Face folder" in capsys.readouterr().err
+    assert "converting the Hugging Face folder" in capsys.readouterr().err
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     assert btok.meta.default_system == "Be kind." and cfg["source"]["importer"] == 1
     for conv in CONVERSATIONS:
         assert btok.render_chat(conv) == tok.render_chat(conv)
     load(tmp_path / "hf")
-    assert "importing" not in capsys.readouterr().err  # the cached import is reused
+    assert "converting" not in capsys.readouterr().err  # the cached import is reused
 
 
 def test_a_folder_transformers_wrote_loads_and_generates(tmp_path):
