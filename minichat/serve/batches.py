@@ -50,11 +50,15 @@ def _not_found(kind: str, oid: str) -> APIError:
     return APIError(404, f"No such {kind}: {oid}", code="not_found")
 
 
+MEMORY_BYTES = 2**30  # without a store, files are held in memory: at most this many bytes in all
+
+
 class BatchFiles:
     """Files and batches, per owner: in the server's store, or in memory without one."""
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, memory_bytes: int = MEMORY_BYTES):
         self.db = store
+        self.memory_bytes = memory_bytes
         self._files: dict[str, tuple[str | None, dict, bytes]] = {}
         self._batches: dict[str, tuple[str | None, dict]] = {}
         self._lock = threading.Lock()
@@ -64,6 +68,11 @@ class BatchFiles:
             await asyncio.to_thread(self.db.put_file, meta, content, owner)
         else:
             with self._lock:
+                held = sum(len(c) for _, _, c in self._files.values())
+                if held + len(content) > self.memory_bytes:
+                    raise APIError(413, f"this server keeps files in memory (it has no store) and holds "
+                                        f"{held} of its {self.memory_bytes} bytes; delete files or run it with a store",
+                                   code="file_storage_full")
                 self._files[meta["id"]] = (owner, meta, content)
 
     async def get_file(self, file_id: str, owner: str | None, content: bool = False) -> tuple[dict, bytes | None]:

@@ -212,6 +212,8 @@ class FineTuner:
                             error={"code": "server_error", "message": str(e), "param": None})
                 events.append(_event(job_id, f"Fine-tuning job failed: {e}", "error"))
                 await self.jobs.put(body, owner, events)
+            finally:
+                self._cancelled.discard(job_id)
 
     async def _run(self, job_id: str, owner: str | None) -> None:
         body, events = await self.jobs.get(job_id, owner)
@@ -255,7 +257,7 @@ class FineTuner:
             _, val = await self.files.get_file(body["validation_file"], owner, content=True)
             (out / "data" / "val.jsonl").write_bytes(val)
             cmd += ["--data.val", str(out / "data" / "val.jsonl")]
-        body.update(status="running")
+        body.update(status="running", trained_tokens=0, _last_step=0)  # a rerun after a restart counts afresh
         events.append(_event(job_id, f"Fine-tuning job started: {steps} steps ({preset}, learning rate {lr:g})."))
         await self.jobs.put(body, owner, events)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}

@@ -225,3 +225,22 @@ def test_minichat_batch_answers_a_file_offline(model_files, tmp_path, capsys):
     assert main(["batch", "-i", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o2.jsonl")]) == 2
     assert "nothing was run:\n  line 1: url must be one of" in capsys.readouterr().err
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+def test_files_held_in_memory_are_capped():
+    import asyncio
+
+    from minichat.serve.batches import BatchFiles
+    from minichat.serve.protocol import APIError
+
+    files = BatchFiles(None, memory_bytes=10)
+
+    def meta(i):
+        return {"id": f"file-{i}", "object": "file", "bytes": 0, "created_at": 0, "filename": "f", "purpose": "batch"}
+
+    asyncio.run(files.put_file(meta(1), b"12345678", None))
+    with pytest.raises(APIError, match="holds 8 of its 10 bytes") as e:
+        asyncio.run(files.put_file(meta(2), b"12345", None))
+    assert e.value.status == 413
+    asyncio.run(files.delete_file("file-1", None))
+    asyncio.run(files.put_file(meta(2), b"12345", None))  # room again
