@@ -1,7 +1,7 @@
 """`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
 
 Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id} and GET
-/v1/responses/{id}/input_items; responses.py), POST /v1/completions, POST /v1/embeddings, GET /v1/models,
+/v1/responses/{id}/input_items; responses.py), /v1/conversations (conversations.py), POST /v1/completions, POST /v1/embeddings, GET /v1/models,
 GET /v1/models/{id}, POST /v1/moderations, /v1/files and /v1/batches (batches.py), /v1/fine_tuning/jobs
 (finetune.py), POST /tokenize and
 /detokenize (vLLM's), GET /health, GET /metrics (metrics.py); the web chat at / (static page) with its JSON API
@@ -380,11 +380,28 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
 
     saved = resp_api.ResponseStore(store)
 
+    from minichat.serve import conversations as conv_api
+
+    convs = conv_api.ConversationStore(store)
+    app.include_router(conv_api.router(convs, require_key))
+
     @app.post("/v1/responses")
     async def create_response(request: Request, owner: str | None = Depends(rate_limit)):
         body = await read_json(request)
         rr = resp_api.parse_request(body)
-        history = await saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
+        conv = conv_api.conversation_id(rr.conversation)
+        if conv is not None and rr.previous_response_id:
+            raise bad_request("give previous_response_id or conversation, not both", param="conversation")
+        if conv is not None:
+            history = resp_api.input_messages((await convs.get(conv, owner, param="conversation"))[1])
+            new_items = conv_api.normalize_items(rr.input, "input")
+        else:
+            history = await saved.history(rr.previous_response_id, owner) if rr.previous_response_id else []
+
+        async def on_done(out: dict) -> None:
+            if conv is not None:  # the input and the answer join the conversation
+                await convs.append(conv, owner, new_items + out["output"])
+
         req = resp_api.chat_request(rr, history)
         try:
             run = await _start_chat(svc, req, resp_api._item_id("resp"), truncate=rr.truncation == "auto")
@@ -395,7 +412,8 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         if rr.stream:
             return StreamingResponse(resp_api.stream(svc, run, rr, request, saved if keep else None, owner,
                                                      _run_events(svc, run, request),
-                                                     lambda mod: _record_moderation(svc, mod, run.rid, "replaced")),
+                                                     lambda mod: _record_moderation(svc, mod, run.rid, "replaced"),
+                                                     on_done),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         if run.refusal is not None:
             choice = {"text": run.refusal.refusal, "finish": "content_filter"}
@@ -406,6 +424,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
         out = resp_api.response_object(run, rr, choice, tokens)
         if keep:
             await saved.put(out, run.messages_in, choice, owner)
+        await on_done(out)
         return out
 
     @app.get("/v1/responses/{response_id}")

@@ -44,6 +44,7 @@ class ResponsesRequest(_Req):
     input: str | list[dict] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
+    conversation: str | dict | None = None  # a Conversations API id: its items come before the input
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -213,6 +214,8 @@ def _base(run, rr: ResponsesRequest, created: int) -> dict:
             "tool_choice": rr.tool_choice if rr.tool_choice is not None else ("auto" if rr.tools else "none"),
             "parallel_tool_calls": rr.parallel_tool_calls is not False, "text": rr.text or {"format": {"type": "text"}},
             "previous_response_id": rr.previous_response_id, "store": rr.store is not False,
+            "conversation": {"id": rr.conversation if isinstance(rr.conversation, str) else rr.conversation.get("id")}
+            if rr.conversation else None,
             "metadata": rr.metadata or {}, "error": None, "reasoning": {"effort": None, "summary": None},
             "truncation": rr.truncation or "disabled", "user": getattr(rr, "user", None)}
 
@@ -350,7 +353,7 @@ class _Events:
 
 
 async def stream(svc, run, rr: ResponsesRequest, request, saved: ResponseStore | None, owner: str | None,
-                 events: AsyncIterator, on_moderated=None) -> AsyncIterator[str]:
+                 events: AsyncIterator, on_moderated=None, on_done=None) -> AsyncIterator[str]:
     """The Responses event stream of a run: text as it comes (a reply that may still become a tool call is held
     back, and its calls are sent whole); a reply flagged while streaming gets a refusal part after the text
     already sent, and `on_moderated` (async) records the verdict."""
@@ -459,4 +462,6 @@ async def stream(svc, run, rr: ResponsesRequest, request, saved: ResponseStore |
     body = response_object(run, rr, choice, tokens, created, items)
     if saved is not None:
         await saved.put(body, run.messages_in, choice, owner)
+    if on_done is not None:  # e.g. the conversation gets the input and output items
+        await on_done(body)
     yield ev("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)

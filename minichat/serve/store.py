@@ -4,7 +4,7 @@ SQLite by default (a file in the user's data directory, created on first use), o
 (e.g. postgresql+psycopg://user@host/db). The schema is versioned by Alembic; `Store(url)` upgrades the
 database to the newest revision on open, so an old file keeps working after an upgrade of minichat.
 
-Tables (revisions 0001-0004):
+Tables (revisions 0001-0005):
     conversations          one chat: title, model, system prompt, sampling settings, current leaf message
     messages               a tree per conversation (parent_id): editing a user message or regenerating an
                            answer adds a sibling, so every version is kept; the page shows the path to the leaf
@@ -16,6 +16,8 @@ Tables (revisions 0001-0004):
     files, batches         the Files and Batch APIs (0003): uploaded and result files (their bytes in the
                            database), and each batch's object as the API returns it, per API key
     fine_tuning_jobs       the fine-tuning API (0004): each job's object and its events, per API key
+    api_conversations      the Conversations API (0005): a conversation's object and its items, per API key
+                           (the web chat's own conversations are the tables above)
 
 Adding tables (e.g. the labeling app): declare models on `Base` from this module, and put Alembic revisions
 in another folder with their own branch label that `depends_on` this module's head; pass that folder in
@@ -42,7 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from minichat.errors import MinichatError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-HEAD_REVISION = "0004"  # this module's newest revision; a test checks the models match the migrated schema
+HEAD_REVISION = "0005"  # this module's newest revision; a test checks the models match the migrated schema
 
 # Constraint names must be deterministic for migrations (and for SQLite's batch mode to alter tables later).
 NAMING = {
@@ -172,6 +174,15 @@ class StoredFineTune(Base):
     owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     body: Mapped[dict] = mapped_column(JSON)  # the job object (and the runner's own "_" keys)
     events: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class StoredConversation(Base):
+    __tablename__ = "api_conversations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    body: Mapped[dict] = mapped_column(JSON)  # the conversation object
+    items: Mapped[list] = mapped_column(JSON)  # Responses items, oldest first
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
@@ -620,6 +631,28 @@ class Store:
             if not everyone:
                 q = q.where(StoredFineTune.owner.is_(None) if owner is None else StoredFineTune.owner == owner)
             return [(j.owner, dict(j.body)) for j in s.scalars(q.order_by(StoredFineTune.created_at, StoredFineTune.id))]
+
+    def put_api_conversation(self, body: dict, items: list[dict], owner: str | None) -> None:
+        with self.session() as s:
+            c = s.get(StoredConversation, body["id"])
+            if c is None:
+                s.add(StoredConversation(id=body["id"], owner=owner, body=body, items=items, created_at=utcnow()))
+            else:
+                c.body, c.items = body, items
+
+    def get_api_conversation(self, conv_id: str, owner: str | None) -> tuple[dict, list[dict]]:
+        with self.session() as s:
+            c = s.get(StoredConversation, conv_id)
+            if c is None or c.owner != owner:
+                raise NotFound(f"no conversation {conv_id!r}")
+            return dict(c.body), list(c.items)
+
+    def delete_api_conversation(self, conv_id: str, owner: str | None) -> None:
+        with self.session() as s:
+            c = s.get(StoredConversation, conv_id)
+            if c is None or c.owner != owner:
+                raise NotFound(f"no conversation {conv_id!r}")
+            s.delete(c)
 
     def counts(self) -> dict[str, int]:
         from sqlalchemy import func

@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from tests.serve.conftest import make_server
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/moderations",
-             "/v1/batches", "/tokenize", "/detokenize"]
+             "/v1/batches", "/v1/fine_tuning/jobs", "/v1/conversations", "/tokenize", "/detokenize"]
 FIELDS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
           "stream", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "logit_bias",
           "instructions", "previous_response_id", "text", "encoding_format", "dimensions", "input_file_id",
           "endpoint", "completion_window", "metadata", "max_output_tokens", "presence_penalty", "min_tokens",
-          "stream_options", "echo", "suffix", "user", "tokens", "truncation", "parallel_tool_calls"]
+          "stream_options", "echo", "suffix", "user", "tokens", "truncation", "parallel_tool_calls", "conversation",
+          "items", "training_file", "hyperparameters", "method"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
                     st.text(max_size=40), st.sampled_from(["tiny", "script", "user", "assistant", "auto", "none",
