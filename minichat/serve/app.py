@@ -1,11 +1,10 @@
 """`minichat serve`: the OpenAI-compatible HTTP API, the web chat page, and the conversation store.
 
 Endpoints: POST /v1/chat/completions, POST /v1/responses (+ GET / DELETE /v1/responses/{id} and GET
-/v1/responses/{id}/input_items; responses.py), /v1/conversations (conversations.py), POST /v1/completions, POST /v1/embeddings, GET /v1/models,
-GET /v1/models/{id}, POST /v1/moderations, /v1/files and /v1/batches (batches.py), /v1/fine_tuning/jobs
-(finetune.py), POST /tokenize and
-/detokenize (vLLM's), GET /health, GET /metrics (metrics.py); the web chat at / (static page) with its JSON API
-under /api.
+/v1/responses/{id}/input_items; responses.py), /v1/conversations (conversations.py), POST /v1/completions,
+POST /v1/embeddings, GET /v1/models, GET /v1/models/{id}, POST /v1/moderations, /v1/files and /v1/batches
+(batches.py), /v1/fine_tuning/jobs (finetune.py), POST /tokenize and /detokenize (vLLM's), GET /health,
+GET /metrics (metrics.py); the web chat at / (static page) with its JSON API under /api.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a
 context overflow, 401 bad API key, 404 unknown model or route, 429 overloaded or over a rate limit (with
 Retry-After).
