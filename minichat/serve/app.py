@@ -251,8 +251,8 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store=None, moderator=No
     from minichat.serve import batches as batch_api
 
     batch_files = batch_api.BatchFiles(store)
-    batch_runner = batch_api.BatchRunner(app, batch_files, cfg.batch_concurrency or cfg.engine.max_batch,
-                                         cfg.batch_max_lines)
+    batch_runner = batch_api.BatchRunner(app, batch_files,  # half the rows by default: live requests keep short steps
+                                         cfg.batch_concurrency or max(1, cfg.engine.max_batch // 2), cfg.batch_max_lines)
     app.state.batch_runner = batch_runner
     app.include_router(batch_api.router(batch_files, batch_runner, require_key, cfg.max_file_mb * 2**20))
     from minichat.serve import finetune as ft_api

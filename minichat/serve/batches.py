@@ -524,6 +524,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     models.start()
     try:
+        # no live traffic to leave room for: every row of the batch
         out = run_offline(app, requests, cfg.batch_concurrency or cfg.engine.max_batch, progress)
     finally:
         models.stop()

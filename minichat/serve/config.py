@@ -73,8 +73,9 @@ class ServeConfig:
     # (prompt + generated) a minute on the generating endpoints; 0 = no limit (serve/ratelimit.py)
     rate_limit_rpm: int = 0
     rate_limit_tpm: int = 0
-    # the Batch API (serve/batches.py): lines of one batch in flight at once (0: the engine's max_batch), lines
-    # per batch, and the largest file /v1/files takes
+    # the Batch API (serve/batches.py): lines of one batch in flight at once (0: half the engine's max_batch, so
+    # live requests keep short steps: a batch on all 32 rows made a live reply's tokens 5x slower), lines per
+    # batch, and the largest file /v1/files takes
     batch_concurrency: int = 0
     batch_max_lines: int = 50_000
     max_file_mb: int = 100
