@@ -93,3 +93,38 @@ def test_conversations_outlive_a_restart(model_files, tmp_path):
     finally:
         s.stop()
         store.close()
+
+
+def test_without_a_store_conversations_and_jobs_live_in_memory(model_files, tmp_path):
+    """`--store_url none`: conversations, fine-tuning jobs and their events are kept in memory."""
+    import json
+    import time
+
+    from minichat.serve.app import create_app
+    from minichat.serve.config import EngineSettings, ServeConfig
+    from minichat.serve.models import ModelRegistry
+    from tests.live import LiveServer
+
+    cfg = ServeConfig(models=model_files.specs(), engine=EngineSettings(device="cpu", weights="fp32", max_batch=4),
+                      store_url="none", web=False, fine_tune_dir=str(tmp_path / "ft"))
+    cfg.validate()
+    srv = LiveServer(create_app(cfg, ModelRegistry.load(cfg.models, cfg.engine), None, None))
+    srv.start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        conv = c.conversations.create(items=[{"type": "message", "role": "user", "content": "Hello."}])
+        c.responses.create(model="script", conversation=conv.id, input="Hi?", temperature=0)
+        assert len(c.conversations.items.list(conv.id).data) == 3
+        rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
+        f = c.files.create(file=("t.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny", hyperparameters={"n_epochs": 1})
+        deadline = time.time() + 120
+        while job.status not in ("succeeded", "failed", "cancelled") and time.time() < deadline:
+            time.sleep(0.1)
+            job = c.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job.error
+        assert [j.id for j in c.fine_tuning.jobs.list().data] == [job.id]
+        assert any("ready and served" in e.message for e in c.fine_tuning.jobs.list_events(job.id).data)
+        c.close()
+    finally:
+        srv.stop()
