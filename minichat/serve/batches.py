@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, UploadFile
 from fastapi.responses import Response
 
+from minichat.serve.kept import MemoryRows
 from minichat.serve.protocol import APIError, bad_request
 from minichat.serve.responses import page
 
@@ -59,21 +59,19 @@ class BatchFiles:
     def __init__(self, store=None, memory_bytes: int = MEMORY_BYTES):
         self.db = store
         self.memory_bytes = memory_bytes
-        self._files: dict[str, tuple[str | None, dict, bytes]] = {}
-        self._batches: dict[str, tuple[str | None, dict]] = {}
-        self._lock = threading.Lock()
+        self._files = MemoryRows()  # (owner, meta, content)
+        self._batches = MemoryRows()  # (owner, body)
 
     async def put_file(self, meta: dict, content: bytes, owner: str | None) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.put_file, meta, content, owner)
-        else:
-            with self._lock:
-                held = sum(len(c) for _, _, c in self._files.values())
-                if held + len(content) > self.memory_bytes:
-                    raise APIError(413, f"this server keeps files in memory (it has no store) and holds "
-                                        f"{held} of its {self.memory_bytes} bytes; delete files or run it with a store",
-                                   code="file_storage_full")
-                self._files[meta["id"]] = (owner, meta, content)
+            return
+        held = sum(len(c) for _, _, c in self._files.rows(everyone=True))  # (bytes are not copied)
+        if held + len(content) > self.memory_bytes:
+            raise APIError(413, f"this server keeps files in memory (it has no store) and holds {held} of its "
+                                f"{self.memory_bytes} bytes; delete files or run it with a store",
+                           code="file_storage_full")
+        self._files.put(meta["id"], owner, meta, content)
 
     async def get_file(self, file_id: str, owner: str | None, content: bool = False) -> tuple[dict, bytes | None]:
         from minichat.serve.store import NotFound
@@ -83,33 +81,28 @@ class BatchFiles:
                 return await asyncio.to_thread(self.db.get_file, file_id, owner, content)
             except NotFound:
                 raise _not_found("file", file_id) from None
-        with self._lock:
-            item = self._files.get(file_id)
-        if item is None or item[0] != owner:
+        row = self._files.get(file_id, owner)
+        if row is None:
             raise _not_found("file", file_id)
-        return dict(item[1]), (item[2] if content else None)
+        return row[0], (row[1] if content else None)
 
     async def list_files(self, owner: str | None, purpose: str | None) -> list[dict]:
         if self.db is not None:
             return await asyncio.to_thread(self.db.list_files, owner, purpose)
-        with self._lock:
-            items = [dict(m) for o, m, _ in self._files.values() if o == owner and (not purpose or m["purpose"] == purpose)]
-        return sorted(items, key=lambda m: m["created_at"])  # stable: insertion order within a second
+        return [m for _, m, _ in self._files.rows(owner) if not purpose or m["purpose"] == purpose]
 
     async def delete_file(self, file_id: str, owner: str | None) -> None:
         await self.get_file(file_id, owner)
         if self.db is not None:
             await asyncio.to_thread(self.db.delete_file, file_id, owner)
         else:
-            with self._lock:
-                self._files.pop(file_id, None)
+            self._files.pop(file_id)
 
     async def put_batch(self, body: dict, owner: str | None) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.put_batch, body, owner)
         else:
-            with self._lock:
-                self._batches[body["id"]] = (owner, json.loads(json.dumps(body)))
+            self._batches.put(body["id"], owner, body)
 
     async def get_batch(self, batch_id: str, owner: str | None) -> dict:
         from minichat.serve.store import NotFound
@@ -119,18 +112,15 @@ class BatchFiles:
                 return await asyncio.to_thread(self.db.get_batch, batch_id, owner)
             except NotFound:
                 raise _not_found("batch", batch_id) from None
-        with self._lock:
-            item = self._batches.get(batch_id)
-        if item is None or item[0] != owner:
+        row = self._batches.get(batch_id, owner)
+        if row is None:
             raise _not_found("batch", batch_id)
-        return json.loads(json.dumps(item[1]))
+        return row[0]
 
     async def list_batches(self, owner: str | None = None, everyone: bool = False) -> list[tuple[str | None, dict]]:
         if self.db is not None:
             return await asyncio.to_thread(self.db.list_batches, owner, everyone=everyone)
-        with self._lock:
-            items = [(o, json.loads(json.dumps(b))) for o, b in self._batches.values() if everyone or o == owner]
-        return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
+        return self._batches.rows(owner, everyone)
 
 
 def parse_lines(content: bytes, endpoint: str | None, max_lines: int) -> tuple[list[dict], list[dict]]:

@@ -13,14 +13,14 @@ sessions work this way). Items can also be added, read and deleted directly. Kep
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
+import contextlib
 import time
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from minichat.serve.kept import MemoryRows
 from minichat.serve.protocol import APIError, bad_request
 from minichat.serve.responses import input_messages, page
 
@@ -64,31 +64,24 @@ class ConversationStore:
 
     def __init__(self, store=None):
         self.db = store
-        self._items: dict[str, tuple[str | None, dict, list[dict]]] = {}
-        self._lock = threading.Lock()
+        self._mem = MemoryRows()  # (owner, body, items)
         self._appending: dict[str, asyncio.Lock] = {}
 
     async def put(self, body: dict, items: list[dict], owner: str | None) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.put_api_conversation, body, items, owner)
         else:
-            with self._lock:
-                self._items[body["id"]] = (owner, json.loads(json.dumps(body)), json.loads(json.dumps(items)))
+            self._mem.put(body["id"], owner, body, items)
 
     async def get(self, conv_id: str, owner: str | None, param: str | None = None) -> tuple[dict, list[dict]]:
         from minichat.serve.store import NotFound
 
         found = None
         if self.db is not None:
-            try:
+            with contextlib.suppress(NotFound):
                 found = await asyncio.to_thread(self.db.get_api_conversation, conv_id, owner)
-            except NotFound:
-                pass
         else:
-            with self._lock:
-                item = self._items.get(conv_id)
-            if item is not None and item[0] == owner:
-                found = json.loads(json.dumps(item[1])), json.loads(json.dumps(item[2]))
+            found = self._mem.get(conv_id, owner)
         if found is None:
             if param is not None:
                 raise bad_request(f"Conversation with id '{conv_id}' not found.", param=param)
@@ -100,8 +93,7 @@ class ConversationStore:
         if self.db is not None:
             await asyncio.to_thread(self.db.delete_api_conversation, conv_id, owner)
         else:
-            with self._lock:
-                self._items.pop(conv_id, None)
+            self._mem.pop(conv_id)
 
     async def append(self, conv_id: str, owner: str | None, items: list[dict]) -> None:
         lock = self._appending.setdefault(conv_id, asyncio.Lock())

@@ -29,13 +29,13 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
+from minichat.serve.kept import MemoryRows
 from minichat.serve.protocol import APIError, bad_request
 from minichat.serve.responses import page
 
@@ -62,37 +62,31 @@ class JobStore:
 
     def __init__(self, store=None):
         self.db = store
-        self._jobs: dict[str, tuple[str | None, dict, list[dict]]] = {}
-        self._lock = threading.Lock()
+        self._mem = MemoryRows()  # (owner, body, events)
 
     async def put(self, body: dict, owner: str | None, events: list[dict]) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.put_fine_tune, body, owner, events)
         else:
-            with self._lock:
-                self._jobs[body["id"]] = (owner, json.loads(json.dumps(body)), list(events))
+            self._mem.put(body["id"], owner, body, events)
 
     async def get(self, job_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         from minichat.serve.store import NotFound
 
+        found = None
         if self.db is not None:
-            try:
-                return await asyncio.to_thread(self.db.get_fine_tune, job_id, owner)
-            except NotFound:
-                pass
+            with contextlib.suppress(NotFound):
+                found = await asyncio.to_thread(self.db.get_fine_tune, job_id, owner)
         else:
-            with self._lock:
-                item = self._jobs.get(job_id)
-            if item is not None and item[0] == owner:
-                return json.loads(json.dumps(item[1])), list(item[2])
-        raise APIError(404, f"No such fine-tuning job: {job_id}", code="not_found")
+            found = self._mem.get(job_id, owner)
+        if found is None:
+            raise APIError(404, f"No such fine-tuning job: {job_id}", code="not_found")
+        return found
 
     async def all(self, owner: str | None = None, everyone: bool = False) -> list[tuple[str | None, dict]]:
         if self.db is not None:
             return await asyncio.to_thread(self.db.list_fine_tunes, owner, everyone=everyone)
-        with self._lock:
-            items = [(o, json.loads(json.dumps(b))) for o, b, _ in self._jobs.values() if everyone or o == owner]
-        return sorted(items, key=lambda x: x[1]["created_at"])  # stable: insertion order within a second
+        return [(o, body) for o, body, _ in self._mem.rows(owner, everyone)]
 
 
 def _check_lines(content: bytes, check_row, empty: str) -> tuple[int, str | None]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from typing import Any, AsyncIterator, Literal
 
 from pydantic import ConfigDict, Field
 
 from minichat import toolcall as tools
+from minichat.serve.kept import MemoryRows
 from minichat.serve.protocol import APIError, ChatCompletionRequest, _Req, bad_request, now, parse
 from minichat.serve.worker import Delta, Finish
 
@@ -286,19 +285,14 @@ class ResponseStore:
 
     def __init__(self, store=None, limit: int = MAX_STORED):
         self.db = store
-        self.limit = limit
-        self._items: OrderedDict[str, tuple[str | None, dict, list[dict]]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._mem = MemoryRows(limit)
 
     async def put(self, body: dict, messages_in: list[dict], choice: dict, owner: str | None) -> None:
         convo = list(messages_in) + _assistant_messages(choice)
         if self.db is not None:
             await asyncio.to_thread(self.db.put_response, body, convo, owner)
             return
-        with self._lock:
-            self._items[body["id"]] = (owner, body, convo)
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+        self._mem.put(body["id"], owner, body, convo)
 
     async def _find(self, rid: str, owner: str | None, param: str | None = None) -> tuple[dict, list[dict]]:
         from minichat.serve.store import NotFound
@@ -310,10 +304,7 @@ class ResponseStore:
             except NotFound:
                 pass
         else:
-            with self._lock:
-                item = self._items.get(rid)
-            if item is not None and item[0] == owner:
-                found = item[1], item[2]
+            found = self._mem.get(rid, owner)
         if found is None:
             if param is not None:
                 raise bad_request(f"Previous response with id '{rid}' not found.", param=param)
@@ -336,8 +327,7 @@ class ResponseStore:
         if self.db is not None:
             await asyncio.to_thread(self.db.delete_response, rid, owner)
             return
-        with self._lock:
-            self._items.pop(rid, None)
+        self._mem.pop(rid)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
