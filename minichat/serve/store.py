@@ -190,6 +190,15 @@ class NotFound(MinichatError):
     """A conversation or message id that is not in the store."""
 
 
+def _owned(s: Session, model, rid: str, owner: str | None, what: str):
+    """The row `rid` of an API table if it belongs to this owner (an API key's fingerprint, or None); NotFound
+    otherwise, so a key cannot tell another key's objects from missing ones."""
+    row = s.get(model, rid)
+    if row is None or row.owner != owner:
+        raise NotFound(f"no {what} {rid!r}")
+    return row
+
+
 def _defer_content():
     from sqlalchemy.orm import defer
 
@@ -540,16 +549,12 @@ class Store:
     def get_response(self, response_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         """(body, conversation) of a stored response of this owner; NotFound otherwise."""
         with self.session() as s:
-            r = s.get(StoredResponse, response_id)
-            if r is None or r.owner != owner:
-                raise NotFound(f"no response {response_id!r}")
+            r = _owned(s, StoredResponse, response_id, owner, "response")
             return r.body, r.conversation
 
     def delete_response(self, response_id: str, owner: str | None) -> None:
         with self.session() as s:
-            r = s.get(StoredResponse, response_id)
-            if r is None or r.owner != owner:
-                raise NotFound(f"no response {response_id!r}")
+            r = _owned(s, StoredResponse, response_id, owner, "response")
             s.delete(r)
 
     # ------------------------------------------------------------------ files and batches (serve/batches.py)
@@ -565,9 +570,7 @@ class Store:
 
     def get_file(self, file_id: str, owner: str | None, content: bool = False) -> tuple[dict, bytes | None]:
         with self.session() as s:
-            f = s.get(StoredFile, file_id)
-            if f is None or f.owner != owner:
-                raise NotFound(f"no file {file_id!r}")
+            f = _owned(s, StoredFile, file_id, owner, "file")
             return self._file_meta(f), (bytes(f.content) if content else None)
 
     def list_files(self, owner: str | None, purpose: str | None = None) -> list[dict]:
@@ -581,9 +584,7 @@ class Store:
 
     def delete_file(self, file_id: str, owner: str | None) -> None:
         with self.session() as s:
-            f = s.get(StoredFile, file_id)
-            if f is None or f.owner != owner:
-                raise NotFound(f"no file {file_id!r}")
+            f = _owned(s, StoredFile, file_id, owner, "file")
             s.delete(f)
 
     def put_batch(self, body: dict, owner: str | None) -> None:
@@ -597,9 +598,7 @@ class Store:
 
     def get_batch(self, batch_id: str, owner: str | None) -> dict:
         with self.session() as s:
-            b = s.get(StoredBatch, batch_id)
-            if b is None or b.owner != owner:
-                raise NotFound(f"no batch {batch_id!r}")
+            b = _owned(s, StoredBatch, batch_id, owner, "batch")
             return dict(b.body)
 
     def list_batches(self, owner: str | None = None, *, everyone: bool = False) -> list[tuple[str | None, dict]]:
@@ -620,9 +619,7 @@ class Store:
 
     def get_fine_tune(self, job_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         with self.session() as s:
-            j = s.get(StoredFineTune, job_id)
-            if j is None or j.owner != owner:
-                raise NotFound(f"no fine-tuning job {job_id!r}")
+            j = _owned(s, StoredFineTune, job_id, owner, "fine-tuning job")
             return dict(j.body), list(j.events)
 
     def list_fine_tunes(self, owner: str | None = None, *, everyone: bool = False) -> list[tuple[str | None, dict]]:
@@ -642,16 +639,12 @@ class Store:
 
     def get_api_conversation(self, conv_id: str, owner: str | None) -> tuple[dict, list[dict]]:
         with self.session() as s:
-            c = s.get(StoredConversation, conv_id)
-            if c is None or c.owner != owner:
-                raise NotFound(f"no conversation {conv_id!r}")
+            c = _owned(s, StoredConversation, conv_id, owner, "conversation")
             return dict(c.body), list(c.items)
 
     def delete_api_conversation(self, conv_id: str, owner: str | None) -> None:
         with self.session() as s:
-            c = s.get(StoredConversation, conv_id)
-            if c is None or c.owner != owner:
-                raise NotFound(f"no conversation {conv_id!r}")
+            c = _owned(s, StoredConversation, conv_id, owner, "conversation")
             s.delete(c)
 
     def counts(self) -> dict[str, int]:
